@@ -1,0 +1,143 @@
+"""DDIM sampling (Song et al. 2021) with classifier-free guidance, in the conventions of Stable Diffusion.
+
+The maths lives in three small functions (`ddim_step`, `guided_eps`, `ddim_timesteps`) so the sampler, the
+teachers and the distiller share one implementation; `DDIMSampler` wraps them with SD's API.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+Cond = Any  # a tensor, or a dict of lists of tensors such as {"c_crossattn": [...], "c_concat": [...]}
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """SD's 'uniform' DDIM timesteps, ascending: 1, 1+c, 1+2c, ... with c = T // num_steps."""
+    if not 0 < num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    stride = num_train_timesteps // num_steps
+    return np.arange(0, num_train_timesteps, stride)[:num_steps] + 1
+
+
+def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """Few-step schedule that starts at the last training timestep, ascending: e.g. 4 -> 249, 499, 749, 999.
+
+    SD's uniform spacing never visits t = T-1, so a 1-step sampler would start from a partly clean latent it
+    never sees at inference; this 'trailing' spacing starts from pure noise.
+    """
+    if not 0 < num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    return np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)).astype(np.int64)[::-1] - 1
+
+
+def cat_cond(a: Cond, b: Cond) -> Cond:
+    """Concatenate two conditionings along the batch: tensors, lists of tensors, or dicts of those."""
+    if isinstance(a, dict):
+        return {k: cat_cond(a[k], b[k]) for k in a}
+    if isinstance(a, (list, tuple)):
+        return [cat_cond(x, y) for x, y in zip(a, b)]
+    if a is None:
+        return None
+    return torch.cat([a, b])
+
+
+def guided_eps(
+    apply_model: Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: Cond,
+    uncond: Optional[Cond] = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """eps prediction with classifier-free guidance: e_u + s (e_c - e_u), in one batched call."""
+    if uncond is None or guidance_scale == 1.0:
+        return apply_model(x, t, cond)
+    e_u, e_c = apply_model(torch.cat([x, x]), torch.cat([t, t]), cat_cond(uncond, cond)).chunk(2)
+    return e_u + guidance_scale * (e_c - e_u)
+
+
+def ddim_step(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    a_t: torch.Tensor | float,
+    a_prev: torch.Tensor | float,
+    sigma: torch.Tensor | float = 0.0,
+    noise: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update from cumulative alpha `a_t` to `a_prev`; returns (x_prev, predicted x0)."""
+    a_t, a_prev, sigma = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (a_t, a_prev, sigma))
+    pred_x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    x_prev = a_prev.sqrt() * pred_x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+    if noise is not None:
+        x_prev = x_prev + sigma * noise
+    return x_prev, pred_x0
+
+
+class DDIMSampler:
+    """DDIM sampler over any model exposing `alphas_cumprod`, `num_timesteps` and `apply_model(x, t, c)`."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def make_schedule(
+        self, ddim_num_steps: int, ddim_eta: float = 0.0, timesteps: Optional[Sequence[int]] = None,
+        final_alpha_cumprod: Optional[float] = None,
+    ) -> None:
+        """Pick the timesteps and their alphas. SD's default: uniform steps, final alpha = alphas_cumprod[0]."""
+        steps = np.asarray(timesteps) if timesteps is not None else ddim_timesteps(ddim_num_steps, self.model.num_timesteps)
+        steps = np.sort(steps)
+        alphas_cumprod = self.model.alphas_cumprod.detach().double().cpu()
+        alphas = alphas_cumprod[steps]
+        first = alphas_cumprod[0].item() if final_alpha_cumprod is None else final_alpha_cumprod
+        alphas_prev = torch.cat([torch.tensor([first], dtype=torch.float64), alphas[:-1]])
+        sigmas = ddim_eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)).sqrt()
+        self.ddim_timesteps = steps
+        self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas = alphas.float(), alphas_prev.float(), sigmas.float()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        S: int,
+        batch_size: int,
+        shape: Sequence[int],
+        conditioning: Cond = None,
+        eta: float = 0.0,
+        x_T: Optional[torch.Tensor] = None,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning: Cond = None,
+        verbose: bool = True,
+        log_every_t: int = 100,
+        callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+        generator: Optional[torch.Generator] = None,
+        timesteps: Optional[Sequence[int]] = None,
+        final_alpha_cumprod: Optional[float] = None,
+    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """Sample `batch_size` latents of `shape` (C, H, W) in `S` steps; returns (x0, intermediates).
+
+        intermediates holds 'x_inter' and 'pred_x0' every `log_every_t` steps (and at the last).
+        `timesteps`/`final_alpha_cumprod` override SD's schedule (e.g. a trailing few-step schedule ending
+        at alpha 1 for a distilled student).
+        """
+        self.make_schedule(S, eta, timesteps, final_alpha_cumprod)
+        device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
+        if x_T is None:
+            x_T = torch.randn((batch_size, *shape), generator=generator, device=device)
+        x = x_T
+        intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [x], "pred_x0": [x]}
+        order = list(range(len(self.ddim_timesteps)))[::-1]
+        for i, index in enumerate(tqdm(order, desc=f"DDIM ({len(order)} steps)", disable=not verbose, leave=False)):
+            t = torch.full((x.shape[0],), int(self.ddim_timesteps[index]), device=x.device, dtype=torch.long)
+            eps = guided_eps(self.model.apply_model, x, t, conditioning, unconditional_conditioning,
+                             unconditional_guidance_scale)
+            sigma = self.ddim_sigmas[index]
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if sigma > 0 else None
+            x, pred_x0 = ddim_step(x, eps, self.ddim_alphas[index], self.ddim_alphas_prev[index], sigma, noise)
+            if callback is not None:
+                callback(i, x, pred_x0)
+            if i % log_every_t == 0 or i == len(order) - 1:
+                intermediates["x_inter"].append(x)
+                intermediates["pred_x0"].append(pred_x0)
+        return x, intermediates

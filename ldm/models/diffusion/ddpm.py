@@ -1,0 +1,222 @@
+"""Latent diffusion (Rombach et al. 2022) as a LightningModule, with the buffers and key layout of SD 2.x.
+
+A frozen autoencoder maps images to latents (`first_stage_model`), a frozen text encoder maps prompts to
+cross-attention context (`cond_stage_model`), and the UNet (`model.diffusion_model`) learns to predict the
+noise added by the forward process q(x_t | x_0) of a linear beta schedule.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from ldm.checkpoint import load_weights
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.util import count_params, instantiate_from_config
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Put `module` in eval mode and stop its gradients."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as `diffusion_model` (SD's key prefix `model.diffusion_model.`) and routes conditioning."""
+
+    def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: str = "crossattn"):
+        super().__init__()
+        if conditioning_key != "crossattn":
+            raise ValueError(f"only conditioning_key 'crossattn' (SD 2.x text-to-image) is supported, got '{conditioning_key}'")
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.diffusion_model(x, timesteps=t, context=context)
+
+
+class LatentDiffusion(pl.LightningModule):
+    """SD 2.x latent diffusion with eps-prediction. Constructor arguments follow SD's YAML `params:`."""
+
+    def __init__(
+        self,
+        unet_config: Mapping[str, Any],
+        first_stage_config: Mapping[str, Any],
+        cond_stage_config: Mapping[str, Any],
+        linear_start: float = 0.00085,
+        linear_end: float = 0.0120,
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        first_stage_key: str = "jpg",
+        cond_stage_key: str = "txt",
+        image_size: int = 64,
+        channels: int = 4,
+        cond_stage_trainable: bool = False,
+        conditioning_key: str = "crossattn",
+        scale_factor: float = 0.18215,
+        parameterization: str = "eps",
+        learning_rate: float = 1e-4,
+        ckpt_path: Optional[str] = None,
+        use_ema: bool = False,
+        num_timesteps_cond: int = 1,
+        log_every_t: int = 200,
+        monitor: Optional[str] = None,
+    ):
+        super().__init__()
+        if parameterization != "eps":
+            raise ValueError(f"only parameterization 'eps' (SD 2.1-base) is supported, got '{parameterization}'")
+        if use_ema:
+            raise ValueError("use_ema=True is not supported: SD 2.1-base inference checkpoints hold no EMA weights")
+        if cond_stage_trainable:
+            raise ValueError("cond_stage_trainable=True is not supported: the text encoder stays frozen")
+        self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
+        self.image_size, self.channels = image_size, channels
+        self.scale_factor = scale_factor
+        self.learning_rate = learning_rate
+        self.log_every_t, self.monitor, self.num_timesteps_cond = log_every_t, monitor, num_timesteps_cond
+
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
+        self.cond_stage_model = freeze(instantiate_from_config(cond_stage_config))
+        self.register_schedule(beta_schedule, timesteps, linear_start, linear_end)
+        if ckpt_path is not None:
+            load_weights(self, ckpt_path)
+
+    def register_schedule(self, beta_schedule: str, timesteps: int, linear_start: float, linear_end: float) -> None:
+        """Register the 12 float32 schedule buffers of SD's state dict (computed in float64)."""
+        betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end)
+        alphas_cumprod = np.cumprod(1.0 - betas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+            "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
+        self.num_timesteps = timesteps
+
+    frozen_submodules = ("first_stage_model", "cond_stage_model")
+
+    def train(self, mode: bool = True) -> "LatentDiffusion":
+        """Switch train/eval mode, keeping the frozen submodules in eval (no dropout, fixed statistics)."""
+        super().train(mode)
+        for name in self.frozen_submodules:
+            getattr(self, name).eval()
+        return self
+
+    # ---- forward process and loss -------------------------------------------------------------------------
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I)."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        shape = (-1,) + (1,) * (x_start.ndim - 1)
+        return (self.sqrt_alphas_cumprod[t].view(shape) * x_start
+                + self.sqrt_one_minus_alphas_cumprod[t].view(shape) * noise)
+
+    def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
+                 noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The eps-prediction MSE ('simple' loss of DDPM) at timesteps `t`."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        eps = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
+        loss = F.mse_loss(eps.float(), noise.float())
+        prefix = "train" if self.training else "val"
+        return loss, {f"{prefix}/loss_simple": loss.detach(), f"{prefix}/loss": loss.detach()}
+
+    # ---- conditioning and autoencoder ------------------------------------------------------------------------
+    @torch.no_grad()
+    def get_learned_conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text -> cross-attention context (B, 77, width), with the frozen text encoder."""
+        return self.cond_stage_model.encode(list(prompts))
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor):
+        """Images (B, 3, H, W) in [-1, 1] -> the autoencoder's diagonal Gaussian posterior."""
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, posterior: Any, sample: bool = True,
+                                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """A scaled latent from the posterior: a sample (training, as SD) or its mean."""
+        z = posterior.sample(generator=generator) if sample else posterior.mode()
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in about [-1, 1]."""
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    @torch.no_grad()
+    def get_input(self, batch: Mapping[str, Any], k: Optional[str] = None, bs: Optional[int] = None,
+                  sample_posterior: bool = True) -> tuple[torch.Tensor, Any]:
+        """Batch (images HWC in [-1, 1] under `first_stage_key`, prompts under `cond_stage_key`) -> (z, context)."""
+        x = batch[k or self.first_stage_key]
+        x = torch.as_tensor(np.asarray(x)) if not torch.is_tensor(x) else x
+        x = rearrange(x, "b h w c -> b c h w").to(self.device, memory_format=torch.contiguous_format).float()
+        prompts = list(batch[self.cond_stage_key])
+        if bs is not None:
+            x, prompts = x[:bs], prompts[:bs]
+        z = self.get_first_stage_encoding(self.encode_first_stage(x), sample=sample_posterior)
+        return z, self.get_learned_conditioning(prompts)
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        """eps(x_t, t, c). `cond` is the context tensor or {'c_crossattn': [context]}."""
+        if isinstance(cond, Mapping):
+            cond = torch.cat(cond["c_crossattn"], 1)
+        return self.model(x_noisy, t, cond)
+
+    # ---- Lightning hooks ----------------------------------------------------------------------------------
+    def shared_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z, c = self.get_input(batch)
+        t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=self.device)
+        return self.p_losses(z, c, t)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, logs = self.shared_step(batch)
+        self.log_dict(logs, prog_bar=True, on_step=True, batch_size=len(batch[self.cond_stage_key]))
+        return loss
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        _, logs = self.shared_step(batch)
+        self.log_dict(logs, batch_size=len(batch[self.cond_stage_key]), sync_dist=True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer updates; subclasses narrow this (e.g. only the control net)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+
+    # ---- sampling -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_ddim(self, cond: Any, batch_size: int, steps: int = 50, guidance_scale: float = 1.0,
+                    uncond: Any = None, x_T: Optional[torch.Tensor] = None, eta: float = 0.0,
+                    generator: Optional[torch.Generator] = None, verbose: bool = False,
+                    **sampler_kwargs: Any) -> torch.Tensor:
+        """DDIM latents for `cond`, with classifier-free guidance when `uncond` is given."""
+        size = self.image_size
+        shape = (self.channels, size, size) if x_T is None else tuple(x_T.shape[1:])
+        samples, _ = DDIMSampler(self).sample(
+            steps, batch_size, shape, cond, eta=eta, x_T=x_T, unconditional_guidance_scale=guidance_scale,
+            unconditional_conditioning=uncond, verbose=verbose, generator=generator, **sampler_kwargs)
+        return samples
+
+    def describe(self) -> str:
+        """One line with parameter counts, for logs."""
+        return (f"{type(self).__name__}: {count_params(self) / 1e6:.2f}M parameters, "
+                f"{count_params(self, trainable_only=True) / 1e6:.2f}M trainable")

@@ -1,0 +1,111 @@
+"""The SD 2.x UNet against a reference output, the SD 2.1-base key/shape manifest and its own checkpointing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PREFIX = "model.diffusion_model."
+SD21_BASE_UNET = dict(
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    attention_resolutions=[4, 2, 1],
+    num_res_blocks=2,
+    channel_mult=[1, 2, 4, 4],
+    num_head_channels=64,
+    use_spatial_transformer=True,
+    use_linear_in_transformer=True,
+    transformer_depth=1,
+    context_dim=1024,
+    legacy=False,
+)
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, torch.Tensor]:
+    return load_file(FIXTURES / "ldm_reference_tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_config() -> dict:
+    return json.loads((FIXTURES / "ldm_reference_tiny.json").read_text())["unet_config"]
+
+
+def unet_weights(reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(PREFIX) :]: v for k, v in reference.items() if k.startswith(PREFIX)}
+
+
+def test_matches_reference_output(reference, tiny_config):
+    unet = UNetModel(**tiny_config).eval()
+    unet.load_state_dict(unet_weights(reference), strict=True)
+    with torch.no_grad():
+        out = unet(reference["unet_in.x"], timesteps=reference["unet_in.t"], context=reference["unet_in.context"])
+    expected = reference["unet_out"]
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_sd21_base_keys_and_shapes_match_checkpoint_manifest():
+    manifest = json.loads((FIXTURES / "sd21_base_state_dict_shapes.json").read_text())
+    expected = {k[len(PREFIX) :]: tuple(v) for k, v in manifest.items() if k.startswith(PREFIX)}
+    with torch.device("meta"):
+        unet = UNetModel(**SD21_BASE_UNET)
+    assert all(p.is_meta for p in unet.parameters())
+    got = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    assert sorted(set(expected) - set(got)) == []
+    assert sorted(set(got) - set(expected)) == []
+    assert {k: s for k, s in got.items() if s != expected[k]} == {}
+
+
+def test_gradient_checkpointing_matches_plain_and_recomputes(reference, tiny_config):
+    x, t, context = reference["unet_in.x"], reference["unet_in.t"], reference["unet_in.context"]
+    results = []
+    for use_checkpoint in (False, True):
+        unet = UNetModel(**{**tiny_config, "use_checkpoint": use_checkpoint})
+        unet.load_state_dict(unet_weights(reference))
+        calls = []
+        resblock = next(m for m in unet.modules() if isinstance(m, ResBlock))
+        resblock.in_layers.register_forward_hook(lambda *_: calls.append(1))
+        out = unet(x, t, context)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads = {n: p.grad for n, p in unet.named_parameters()}
+        results.append((out.detach(), grads, len(calls)))
+    (out_plain, grads_plain, calls_plain), (out_ckpt, grads_ckpt, calls_ckpt) = results
+    assert (calls_plain, calls_ckpt) == (1, 2)  # checkpointing recomputes the block in backward
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=0, atol=1e-6)
+    assert all(g is not None for g in grads_plain.values())
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fp16_compute_dtype_under_autocast(reference, tiny_config):
+    unet = UNetModel(**{**tiny_config, "use_fp16": True}).eval()
+    unet.load_state_dict(unet_weights(reference))
+    assert unet.dtype == torch.float16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        out = unet(reference["unet_in.x"], reference["unet_in.t"], reference["unet_in.context"])
+    expected = reference["unet_out"]
+    assert out.dtype == torch.float16
+    assert (out.float() - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"use_spatial_transformer": False}, "use_spatial_transformer"),
+        ({"num_heads": 2}, "exactly one"),
+        ({"dims": 3}, "2D"),
+        ({"context_dim": None}, "context_dim"),
+    ],
+)
+def test_rejects_unsupported_options(tiny_config, override, message):
+    with pytest.raises(ValueError, match=message):
+        UNetModel(**{**tiny_config, **override})
