@@ -1,0 +1,106 @@
+"""Image-caption training data in the SD layout: ``{"jpg": HxWx3 float32 in [-1, 1], "txt": prompt}``.
+
+The index is the JSON-lines file written by ``training_data_prepare.py``; a relative ``img_path`` is
+resolved against the directory of that file (the convention the script writes), not the working
+directory.
+
+A sample that fails to load (missing, truncated or corrupt file) is logged, counted and replaced by the
+next index, so one bad file in a large crawl never stops training. Counts live on the dataset object:
+each DataLoader worker process holds its own copy, so with ``num_workers > 0`` the counters of the
+dataset in the main process stay at zero and each worker's copy counts what that worker saw (they
+persist across epochs only with ``persistent_workers=True``); the warnings in the log are the
+complete record.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+
+def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
+    """RGB image resized (Lanczos) so its shorter side is `resolution`, centre-cropped to a square.
+
+    Returns float32 (resolution, resolution, 3) in [-1, 1]. EXIF orientation is applied first.
+    """
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+
+
+def read_index(json_path: str | os.PathLike) -> list[dict[str, str]]:
+    """Records of a JSON-lines index, each img_path resolved against the index file's directory."""
+    base = Path(json_path).parent
+    records = []
+    with open(json_path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                records.append({"img_path": str(base / record["img_path"]), "prompt": str(record["prompt"])})
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{json_path}:{number}: not an img_path/prompt record: {error}") from error
+    return records
+
+
+class FCDiffusionDataset(Dataset):
+    """Training pairs from a ``training_data.json`` index, robust to unreadable images.
+
+    Items are ``{"jpg": float32 (resolution, resolution, 3) in [-1, 1], "txt": prompt, "path": file}``;
+    "path" names the image actually returned (a replacement after a failure). After `max_retries`
+    consecutive failures from one index a RuntimeError says the data is broken rather than looping.
+    `failures` counts failed loads per path and `skipped` is their total (per process, see module doc).
+    """
+
+    def __init__(self, json_path: str | os.PathLike, resolution: int = 512, max_retries: int = 32) -> None:
+        self.records = read_index(json_path)
+        if not self.records:
+            raise ValueError(f"no samples in {json_path}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.resolution = resolution
+        self.max_retries = max_retries
+        self.failures: Counter[str] = Counter()
+
+    @property
+    def skipped(self) -> int:
+        """Number of failed image loads (each replaced by another sample) in this process."""
+        return sum(self.failures.values())
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        idx = range(len(self.records))[idx]  # IndexError past the end, so plain iteration stops
+        attempts = min(self.max_retries + 1, len(self.records))
+        for offset in range(attempts):
+            record = self.records[(idx + offset) % len(self.records)]
+            path = record["img_path"]
+            try:
+                image = load_image(path, self.resolution)
+            except Exception as error:  # any decode failure (OSError, SyntaxError, DecompressionBombError, ...)
+                self.failures[path] += 1
+                logger.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)
+                continue
+            return {"jpg": image, "txt": record["prompt"], "path": path}
+        raise RuntimeError(
+            f"{attempts} consecutive images failed to load starting at index {idx} "
+            f"({self.records[idx]['img_path']}); check the dataset and the paths in the index, "
+            "which are relative to the index file's directory"
+        )
