@@ -1,0 +1,87 @@
+"""The FCDiffusion teacher model and the tool that builds its initial checkpoint."""
+import pytest
+import torch
+
+import tool_add_control_sd21
+from fcdiffusion.frequency import CONTROL_MODES, frequency_control
+from ldm.checkpoint import load_state_dict
+from tests.conftest import TINY_CONFIG, tiny_model
+
+BATCH = {"jpg": torch.rand(2, 128, 128, 3) * 2 - 1, "txt": ["a cat on a sofa", "a rocket at dawn"]}
+
+
+def test_unknown_control_mode_lists_the_valid_ones(tiny_files):
+    with pytest.raises(ValueError) as info:
+        tiny_model(tiny_files, "model.params.control_mode=band_pass")
+    assert all(mode in str(info.value) for mode in CONTROL_MODES)
+
+
+def test_get_input_gives_latent_text_and_filtered_control(tiny_files):
+    model = tiny_model(tiny_files, "model.params.control_mode=low_pass")
+    z, cond = model.get_input(BATCH, sample_posterior=False)
+    assert z.shape == (2, 4, 16, 16) and set(cond) == {"c_crossattn", "c_concat"}
+    assert cond["c_crossattn"][0].shape == (2, 77, 16)
+    expected = frequency_control(z, "low_pass", **model.frequency_thresholds)
+    torch.testing.assert_close(cond["c_concat"][0], expected)
+
+
+def test_guidance_negative_branch_keeps_control_and_uses_empty_prompt(tiny_files):
+    model = tiny_model(tiny_files)
+    _, cond = model.get_input(BATCH, sample_posterior=False)
+    uncond = model.unconditional_conditioning(cond)
+    assert uncond["c_concat"][0] is cond["c_concat"][0]
+    empty = model.get_learned_conditioning([""])
+    torch.testing.assert_close(uncond["c_crossattn"][0], empty.expand(2, -1, -1))
+
+
+def test_optimizer_trains_control_net_and_decoder_only_when_unlocked(tiny_files):
+    locked = tiny_model(tiny_files)
+    ids = lambda params: {id(p) for p in params}
+    assert ids(locked.trainable_parameters()) == ids(locked.control_model.parameters())
+    unlocked = tiny_model(tiny_files, "model.params.sd_locked=false")
+    unet = unlocked.model.diffusion_model
+    expected = ids(unlocked.control_model.parameters()) | ids(unet.output_blocks.parameters()) | ids(unet.out.parameters())
+    assert ids(unlocked.trainable_parameters()) == expected
+    assert not any(p.requires_grad for p in unet.input_blocks.parameters())
+
+
+def test_log_images_gives_the_four_grids(tiny_files):
+    model = tiny_model(tiny_files).eval()
+    images = model.log_images(BATCH, N=2, ddim_steps=3)
+    assert list(images) == ["source", "reconstruction", "control", "samples"]
+    assert all(v.shape == (2, 3, 128, 128) and torch.isfinite(v).all() for v in images.values())
+
+
+def test_tool_add_control_copies_exactly_the_matching_tensors(tiny_files):
+    sd = load_state_dict(tiny_files.sd)
+    out = load_state_dict(tiny_files.init)
+    fresh = tiny_model(tiny_files, ckpt=tiny_files.init).state_dict()
+    assert set(out) == set(fresh)
+    copied = new = 0
+    for key, value in out.items():
+        if not key.startswith("control_model."):
+            assert torch.equal(value, sd[key]), key
+            continue
+        twin = "model.diffusion_model." + key[len("control_model."):]
+        if twin in sd:
+            assert torch.equal(value, sd[twin]), key
+            copied += 1
+        else:
+            new += 1
+    assert copied > 0 and new > 0
+    for name in ("hint_add", "hint_mul", "zero_convs_add", "zero_convs_mul", "middle_block_out_add"):
+        assert all(not v.any() for k, v in out.items() if k.startswith(f"control_model.{name}")), name
+
+
+def test_tool_add_control_refuses_overwrite_missing_and_non_sd_files(tiny_files, tmp_path, capsys):
+    args = ["--config", TINY_CONFIG]
+    assert tool_add_control_sd21.main([str(tiny_files.sd), str(tiny_files.init), *args]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert tool_add_control_sd21.main([str(tmp_path / "v2-1_512-ema-pruned.ckpt"), str(tmp_path / "o.ckpt"), *args]) == 1
+    err = capsys.readouterr().err
+    assert "v2-1_512-ema-pruned.ckpt" in err and "huggingface.co/stabilityai" in err
+    not_sd = tmp_path / "clip_only.ckpt"
+    torch.save({"state_dict": load_state_dict(tiny_files.clip)}, not_sd)
+    assert tool_add_control_sd21.main([str(not_sd), str(tmp_path / "o.ckpt"), *args]) == 1
+    assert "not a Stable Diffusion 2.x checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "o.ckpt").exists()

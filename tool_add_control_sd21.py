@@ -1,0 +1,75 @@
+"""Build the initial FCDiffusion checkpoint from a Stable Diffusion 2.x checkpoint.
+
+    python tool_add_control_sd21.py models/v2-1_512-ema-pruned.ckpt models/fcdiffusion_init.ckpt
+
+Every SD tensor is kept; each control-net tensor whose name matches a UNet tensor (`control_model.X` <-
+`model.diffusion_model.X`: time embedding, input blocks, middle block) is copied from it; the control net's
+new layers (hint block, zero convolutions) keep their initialisation.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from omegaconf import OmegaConf
+
+from fcdiffusion.paths import DOWNLOAD_HELP
+from ldm.checkpoint import CheckpointMismatchError, check_state_dict, group_keys, load_state_dict, save_state_dict
+from ldm.util import instantiate_from_config, load_config
+
+CONTROL_PREFIX, UNET_PREFIX = "control_model.", "model.diffusion_model."
+
+
+def add_control(sd_state: dict, model_state: dict, source: str = "SRC") -> tuple[dict, list[str], list[str]]:
+    """Return (FCDiffusion state dict, copied control keys, new control keys) from an SD state dict."""
+    sd_part = {k: v for k, v in model_state.items() if not k.startswith(CONTROL_PREFIX)}
+    if not any(k.startswith(UNET_PREFIX) for k in sd_state) or not any(
+            k.startswith("cond_stage_model.model.") for k in sd_state):
+        raise CheckpointMismatchError(
+            f"{source} is not a Stable Diffusion 2.x checkpoint (no '{UNET_PREFIX}*' UNet or "
+            "'cond_stage_model.model.*' OpenCLIP keys); SD 1.x and diffusers folders are not supported")
+    check_state_dict(sd_part, sd_state, source)
+    out, copied, new = dict(sd_state), [], []
+    for key, value in model_state.items():
+        if not key.startswith(CONTROL_PREFIX):
+            continue
+        twin = UNET_PREFIX + key[len(CONTROL_PREFIX):]
+        if twin in sd_state and sd_state[twin].shape == value.shape:
+            out[key] = sd_state[twin].clone()
+            copied.append(key)
+        else:
+            out[key] = value
+            new.append(key)
+    return out, copied, new
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="SD 2.x checkpoint (.ckpt or .safetensors)")
+    parser.add_argument("dst", help="output FCDiffusion checkpoint (.ckpt or .safetensors)")
+    parser.add_argument("--config", default="configs/model_config.yaml", help="FCDiffusion model config")
+    parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    args, overrides = parser.parse_known_args(argv)
+    if os.path.exists(args.dst) and not args.force:
+        print(f"error: {args.dst} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    try:
+        sd_state = load_state_dict(args.src, hint=DOWNLOAD_HELP)
+        config = load_config(args.config, overrides)
+        # The text encoder's weights come from SRC, so its own file is not needed here.
+        config.model.params.cond_stage_config.params.version = None
+        model = instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
+        state, copied, new = add_control(sd_state, model.state_dict(), args.src)
+    except (FileNotFoundError, CheckpointMismatchError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"copied from the SD UNet into the control net ({len(copied)} tensors):\n{group_keys(copied, 3)}")
+    print(f"new control-net layers, kept at their initialisation ({len(new)} tensors):\n{group_keys(new, 2)}")
+    save_state_dict(state, args.dst)
+    print(f"wrote {args.dst} ({len(state)} tensors)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
