@@ -42,8 +42,12 @@ def register_open_clip_config(arch: str, path: str | os.PathLike) -> None:
 
 
 def causal_mask(length: int) -> torch.Tensor:
-    """Additive attention mask letting token i see tokens <= i only (CLIP's text attention)."""
-    return torch.full((length, length), float("-inf")).triu_(1)
+    """Additive attention mask letting token i see tokens <= i only (CLIP's text attention).
+
+    Built on the CPU even under a meta-device context: it is a non-persistent buffer that no weights file
+    restores, so a model built on meta and then loaded must still find real values here.
+    """
+    return torch.full((length, length), float("-inf"), device="cpu").triu_(1)
 
 
 class FrozenOpenCLIPEmbedder(nn.Module):

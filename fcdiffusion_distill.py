@@ -1,0 +1,171 @@
+"""Distil the four FCDiffusion teachers (one per control mode) into one few-step, guidance-free student.
+
+    python fcdiffusion_distill.py                                       # configs/distill_config.yaml (SD 2.1-base)
+    python fcdiffusion_distill.py --config configs/distill_config_tiny.yaml --max_steps 50
+    python fcdiffusion_distill.py --devices 8 --strategy ddp --num_nodes 2 --precision bf16-mixed
+    python fcdiffusion_distill.py --trainable control_net lora --teacher_substeps 4 --guidance_scale 7.5
+
+Settings come from the config; flags override it, and `key.sub=value` arguments override any entry (e.g.
+`distill.band_weights.high_pass.f50_up=4`, `model.params.guidance_scale=7.5`). Checkpoints (the student and its
+optimizer state, never the teachers) go to `<logdir>/fcdiffusion_distill_checkpoint/`, with the student-only
+weights `student.safetensors` beside them; running the same command again resumes from `last.ckpt`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from fcdiffusion.dataset import FCDiffusionDataset
+from fcdiffusion.distiller import FrequencyDistiller, StudentExport, teacher_model_config
+from fcdiffusion.frequency import CONTROL_MODES
+from fcdiffusion.image_logger import ImageLogger
+from fcdiffusion.paths import DOWNLOAD_HELP
+from fcdiffusion.student import TRAINABLE_PARTS
+from fcdiffusion_train import TRAIN_FLAGS, devices_arg
+from ldm.checkpoint import CheckpointMismatchError
+from ldm.util import load_config
+
+log = logging.getLogger("fcdiffusion_distill")
+
+RUN_FLAGS = {k: v for k, v in TRAIN_FLAGS.items() if k != "resume_path"}
+DISTILL_FLAGS = {
+    "student_steps": (int, "student sampling steps k (trailing schedule)"),
+    "teacher_substeps": (int, "guided teacher DDIM steps per student step"),
+    "guidance_scale": (float, "teachers' classifier-free guidance (default: each teacher's)"),
+    "modes_per_step": (int, "modes trained per step (4: all)"),
+    "distill_weight": (float, "weight of the frequency-weighted distillation loss"),
+    "denoise_weight": (float, "weight of the plain x0 loss against the true latent"),
+    "control_weight": (float, "weight of the control-net output matching loss"),
+}
+CHECKPOINT_DIR = "fcdiffusion_distill_checkpoint"
+STUDENT_FILE = "student.safetensors"
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/distill_config.yaml", help="distillation config (YAML)")
+    parser.add_argument("--model_config", help="the teachers' model config (default: the config's model_config)")
+    for mode in CONTROL_MODES:
+        parser.add_argument(f"--teacher_{mode}", help=f"{mode} teacher checkpoint (default: config teachers.{mode})")
+    parser.add_argument("--student_init", help="student initialisation: a teacher or tool_add_control checkpoint")
+    parser.add_argument("--trainable", nargs="+", choices=TRAINABLE_PARTS, help="what the student trains")
+    parser.add_argument("--lora_rank", type=int, help="LoRA rank (with --trainable lora)")
+    for name, (kind, help_text) in {**DISTILL_FLAGS, **RUN_FLAGS}.items():
+        parser.add_argument(f"--{name}", type=kind, help=help_text)
+    return parser.parse_known_args(argv)
+
+
+def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig:
+    """The config with flags applied: flags win over dotlist overrides, which win over the file."""
+    config = load_config(args.config, overrides)
+    for section, flags in (("train", RUN_FLAGS), ("distill", DISTILL_FLAGS)):
+        for name in flags:
+            if getattr(args, name) is not None:
+                config[section][name] = getattr(args, name)
+    for mode in CONTROL_MODES:
+        if getattr(args, f"teacher_{mode}") is not None:
+            config.teachers[mode] = getattr(args, f"teacher_{mode}")
+    for flag, key in (("student_init", "init"), ("trainable", "trainable"), ("lora_rank", "lora_rank")):
+        if getattr(args, flag) is not None:
+            config.student[key] = getattr(args, flag)
+    if args.model_config is not None:
+        config.model_config = args.model_config
+    return config
+
+
+def checkpoint_dir(config: DictConfig) -> str:
+    return os.path.join(config.train.logdir, CHECKPOINT_DIR)
+
+
+def missing_teacher_message(config: DictConfig, mode: str, path: str) -> str:
+    """Names the missing file and the command that trains it (where fcdiffusion_train.py would write it)."""
+    command = f"python fcdiffusion_train.py --config {config.model_config} --control_mode {mode}"
+    folder = Path(path).parent
+    if Path(path).name == "last.ckpt" and folder.name == f"fcdiffusion_{mode}_checkpoint":
+        command += f" --logdir {folder.parent}"
+    return (f"teacher checkpoint for {mode} not found: {path}\nTrain it with:\n  {command}\n"
+            f"or point teachers.{mode} (--teacher_{mode}) at an existing {mode} teacher checkpoint.")
+
+
+def check_inputs(config: DictConfig, resume: bool) -> list[str]:
+    """Error messages for missing teacher / student-initialisation files (the student init is not needed to resume)."""
+    errors = [missing_teacher_message(config, mode, path) for mode, path in config.teachers.items()
+              if not os.path.isfile(path)]
+    if not resume and not os.path.isfile(config.student.init):
+        errors.append(f"student initialisation not found: {config.student.init}\nUse a teacher checkpoint, or "
+                      f"build the FCDiffusion init with tool_add_control_sd21.py:\n{DOWNLOAD_HELP}")
+    return errors
+
+
+def build_distiller(config: DictConfig, student_init: str) -> FrequencyDistiller:
+    student = OmegaConf.to_container(config.student, resolve=True)
+    student.pop("init")
+    return FrequencyDistiller(
+        teacher_model_config(config), teachers=dict(config.teachers), student_init=student_init, student=student,
+        distill=OmegaConf.to_container(config.distill, resolve=True), learning_rate=config.train.learning_rate)
+
+
+def build_trainer(config: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
+    train = config.train
+    ckpt_dir = checkpoint_dir(config)
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=train.checkpoint_every,
+                        save_top_k=-1, save_last=True, auto_insert_metric_name=False),
+        StudentExport(os.path.join(ckpt_dir, STUDENT_FILE)),
+        ImageLogger(every_n_steps=train.log_images_every, max_images=min(4, train.batch_size),
+                    out_dir=os.path.join(ckpt_dir, "image_log")),
+        *extra_callbacks,
+    ]
+    return pl.Trainer(
+        max_steps=train.max_steps, accelerator=train.accelerator, devices=devices_arg(train.devices),
+        strategy=train.strategy, num_nodes=train.num_nodes, precision=train.precision, callbacks=callbacks,
+        logger=CSVLogger(train.logdir, name="fcdiffusion_distill"), default_root_dir=train.logdir,
+        log_every_n_steps=min(50, train.max_steps), enable_model_summary=False,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None, extra_callbacks: Sequence[pl.Callback] = ()) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args, overrides = parse_args(argv)
+    try:
+        config = resolve_config(args, overrides)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    train = config.train
+    last = os.path.join(checkpoint_dir(config), "last.ckpt")
+    resume = os.path.isfile(last)
+    errors = check_inputs(config, resume)
+    if errors:
+        print("error: " + "\n\nerror: ".join(errors), file=sys.stderr)
+        return 1
+    pl.seed_everything(train.seed, workers=True)
+    try:
+        # On resume the student (with the values it is sharing) comes from last.ckpt; fit() then restores the rest.
+        distiller = build_distiller(config, last if resume else config.student.init)
+    except (CheckpointMismatchError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if resume:
+        log.info("resuming from %s", last)
+    dataset = FCDiffusionDataset(train.data, resolution=train.resolution)
+    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, num_workers=train.num_workers,
+                        drop_last=len(dataset) >= train.batch_size, persistent_workers=train.num_workers > 0)
+    trainer = build_trainer(config, extra_callbacks)
+    trainer.fit(distiller, loader, ckpt_path=last if resume else None)
+    trainer.save_checkpoint(last)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
