@@ -9,7 +9,8 @@
 
 Each image `<name>.<ext>` in INPUT_DIR is translated with the prompt in `<name>.txt` (or --prompt for all), in
 every requested control mode, from the same seeded noise per image (seed + its index). Writes
-`<out_dir>/<name>_<mode>.png` and `<out_dir>/<name>_grid.png` (source | control | result, per mode). An image
+`<out_dir>/<name>_<mode>.png`, its decoded control signal `<out_dir>/<name>_<mode>_control.png`, and
+`<out_dir>/<name>_grid.png` (source | control | result, per mode). An image
 that cannot be read, or has no prompt, is reported and skipped. `--student` takes `student.safetensors` or a
 distiller checkpoint; the architecture comes from the distillation config (`--config`, `key.sub=value` overrides).
 """
@@ -147,6 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 columns = {"source": images[i:i + 1]}
                 for mode, (control, result) in results.items():
                     save_image(result[i], os.path.join(args.out_dir, f"{path.stem}_{mode}.png"))
+                    save_image(control[i], os.path.join(args.out_dir, f"{path.stem}_{mode}_control.png"))
                     columns[f"control {mode}"], columns[mode] = control[i:i + 1], result[i:i + 1]
                 save_png(labelled_grid(columns), os.path.join(args.out_dir, f"{path.stem}_grid.png"))
             done += len(batch)

@@ -27,13 +27,12 @@ from torch.utils.data import Dataset
 logger = logging.getLogger(__name__)
 
 
-def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
+def prepare_image(image: Image.Image, resolution: int) -> np.ndarray:
     """RGB image resized (Lanczos) so its shorter side is `resolution`, centre-cropped to a square.
 
-    Returns float32 (resolution, resolution, 3) in [-1, 1]. EXIF orientation is applied first.
+    Returns float32 (resolution, resolution, 3) in [-1, 1].
     """
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
+    image = image.convert("RGB")
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -41,6 +40,12 @@ def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+
+
+def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
+    """`prepare_image` of the file at `path`, after applying its EXIF orientation."""
+    with Image.open(path) as image:
+        return prepare_image(ImageOps.exif_transpose(image), resolution)
 
 
 def read_index(json_path: str | os.PathLike) -> list[dict[str, str]]:

@@ -1,0 +1,81 @@
+"""A small quickstart (two photos, a few steps) runs end to end and leaves every artefact; failures are named."""
+import json
+import re
+
+import pytest
+from PIL import Image
+
+import quickstart
+from fcdiffusion.frequency import CONTROL_MODES
+
+PHOTOS = ["astronaut", "coffee"]
+
+
+def assert_png(path, size=None):
+    assert path.is_file(), path
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and (size is None or image.size == size), (path, image.size)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quickstart")
+    out = root / "outputs"
+    code = quickstart.main(["--root", str(root), "--out", str(out), "--photos", *PHOTOS, "--teacher_steps", "2",
+                            "--distill_steps", "2", "--teacher_sample_steps", "4", "--no-benchmark_sd",
+                            "--benchmark_images", "1", "--min_free_gb", "0.1"])
+    return code, root, out
+
+
+def test_small_quickstart_writes_every_artefact(small_run):
+    code, root, out = small_run
+    assert code == 0
+    assert (root / "models" / "v2-1_tiny.ckpt").is_file() and (root / "CLIP-ViT-H-14" / "open_clip_tiny.bin").is_file()
+    for mode in CONTROL_MODES:
+        assert (out / "lightning_logs" / f"fcdiffusion_{mode}_checkpoint" / "last.ckpt").is_file()
+        for name in PHOTOS:
+            for folder in ("teacher", "student"):
+                assert_png(out / "inference" / folder / f"{name}_{mode}.png", (128, 128))
+            assert_png(out / "inference" / "student" / f"{name}_{mode}_control.png", (128, 128))
+    assert (out / "lightning_logs" / "fcdiffusion_distill_checkpoint" / "student.safetensors").is_file()
+    assert_png(out / "grid.png")
+    with Image.open(out / "grid.png") as grid:
+        assert grid.width > 13 * 128 and grid.height > len(PHOTOS) * 128
+
+
+def test_small_quickstart_tables_and_report(small_run):
+    _, _, out = small_run
+    figures = json.loads((out / "benchmark.json").read_text())
+    speed = figures["speed"]["tiny"]
+    assert all(speed[k] > 0 for k in ("teacher_4_cfg_s", "student_1_s", "student_2_s", "student_4_s"))
+    assert set(figures["fidelity"]) == set(CONTROL_MODES)
+    assert all(f["student_k4_mse"] >= 0 and f["teacher_k4_mse"] >= 0 for f in figures["fidelity"].values())
+    assert 0 < figures["memory"]["distiller_params"] < figures["memory"]["five_full_models_params"]
+    tables = (out / "tables.md").read_text()
+    rows = [line for line in tables.splitlines() if line.startswith("| ") and "---" not in line]
+    assert any(line.startswith("| tiny |") for line in rows)
+    assert all(any(line.startswith(f"| {mode} |") for line in rows) for mode in CONTROL_MODES)
+    report = (out / "report.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert {"grid.png", "benchmark.json", "tables.md"} <= set(links)
+    assert all((out / link).exists() for link in links), links
+
+
+def test_quickstart_refuses_without_disk_space(tmp_path, capsys):
+    assert quickstart.main(["--root", str(tmp_path), "--out", str(tmp_path / "o"), "--min_free_gb", "1e9"]) == 1
+    assert "refused to start" in capsys.readouterr().err
+
+
+def test_quickstart_names_the_step_that_failed(tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "CLIP-ViT-H-14").mkdir()
+    (tmp_path / "models" / "v2-1_tiny.ckpt").write_bytes(b"a truncated download")
+    (tmp_path / "CLIP-ViT-H-14" / "open_clip_tiny.bin").write_bytes(b"a truncated download")
+    code = quickstart.main(["--root", str(tmp_path), "--out", str(tmp_path / "o"), "--photos", "coffee",
+                            "--min_free_gb", "0.1"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "reusing" in captured.out
+    assert "failed at step 4/13 (add the control net" in captured.err
