@@ -21,23 +21,17 @@ from typing import Optional, Sequence
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
-from torch.utils.data import DataLoader
 
-from fcdiffusion.dataset import FCDiffusionDataset
 from fcdiffusion.distiller import FrequencyDistiller, StudentExport, teacher_model_config
 from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.image_logger import ImageLogger
 from fcdiffusion.paths import DOWNLOAD_HELP
 from fcdiffusion.student import TRAINABLE_PARTS
-from fcdiffusion_train import TRAIN_FLAGS, devices_arg
+from fcdiffusion.training import RUN_FLAGS, add_flags, apply_flags, build_trainer, fit
 from ldm.checkpoint import CheckpointMismatchError
 from ldm.util import load_config
 
 log = logging.getLogger("fcdiffusion_distill")
 
-RUN_FLAGS = {k: v for k, v in TRAIN_FLAGS.items() if k != "resume_path"}
 DISTILL_FLAGS = {
     "student_steps": (int, "student sampling steps k (trailing schedule)"),
     "teacher_substeps": (int, "guided teacher DDIM steps per student step"),
@@ -60,18 +54,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[
     parser.add_argument("--student_init", help="student initialisation: a teacher or tool_add_control checkpoint")
     parser.add_argument("--trainable", nargs="+", choices=TRAINABLE_PARTS, help="what the student trains")
     parser.add_argument("--lora_rank", type=int, help="LoRA rank (with --trainable lora)")
-    for name, (kind, help_text) in {**DISTILL_FLAGS, **RUN_FLAGS}.items():
-        parser.add_argument(f"--{name}", type=kind, help=help_text)
+    add_flags(parser, {**DISTILL_FLAGS, **RUN_FLAGS})
     return parser.parse_known_args(argv)
 
 
 def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig:
     """The config with flags applied: flags win over dotlist overrides, which win over the file."""
     config = load_config(args.config, overrides)
-    for section, flags in (("train", RUN_FLAGS), ("distill", DISTILL_FLAGS)):
-        for name in flags:
-            if getattr(args, name) is not None:
-                config[section][name] = getattr(args, name)
+    apply_flags(config.train, args, RUN_FLAGS)
+    apply_flags(config.distill, args, DISTILL_FLAGS)
     for mode in CONTROL_MODES:
         if getattr(args, f"teacher_{mode}") is not None:
             config.teachers[mode] = getattr(args, f"teacher_{mode}")
@@ -115,25 +106,6 @@ def build_distiller(config: DictConfig, student_init: str) -> FrequencyDistiller
         distill=OmegaConf.to_container(config.distill, resolve=True), learning_rate=config.train.learning_rate)
 
 
-def build_trainer(config: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
-    train = config.train
-    ckpt_dir = checkpoint_dir(config)
-    callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=train.checkpoint_every,
-                        save_top_k=-1, save_last=True, auto_insert_metric_name=False),
-        StudentExport(os.path.join(ckpt_dir, STUDENT_FILE)),
-        ImageLogger(every_n_steps=train.log_images_every, max_images=min(4, train.batch_size),
-                    out_dir=os.path.join(ckpt_dir, "image_log")),
-        *extra_callbacks,
-    ]
-    return pl.Trainer(
-        max_steps=train.max_steps, accelerator=train.accelerator, devices=devices_arg(train.devices),
-        strategy=train.strategy, num_nodes=train.num_nodes, precision=train.precision, callbacks=callbacks,
-        logger=CSVLogger(train.logdir, name="fcdiffusion_distill"), default_root_dir=train.logdir,
-        log_every_n_steps=min(50, train.max_steps), enable_model_summary=False,
-    )
-
-
 def main(argv: Optional[Sequence[str]] = None, extra_callbacks: Sequence[pl.Callback] = ()) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, overrides = parse_args(argv)
@@ -158,12 +130,9 @@ def main(argv: Optional[Sequence[str]] = None, extra_callbacks: Sequence[pl.Call
         return 1
     if resume:
         log.info("resuming from %s", last)
-    dataset = FCDiffusionDataset(train.data, resolution=train.resolution)
-    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, num_workers=train.num_workers,
-                        drop_last=len(dataset) >= train.batch_size, persistent_workers=train.num_workers > 0)
-    trainer = build_trainer(config, extra_callbacks)
-    trainer.fit(distiller, loader, ckpt_path=last if resume else None)
-    trainer.save_checkpoint(last)
+    export = StudentExport(os.path.join(checkpoint_dir(config), STUDENT_FILE))
+    fit(distiller, train, build_trainer(train, checkpoint_dir(config), "fcdiffusion_distill", [export, *extra_callbacks]),
+        last, resume)
     return 0
 
 

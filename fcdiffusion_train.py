@@ -13,50 +13,21 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
-from torch.utils.data import DataLoader
 
-from fcdiffusion.dataset import FCDiffusionDataset
-from fcdiffusion.image_logger import ImageLogger
 from fcdiffusion.model import check_control_mode
 from fcdiffusion.paths import DOWNLOAD_HELP
+from fcdiffusion.training import RUN_FLAGS, add_flags, apply_flags, build_trainer, fit, str2bool
 from ldm.checkpoint import CheckpointMismatchError, load_weights
 from ldm.util import instantiate_from_config, load_config
 
 log = logging.getLogger("fcdiffusion_train")
 
-# Flags that override `train:` entries of the config; None means "take the config's value".
-TRAIN_FLAGS = {
-    "resume_path": (str, "initial checkpoint (from tool_add_control_sd21.py), used when no last.ckpt exists"),
-    "data": (str, "training_data.json written by training_data_prepare.py"),
-    "max_steps": (int, "total optimizer steps (a resumed run continues up to this)"),
-    "batch_size": (int, "images per device per step"),
-    "learning_rate": (float, "AdamW learning rate"),
-    "resolution": (int, "training image size in pixels"),
-    "num_workers": (int, "data loader processes"),
-    "checkpoint_every": (int, "save a checkpoint every N steps"),
-    "log_images_every": (int, "save an image grid every N steps (0: never)"),
-    "precision": (str, "Lightning precision: 32, 16-mixed, bf16-mixed, ..."),
-    "accelerator": (str, "Lightning accelerator: auto, cpu, gpu, ..."),
-    "devices": (str, "Lightning devices: auto, 1, 8, '0,1', ..."),
-    "strategy": (str, "Lightning strategy: auto, ddp, deepspeed_stage_2, fsdp, ..."),
-    "num_nodes": (int, "number of nodes"),
-    "logdir": (str, "root folder of logs and checkpoints"),
-    "seed": (int, "random seed"),
-}
-
-
-def str2bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "y"):
-        return True
-    if value.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+TRAIN_FLAGS = {"resume_path": (str, "initial checkpoint (from tool_add_control_sd21.py), used when no last.ckpt exists"),
+               **RUN_FLAGS}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str]]:
@@ -64,17 +35,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[
     parser.add_argument("--config", default="configs/model_config.yaml", help="model and training config (YAML)")
     parser.add_argument("--control_mode", help="mini_pass, low_pass, mid_pass or high_pass (default: the config's)")
     parser.add_argument("--sd_locked", type=str2bool, help="true: train only the control net; false: also the UNet decoder")
-    for name, (kind, help_text) in TRAIN_FLAGS.items():
-        parser.add_argument(f"--{name}", type=kind, help=help_text)
+    add_flags(parser, TRAIN_FLAGS)
     return parser.parse_known_args(argv)
 
 
 def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig:
     """The config with flags applied: flags win over dotlist overrides, which win over the file."""
     config = load_config(args.config, overrides)
-    for name in TRAIN_FLAGS:
-        if getattr(args, name) is not None:
-            config.train[name] = getattr(args, name)
+    apply_flags(config.train, args, TRAIN_FLAGS)
     params = config.model.params
     if args.control_mode is not None:
         params.control_mode = args.control_mode
@@ -87,30 +55,6 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig
 
 def checkpoint_dir(config: DictConfig) -> str:
     return os.path.join(config.train.logdir, f"fcdiffusion_{config.model.params.control_mode}_checkpoint")
-
-
-def devices_arg(value: Any) -> Any:
-    """Lightning accepts 'auto', an int, or a list/string of ids."""
-    text = str(value)
-    return int(text) if text.isdigit() else text
-
-
-def build_trainer(config: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
-    train = config.train
-    ckpt_dir = checkpoint_dir(config)
-    callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=train.checkpoint_every,
-                        save_top_k=-1, save_last=True, auto_insert_metric_name=False),
-        ImageLogger(every_n_steps=train.log_images_every, max_images=min(4, train.batch_size),
-                    out_dir=os.path.join(ckpt_dir, "image_log")),
-        *extra_callbacks,
-    ]
-    return pl.Trainer(
-        max_steps=train.max_steps, accelerator=train.accelerator, devices=devices_arg(train.devices),
-        strategy=train.strategy, num_nodes=train.num_nodes, precision=train.precision, callbacks=callbacks,
-        logger=CSVLogger(train.logdir, name=f"fcdiffusion_{config.model.params.control_mode}"),
-        default_root_dir=train.logdir, log_every_n_steps=train.log_every, enable_model_summary=False,
-    )
 
 
 def main(argv: Optional[Sequence[str]] = None, extra_callbacks: Sequence[pl.Callback] = ()) -> int:
@@ -139,12 +83,8 @@ def main(argv: Optional[Sequence[str]] = None, extra_callbacks: Sequence[pl.Call
         print(f"error: {error}", file=sys.stderr)
         return 1
     log.info("%s; control mode %s", model.describe(), model.control_mode)
-    dataset = FCDiffusionDataset(train.data, resolution=train.resolution)
-    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, num_workers=train.num_workers,
-                        drop_last=len(dataset) >= train.batch_size, persistent_workers=train.num_workers > 0)
-    trainer = build_trainer(config, extra_callbacks)
-    trainer.fit(model, loader, ckpt_path=last if resume else None)
-    trainer.save_checkpoint(last)
+    mode = config.model.params.control_mode
+    fit(model, train, build_trainer(train, checkpoint_dir(config), f"fcdiffusion_{mode}", extra_callbacks), last, resume)
     return 0
 
 
