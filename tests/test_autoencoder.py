@@ -1,47 +1,39 @@
 """The KL autoencoder against the SD reference outputs, the SD 2.1-base key manifest, and its posterior."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ldm.checkpoint import CheckpointMismatchError, load_weights, save_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from tests.reference import assert_close_to_reference, configs, sd21_shapes, tensors
+from tests.reference import weights as reference_weights
 
-FIXTURES = Path(__file__).parent / "fixtures"
 SD21_DDCONFIG = dict(
     double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
     ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0,
 )
 
 
-def assert_close(actual: torch.Tensor, reference: torch.Tensor) -> None:
-    assert actual.shape == reference.shape
-    assert (actual - reference).abs().max() <= 1e-4 * reference.abs().max()
+assert_close = assert_close_to_reference
 
-
-def strip(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURES / "ldm_reference_tiny.safetensors")
+    return tensors()
 
 
 @pytest.fixture(scope="module")
 def first_stage_config() -> dict:
-    return json.loads((FIXTURES / "ldm_reference_tiny.json").read_text())["first_stage_config"]
+    return configs()["first_stage_config"]
 
 
 @pytest.fixture(scope="module")
 def vae(reference, first_stage_config) -> AutoencoderKL:
     model = AutoencoderKL(**first_stage_config).eval()
-    load_weights(model, strip(reference, "first_stage_model."))  # strict: the Identity lossconfig adds no keys
+    load_weights(model, reference_weights("first_stage_model."))  # strict: the Identity lossconfig adds no keys
     return model
 
 
@@ -68,8 +60,8 @@ def test_forward_uses_mode_or_sample(vae, reference):
 
 
 def test_full_size_keys_match_sd21_manifest():
-    manifest = json.loads((FIXTURES / "sd21_base_state_dict_shapes.json").read_text())
-    expected = {k: tuple(v) for k, v in strip(manifest, "first_stage_model.").items()}
+    prefix = "first_stage_model."
+    expected = {k[len(prefix):]: tuple(v) for k, v in sd21_shapes().items() if k.startswith(prefix)}
     with torch.device("meta"):
         model = AutoencoderKL(ddconfig=SD21_DDCONFIG, embed_dim=4, lossconfig={"target": "torch.nn.Identity"})
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected

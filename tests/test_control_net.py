@@ -1,21 +1,17 @@
 """FreqControlNet and ControlledUnetModel: no-op at init, SD-compatible encoder, modulation and gradient flow."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 from fcdiffusion.control_net import FreqControlNet
 from fcdiffusion.controlled_unet import ControlledUnetModel
 from ldm.checkpoint import load_weights
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import instantiate_from_config
+from tests.reference import configs, tensors
 
-FIXTURES = Path(__file__).parent / "fixtures"
 PREFIX = "model.diffusion_model."
 ENCODER_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.")
 CONTROL_ONLY_PREFIXES = ("input_hint_block.", "hint_", "zero_convs_", "middle_block_out_")
@@ -23,12 +19,12 @@ CONTROL_ONLY_PREFIXES = ("input_hint_block.", "hint_", "zero_convs_", "middle_bl
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURES / "ldm_reference_tiny.safetensors")
+    return tensors()
 
 
 @pytest.fixture(scope="module")
 def unet_config() -> dict:
-    return json.loads((FIXTURES / "ldm_reference_tiny.json").read_text())["unet_config"]
+    return configs()["unet_config"]
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,18 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ldm.checkpoint import CheckpointMismatchError, load_weights
 from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder, register_open_clip_config
+from tests.reference import assert_close_to_reference, configs, sd21_shapes, tensors
+from tests.reference import weights as reference_weights
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "open_clip" / "ViT-tiny-test.json"
 TINY = "ViT-tiny-test"
 
 
-def assert_close(actual: torch.Tensor, reference: torch.Tensor) -> None:
-    assert actual.shape == reference.shape
-    assert (actual - reference).abs().max() <= 1e-4 * reference.abs().max()
+assert_close = assert_close_to_reference
 
 
 def tiny_embedder(**kwargs) -> FrozenOpenCLIPEmbedder:
@@ -28,18 +27,17 @@ def tiny_embedder(**kwargs) -> FrozenOpenCLIPEmbedder:
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURES / "ldm_reference_tiny.safetensors")
+    return tensors()
 
 
 @pytest.fixture(scope="module")
 def meta() -> dict:
-    return json.loads((FIXTURES / "ldm_reference_tiny.json").read_text())
+    return configs()
 
 
 @pytest.fixture(scope="module")
 def weights(reference) -> dict[str, torch.Tensor]:
-    prefix = "cond_stage_model."
-    return {k[len(prefix):]: v for k, v in reference.items() if k.startswith(prefix)}
+    return reference_weights("cond_stage_model.")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +79,7 @@ def test_frozen(embedder):
 
 
 def test_vit_h_on_meta_matches_sd21_manifest():
-    manifest = json.loads((FIXTURES / "sd21_base_state_dict_shapes.json").read_text())
+    manifest = sd21_shapes()
     prefix = "cond_stage_model."
     expected = {k[len(prefix):]: tuple(v) for k, v in manifest.items() if k.startswith(prefix)}
     with torch.device("meta"):

@@ -1,16 +1,13 @@
 """The SD 2.x UNet against a reference output, the SD 2.1-base key/shape manifest and its own checkpointing."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
+from tests.reference import assert_close_to_reference, configs, sd21_shapes, tensors
+from tests.reference import weights as reference_weights
 
-FIXTURES = Path(__file__).parent / "fixtures"
 PREFIX = "model.diffusion_model."
 SD21_BASE_UNET = dict(
     image_size=32,
@@ -31,30 +28,25 @@ SD21_BASE_UNET = dict(
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURES / "ldm_reference_tiny.safetensors")
+    return tensors()
 
 
 @pytest.fixture(scope="module")
 def tiny_config() -> dict:
-    return json.loads((FIXTURES / "ldm_reference_tiny.json").read_text())["unet_config"]
+    return configs()["unet_config"]
 
-
-def unet_weights(reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(PREFIX) :]: v for k, v in reference.items() if k.startswith(PREFIX)}
 
 
 def test_matches_reference_output(reference, tiny_config):
     unet = UNetModel(**tiny_config).eval()
-    unet.load_state_dict(unet_weights(reference), strict=True)
+    unet.load_state_dict(reference_weights(PREFIX), strict=True)
     with torch.no_grad():
         out = unet(reference["unet_in.x"], timesteps=reference["unet_in.t"], context=reference["unet_in.context"])
-    expected = reference["unet_out"]
-    assert out.shape == expected.shape
-    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert_close_to_reference(out, reference["unet_out"])
 
 
 def test_sd21_base_keys_and_shapes_match_checkpoint_manifest():
-    manifest = json.loads((FIXTURES / "sd21_base_state_dict_shapes.json").read_text())
+    manifest = sd21_shapes()
     expected = {k[len(PREFIX) :]: tuple(v) for k, v in manifest.items() if k.startswith(PREFIX)}
     with torch.device("meta"):
         unet = UNetModel(**SD21_BASE_UNET)
@@ -70,7 +62,7 @@ def test_gradient_checkpointing_matches_plain_and_recomputes(reference, tiny_con
     results = []
     for use_checkpoint in (False, True):
         unet = UNetModel(**{**tiny_config, "use_checkpoint": use_checkpoint})
-        unet.load_state_dict(unet_weights(reference))
+        unet.load_state_dict(reference_weights(PREFIX))
         calls = []
         resblock = next(m for m in unet.modules() if isinstance(m, ResBlock))
         resblock.in_layers.register_forward_hook(lambda *_: calls.append(1))
@@ -88,7 +80,7 @@ def test_gradient_checkpointing_matches_plain_and_recomputes(reference, tiny_con
 
 def test_fp16_compute_dtype_under_autocast(reference, tiny_config):
     unet = UNetModel(**{**tiny_config, "use_fp16": True}).eval()
-    unet.load_state_dict(unet_weights(reference))
+    unet.load_state_dict(reference_weights(PREFIX))
     assert unet.dtype == torch.float16
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
         out = unet(reference["unet_in.x"], reference["unet_in.t"], reference["unet_in.context"])
