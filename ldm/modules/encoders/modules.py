@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -39,6 +40,21 @@ def register_open_clip_config(arch: str, path: str | os.PathLike) -> None:
             f" and hold 'embed_dim', 'vision_cfg' and 'text_cfg' (missing: {sorted(missing)})"
         )
     open_clip.add_model_config(path)
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """Drop open_clip's 'No pretrained weights loaded' warning: weights come from `version` (or are meant random)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def causal_mask(length: int) -> torch.Tensor:
@@ -80,7 +96,7 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         weights = None if version is None else self._text_weights(version)
         # With a weights file, build on the meta device and adopt the file's tensors: no throwaway random init
         # of the (much larger) visual tower. pretrained_hf=False keeps open_clip from fetching HF text towers.
-        with torch.device("meta") if weights is not None else contextlib.nullcontext():
+        with torch.device("meta") if weights is not None else contextlib.nullcontext(), _quiet_random_init():
             model = open_clip.create_model(
                 arch, pretrained=None, device=torch.get_default_device(), pretrained_hf=False
             )
