@@ -45,6 +45,16 @@ def model_node(config_path: str, overrides: Sequence[str] = ()) -> dict[str, Any
     return OmegaConf.to_container(load_config(config_path, list(overrides)).model, resolve=True)
 
 
+def cpu_name() -> str:
+    """The CPU's model name where the OS says it (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return names[0] if names else platform.machine()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -201,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     student_options = {"trainable": args.trainable, "lora_rank": args.lora_rank}
     results: dict[str, Any] = {"hardware": {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
+        else f"{cpu_name()} CPU, {torch.get_num_threads()} threads",
         "torch": torch.__version__}, "speed": {}}
 
     tiny_resolution = 8 * tiny["params"]["image_size"]

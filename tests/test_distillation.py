@@ -378,7 +378,8 @@ def test_inference_script_writes_pngs_and_grids_and_skips_unreadable(distilled, 
                         "--steps", "2", "--resolution", "128", "--batch_size", "2", "--out_dir", str(out)]) == 0
     assert "broken.png" in capsys.readouterr().err
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([f"{n}_{m}.png" for n in PHOTOS for m in CONTROL_MODES] + [f"{n}_grid.png" for n in PHOTOS])
+    per_mode = [f"{n}_{m}{kind}.png" for n in PHOTOS for m in CONTROL_MODES for kind in ("", "_control")]
+    assert names == sorted(per_mode + [f"{n}_grid.png" for n in PHOTOS])
     grid = Image.open(out / "astronaut_grid.png")
     assert grid.width > 9 * 128 and grid.height > 128  # source + (control, result) x 4 modes
     assert Image.open(out / "coffee_high_pass.png").size == (128, 128)
