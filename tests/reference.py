@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
+SD21_BASE_CONFIG = Path(__file__).parents[1] / "configs" / "sd21_base.yaml"
 
 
 @lru_cache(maxsize=1)
@@ -37,3 +38,10 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, rel: float =
     err = (out.double() - ref.double()).abs().max().item()
     scale = ref.double().abs().max().item()
     assert err <= rel * scale, f"max abs error {err:.3e} > {rel} * scale {scale:.3e}"
+
+
+def sd21_unet_params() -> dict:
+    """The UNet parameters of configs/sd21_base.yaml: the SD 2.1-base layout."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(SD21_BASE_CONFIG).model.params.unet_config.params)

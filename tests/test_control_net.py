@@ -10,7 +10,7 @@ from fcdiffusion.controlled_unet import ControlledUnetModel
 from ldm.checkpoint import load_weights
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import instantiate_from_config
-from tests.reference import configs, tensors
+from tests.reference import configs, sd21_unet_params, tensors
 
 PREFIX = "model.diffusion_model."
 ENCODER_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.")
@@ -170,21 +170,7 @@ def test_builds_from_yaml_config(unet_config, control_config):
 
 
 def test_sd21_base_control_net_on_meta_device():
-    config = dict(
-        image_size=64,
-        in_channels=4,
-        model_channels=320,
-        attention_resolutions=[4, 2, 1],
-        num_res_blocks=2,
-        channel_mult=[1, 2, 4, 4],
-        num_head_channels=64,
-        use_spatial_transformer=True,
-        use_linear_in_transformer=True,
-        transformer_depth=1,
-        context_dim=1024,
-        legacy=False,
-        use_checkpoint=True,
-    )
+    config = {k: v for k, v in sd21_unet_params().items() if k != "out_channels"}
     with torch.device("meta"):
         control_net = FreqControlNet(**config)
         x = torch.empty(1, 4, 64, 64)

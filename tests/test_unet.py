@@ -5,25 +5,10 @@ import pytest
 import torch
 
 from ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
-from tests.reference import assert_close_to_reference, configs, sd21_shapes, tensors
+from tests.reference import assert_close_to_reference, configs, sd21_shapes, sd21_unet_params, tensors
 from tests.reference import weights as reference_weights
 
 PREFIX = "model.diffusion_model."
-SD21_BASE_UNET = dict(
-    image_size=32,
-    in_channels=4,
-    out_channels=4,
-    model_channels=320,
-    attention_resolutions=[4, 2, 1],
-    num_res_blocks=2,
-    channel_mult=[1, 2, 4, 4],
-    num_head_channels=64,
-    use_spatial_transformer=True,
-    use_linear_in_transformer=True,
-    transformer_depth=1,
-    context_dim=1024,
-    legacy=False,
-)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +34,7 @@ def test_sd21_base_keys_and_shapes_match_checkpoint_manifest():
     manifest = sd21_shapes()
     expected = {k[len(PREFIX) :]: tuple(v) for k, v in manifest.items() if k.startswith(PREFIX)}
     with torch.device("meta"):
-        unet = UNetModel(**SD21_BASE_UNET)
+        unet = UNetModel(**sd21_unet_params())
     assert all(p.is_meta for p in unet.parameters())
     got = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     assert sorted(set(expected) - set(got)) == []
