@@ -124,8 +124,9 @@ def build_steps(layout: Layout, args: argparse.Namespace) -> list[tuple[str, Cal
     steps += [(f"train the {mode} teacher (fcdiffusion_train.py)", teacher(mode)) for mode in CONTROL_MODES]
     steps += [
         ("distill one student from the four teachers (fcdiffusion_distill.py)", lambda: distill(layout, args)),
-        ("run the teachers, 50 guided steps (test_distillation.py)", lambda: infer(layout, args, "teacher")),
-        ("run the student, 4 steps (test_distillation.py)", lambda: infer(layout, args, "student")),
+        (f"run the teachers, {args.teacher_sample_steps} guided steps (test_distillation.py)",
+         lambda: infer(layout, args, "teacher")),
+        (f"run the student, {args.student_steps} steps (test_distillation.py)", lambda: infer(layout, args, "student")),
         ("benchmark speed, fidelity and memory", lambda: benchmark(layout, args)),
         ("write grid.png and report.md", lambda: report(layout, args)),
     ]
