@@ -11,6 +11,14 @@ DEMO_PHOTOS = ["astronaut", "chelsea", "coffee", "rocket"]
 
 
 @pytest.fixture(scope="session")
+def reference() -> dict:
+    """The reference implementation's tensors (weights, inputs, outputs) from tests/fixtures."""
+    from tests.reference import tensors
+
+    return tensors()
+
+
+@pytest.fixture(scope="session")
 def tiny_files(tmp_path_factory) -> SimpleNamespace:
     """Tiny SD checkpoint, text tower, FCDiffusion init checkpoint and a 4-photo training index in a temp dir."""
     import tool_add_control_sd21

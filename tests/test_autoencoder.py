@@ -7,7 +7,7 @@ import torch
 from ldm.checkpoint import CheckpointMismatchError, load_weights, save_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from tests.reference import assert_close_to_reference, configs, sd21_shapes, tensors
+from tests.reference import assert_close_to_reference, configs, sd21_shapes
 from tests.reference import weights as reference_weights
 
 SD21_DDCONFIG = dict(
@@ -18,11 +18,6 @@ SD21_DDCONFIG = dict(
 
 assert_close = assert_close_to_reference
 
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, torch.Tensor]:
-    return tensors()
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,11 @@ from fcdiffusion.controlled_unet import ControlledUnetModel
 from ldm.checkpoint import load_weights
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import instantiate_from_config
-from tests.reference import configs, sd21_unet_params, tensors
+from tests.reference import configs, sd21_unet_params
 
 PREFIX = "model.diffusion_model."
 ENCODER_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.")
 CONTROL_ONLY_PREFIXES = ("input_hint_block.", "hint_", "zero_convs_", "middle_block_out_")
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, torch.Tensor]:
-    return tensors()
 
 
 @pytest.fixture(scope="module")

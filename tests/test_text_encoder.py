@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from ldm.checkpoint import CheckpointMismatchError, load_weights
 from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder, register_open_clip_config
-from tests.reference import assert_close_to_reference, configs, sd21_shapes, tensors
+from tests.reference import assert_close_to_reference, configs, sd21_shapes
 from tests.reference import weights as reference_weights
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "open_clip" / "ViT-tiny-test.json"
@@ -23,11 +23,6 @@ assert_close = assert_close_to_reference
 
 def tiny_embedder(**kwargs) -> FrozenOpenCLIPEmbedder:
     return FrozenOpenCLIPEmbedder(arch=TINY, arch_config=TINY_CONFIG, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, torch.Tensor]:
-    return tensors()
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,10 @@ import pytest
 import torch
 
 from ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
-from tests.reference import assert_close_to_reference, configs, sd21_shapes, sd21_unet_params, tensors
+from tests.reference import assert_close_to_reference, configs, sd21_shapes, sd21_unet_params
 from tests.reference import weights as reference_weights
 
 PREFIX = "model.diffusion_model."
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, torch.Tensor]:
-    return tensors()
 
 
 @pytest.fixture(scope="module")
