@@ -1,16 +1,16 @@
 # Two entry points (see README): `make quickstart` runs the whole pipeline on the embedded tiny default,
-# `make test` runs the test suite. Both create .venv on first use and reuse it afterwards.
+# `make test` runs the test suite. Both create .venv on first use (`pip install -e ".[dev]"`) and reuse it.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv quickstart test clean-quickstart
+.PHONY: venv quickstart test lint clean-quickstart
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -20,6 +20,9 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 clean-quickstart:
 	rm -rf outputs/quickstart

@@ -16,17 +16,18 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from fcdiffusion.distiller import FrequencyDistiller, StudentExport, teacher_model_config
+from fcdiffusion.distiller import FrequencyDistiller, StudentExport
 from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.paths import DOWNLOAD_HELP
+from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, distill_checkpoint_dir, student_file, teacher_checkpoint
 from fcdiffusion.student import TRAINABLE_PARTS
-from fcdiffusion.training import RUN_FLAGS, add_flags, apply_flags, build_trainer, fit
+from fcdiffusion.training import RUN_FLAGS, add_flags, apply_flags, build_trainer, fit, resolve_command_line
+from fcdiffusion.weights import teacher_model_config
 from ldm.checkpoint import CheckpointMismatchError
 from ldm.util import load_config
 
@@ -41,11 +42,9 @@ DISTILL_FLAGS = {
     "denoise_weight": (float, "weight of the plain x0 loss against the true latent"),
     "control_weight": (float, "weight of the control-net output matching loss"),
 }
-CHECKPOINT_DIR = "fcdiffusion_distill_checkpoint"
-STUDENT_FILE = "student.safetensors"
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/distill_config.yaml", help="distillation config (YAML)")
     parser.add_argument("--model_config", help="the teachers' model config (default: the config's model_config)")
@@ -74,16 +73,12 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig
     return config
 
 
-def checkpoint_dir(config: DictConfig) -> str:
-    return os.path.join(config.train.logdir, CHECKPOINT_DIR)
-
-
 def missing_teacher_message(config: DictConfig, mode: str, path: str) -> str:
     """Names the missing file and the command that trains it (where fcdiffusion_train.py would write it)."""
     command = f"python fcdiffusion_train.py --config {config.model_config} --control_mode {mode}"
-    folder = Path(path).parent
-    if Path(path).name == "last.ckpt" and folder.name == f"fcdiffusion_{mode}_checkpoint":
-        command += f" --logdir {folder.parent}"
+    logdir = Path(path).parent.parent
+    if Path(path) == teacher_checkpoint(logdir, mode):
+        command += f" --logdir {logdir}"
     return (f"teacher checkpoint for {mode} not found: {path}\nTrain it with:\n  {command}\n"
             f"or point teachers.{mode} (--teacher_{mode}) at an existing {mode} teacher checkpoint.")
 
@@ -106,16 +101,13 @@ def build_distiller(config: DictConfig, student_init: str) -> FrequencyDistiller
         distill=OmegaConf.to_container(config.distill, resolve=True), learning_rate=config.train.learning_rate)
 
 
-def main(argv: Optional[Sequence[str]] = None, extra_callbacks: Sequence[pl.Callback] = ()) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args, overrides = parse_args(argv)
-    try:
-        config = resolve_config(args, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callback] = ()) -> int:
+    config = resolve_command_line(argv, parse_args, resolve_config)
+    if config is None:
         return 2
     train = config.train
-    last = os.path.join(checkpoint_dir(config), "last.ckpt")
+    folder = distill_checkpoint_dir(train.logdir)
+    last = os.fspath(folder / LAST_CHECKPOINT)
     resume = os.path.isfile(last)
     errors = check_inputs(config, resume)
     if errors:
@@ -130,8 +122,8 @@ def main(argv: Optional[Sequence[str]] = None, extra_callbacks: Sequence[pl.Call
         return 1
     if resume:
         log.info("resuming from %s", last)
-    export = StudentExport(os.path.join(checkpoint_dir(config), STUDENT_FILE))
-    fit(distiller, train, build_trainer(train, checkpoint_dir(config), "fcdiffusion_distill", [export, *extra_callbacks]),
+    export = StudentExport(student_file(train.logdir))
+    fit(distiller, train, build_trainer(train, os.fspath(folder), "fcdiffusion_distill", [export, *extra_callbacks]),
         last, resume)
     return 0
 

@@ -13,28 +13,29 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from fcdiffusion.model import check_control_mode
-from fcdiffusion.paths import DOWNLOAD_HELP
-from fcdiffusion.training import RUN_FLAGS, add_flags, apply_flags, build_trainer, fit, str2bool
+from fcdiffusion.frequency import check_control_mode
+from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, teacher_checkpoint_dir
+from fcdiffusion.training import RUN_FLAGS, add_flags, apply_flags, build_trainer, fit, resolve_command_line, str2bool
 from ldm.checkpoint import CheckpointMismatchError, load_weights
 from ldm.util import instantiate_from_config, load_config
 
 log = logging.getLogger("fcdiffusion_train")
 
-TRAIN_FLAGS = {"resume_path": (str, "initial checkpoint (from tool_add_control_sd21.py), used when no last.ckpt exists"),
+TRAIN_FLAGS = {"resume_path": (str, "initial checkpoint (tool_add_control_sd21.py), used when no last.ckpt exists"),
                **RUN_FLAGS}
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/model_config.yaml", help="model and training config (YAML)")
     parser.add_argument("--control_mode", help="mini_pass, low_pass, mid_pass or high_pass (default: the config's)")
-    parser.add_argument("--sd_locked", type=str2bool, help="true: train only the control net; false: also the UNet decoder")
+    parser.add_argument("--sd_locked", type=str2bool,
+                        help="true: train only the control net; false: also the UNet decoder")
     add_flags(parser, TRAIN_FLAGS)
     return parser.parse_known_args(argv)
 
@@ -53,21 +54,14 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig
     return config
 
 
-def checkpoint_dir(config: DictConfig) -> str:
-    return os.path.join(config.train.logdir, f"fcdiffusion_{config.model.params.control_mode}_checkpoint")
-
-
-def main(argv: Optional[Sequence[str]] = None, extra_callbacks: Sequence[pl.Callback] = ()) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args, overrides = parse_args(argv)
-    try:
-        config = resolve_config(args, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callback] = ()) -> int:
+    config = resolve_command_line(argv, parse_args, resolve_config)
+    if config is None:
         return 2
     train = config.train
     pl.seed_everything(train.seed, workers=True)
-    last = os.path.join(checkpoint_dir(config), "last.ckpt")
+    folder = os.fspath(teacher_checkpoint_dir(train.logdir, config.model.params.control_mode))
+    last = os.path.join(folder, LAST_CHECKPOINT)
     resume = os.path.isfile(last)
     try:
         model = instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
@@ -84,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None, extra_callbacks: Sequence[pl.Call
         return 1
     log.info("%s; control mode %s", model.describe(), model.control_mode)
     mode = config.model.params.control_mode
-    fit(model, train, build_trainer(train, checkpoint_dir(config), f"fcdiffusion_{mode}", extra_callbacks), last, resume)
+    fit(model, train, build_trainer(train, folder, f"fcdiffusion_{mode}", extra_callbacks), last, resume)
     return 0
 
 

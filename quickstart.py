@@ -19,11 +19,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from fcdiffusion.frequency import CONTROL_MODES
+from fcdiffusion.paths import student_file, teacher_checkpoint
 
 TINY_TEACHER_CONFIG = "configs/model_config_tiny.yaml"
 TINY_DISTILL_CONFIG = "configs/distill_config_tiny.yaml"
@@ -65,11 +66,11 @@ class Layout:
         return self.out / "lightning_logs"
 
     def teacher(self, mode: str) -> Path:
-        return self.logdir / f"fcdiffusion_{mode}_checkpoint" / "last.ckpt"
+        return teacher_checkpoint(self.logdir, mode)
 
     @property
     def student(self) -> Path:
-        return self.logdir / "fcdiffusion_distill_checkpoint" / "student.safetensors"
+        return student_file(self.logdir)
 
     @property
     def clip_override(self) -> str:
@@ -138,17 +139,20 @@ def distill(layout: Layout, args: argparse.Namespace) -> None:
     run_script(["fcdiffusion_distill.py", "--config", TINY_DISTILL_CONFIG, *teachers,
                 "--student_init", layout.teacher("mid_pass"), "--student_steps", args.student_steps,
                 "--data", layout.data, "--logdir", layout.logdir, "--max_steps", args.distill_steps,
-                "--checkpoint_every", args.distill_steps, "--log_images_every", args.distill_steps, layout.clip_override])
+                "--checkpoint_every", args.distill_steps, "--log_images_every", args.distill_steps,
+                layout.clip_override])
 
 
 def infer(layout: Layout, args: argparse.Namespace, which: str) -> None:
-    common = ["--input_dir", layout.photos / "00000", "--resolution", 128, "--config", TINY_DISTILL_CONFIG]
+    """Weight files describe themselves: the student samples its own `student_steps` in every mode it learned,
+    each teacher its own mode; no config is passed."""
+    common = ["--input_dir", layout.photos / "00000", "--resolution", 128]
     if which == "student":
-        run_script(["test_distillation.py", *common, "--mode", "all", "--student", layout.student,
-                    "--steps", args.student_steps, "--out_dir", layout.out / "inference" / "student"])
+        run_script(["test_distillation.py", *common, "--student", layout.student,
+                    "--out_dir", layout.out / "inference" / "student"])
         return
     for mode in CONTROL_MODES:
-        run_script(["test_distillation.py", *common, "--mode", mode, "--teacher", layout.teacher(mode),
+        run_script(["test_distillation.py", *common, "--teacher", layout.teacher(mode),
                     "--steps", args.teacher_sample_steps, "--out_dir", layout.out / "inference" / "teacher"])
 
 
@@ -163,7 +167,7 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
     """grid.png (a row per photo: source, then control / teacher / student per mode), tables.md and report.md."""
     import torch
 
-    from benchmarks.distillation_benchmark import format_tables
+    from fcdiffusion.benchmark import format_tables
     from fcdiffusion.dataset import load_image
     from fcdiffusion.images import labelled_grid, save_png
     from ldm.util import atomic_write_text
@@ -173,7 +177,10 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
     names = [n[: -len("_grid")] for n in names]
     if not names:
         raise StepFailed(f"no results found in {inference / 'student'}")
-    read = lambda path: torch.from_numpy(load_image(path, 128)).permute(2, 0, 1)
+
+    def read(path: Path) -> torch.Tensor:
+        return torch.from_numpy(load_image(path, 128)).permute(2, 0, 1)
+
     columns: dict[str, list] = {"source": []}
     for name in names:
         columns["source"].append(read(layout.photos / "00000" / f"{name}.png"))
@@ -222,7 +229,7 @@ def check_disk(path: Path, need_gb: float) -> None:
         raise StepFailed(f"only {free_gb:.1f} GiB free at {path}, the quickstart needs {need_gb:.1f} GiB")
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=".", help="where models/, CLIP-ViT-H-14/ and datasets/ are")
     parser.add_argument("--out", default="outputs/quickstart", help="where logs, pictures and tables go")
@@ -240,7 +247,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     layout = Layout(Path(args.root), Path(args.out))
     if args.restart:

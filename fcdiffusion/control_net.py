@@ -45,16 +45,14 @@ class FreqControlNet(UNetEncoder):
         hint: torch.Tensor,
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
-        emb_offset: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> list[ControlPair]:
         """Return len(input_blocks) + 1 pairs (add, mul): one per input block, then the middle block's.
 
-        `emb_offset` (N, 4 * model_channels), if given, is added to the time embedding; the distilled student
-        uses it for a learned control-mode embedding.
+        `y` (N,) is the class label when the net has `num_classes` (SD's `label_emb`, added to the time
+        embedding); the distilled student uses it for the control-mode index.
         """
-        emb = self.embed_time(timesteps)
-        if emb_offset is not None:
-            emb = emb + emb_offset
+        emb = self.embed_time(timesteps, y)
         guide = self.input_hint_block(hint)
         h = self.input_blocks[0](x.type(self.dtype), emb, context)
         h = h * (1 + self.hint_mul(guide)) + self.hint_add(guide)

@@ -1,7 +1,7 @@
 """The SD UNet as FCDiffusion uses it: frozen encoder, decoder features modulated by the control net."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -4,198 +4,42 @@ Target (progressive distillation, Salimans & Ho 2022, with the guided teachers o
 samples in k steps on `trailing_timesteps(k)`. For a random student step t_i -> t_{i-1} (alpha 1 after the last)
 the teacher of the sample's mode runs n classifier-free-guided DDIM sub-steps from x_{t_i} = q_sample(z0, t_i)
 to t_{i-1}; the student's x0 target is the x0 for which ONE guidance-free DDIM step from x_{t_i} lands exactly on
-the teacher's x_{t_{i-1}}. The x0 error is weighted per DCT band of i + j, each mode weighting up the band its
-teacher controls.
+the teacher's x_{t_{i-1}} (`ddim_x0_target`). The x0 error is weighted per DCT band of i + j, each mode
+weighting up the band its teacher controls.
 
-Memory: teachers and student are built on the meta device and adopt their checkpoints' tensors; every tensor
-that no model trains (VAE, text encoder, the UNet unless a teacher or the student trains its decoder) is held
-once and shared by all, after checking the values are equal. Teachers are not submodules: they stay out of the
-distiller's checkpoints (which hold only the student) but follow `.to()` / `.half()` through `_apply`.
+Memory: teachers and student are built on the meta device and adopt their checkpoints' tensors, every frozen
+tensor held once (`fcdiffusion.weights`). Teachers are not submodules: they stay out of the distiller's
+checkpoints (which hold only the student) but follow `.to()` / `.half()` through `_apply`.
 """
 from __future__ import annotations
 
 import copy
 import functools
+import json
 import logging
 import os
-from collections import Counter
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
-from fcdiffusion.frequency import CONTROL_MODES, band_mask, dct_2d
-from fcdiffusion.model import FCDiffusion, check_control_mode
-from fcdiffusion.student import STUDENT_OPTIONS, FCDiffusionStudent, student_config
-from ldm.checkpoint import check_state_dict, load_state_dict, save_state_dict
-from ldm.models.diffusion.ddim import cat_cond, ddim_step, guided_eps, trailing_timesteps
-from ldm.models.diffusion.ddpm import LatentDiffusion, freeze
-from ldm.util import instantiate_from_config
+from fcdiffusion.frequency import CONTROL_MODES, band_mask, check_control_mode, dct_2d
+from fcdiffusion.inference import Translator, batch_images
+from fcdiffusion.model import Cond, FCDiffusion
+from fcdiffusion.student import STUDENT_OPTIONS, student_config
+from fcdiffusion.weights import WeightAdopter, adopt_student, build_on_meta, finish_loading, teacher_mode
+from ldm.checkpoint import load_checkpoint, save_state_dict
+from ldm.models.diffusion.ddim import cat_cond, ddim_step, ddim_x0_target, guided_eps, trailing_timesteps
+from ldm.models.diffusion.ddpm import freeze
 
 log = logging.getLogger(__name__)
 
-STUDENT_PREFIX = "student."
 
-
-# ---- building models and adopting (shared) weights -----------------------------------------------------------
-def build_on_meta(config: Mapping[str, Any]) -> nn.Module:
-    """Instantiate a `{target, params}` model config on the meta device (no memory, no random init).
-
-    The text encoder's own weights file (`version`) is not read: full checkpoints carry its tensors.
-    """
-    config = copy.deepcopy(dict(config))
-    cond_params = config.get("params", {}).get("cond_stage_config", {}).get("params")
-    if cond_params is not None and "version" in cond_params:
-        cond_params["version"] = None
-    with torch.device("meta"):
-        return instantiate_from_config(config)
-
-
-def trained_keys(model: nn.Module) -> set[str]:
-    """Names of the parameters `model.trainable_parameters()` returns: what that model learns (by structure)."""
-    trained = {id(p) for p in model.trainable_parameters()}
-    return {name for name, p in model.named_parameters() if id(p) in trained}
-
-
-def frozen_keys(model: nn.Module) -> set[str]:
-    """State-dict keys of `model` that it does not train: the candidates for sharing with other models."""
-    return set(model.state_dict(keep_vars=True)) - trained_keys(model)
-
-
-def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
-    """Make `tensor` (the object itself, so it can be shared) the parameter or buffer `key` of `model`."""
-    owner_name, _, attr = key.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    current = getattr(owner, attr)
-    if isinstance(current, nn.Parameter) and not isinstance(tensor, nn.Parameter):
-        tensor = nn.Parameter(tensor, requires_grad=current.requires_grad)
-    setattr(owner, attr, tensor)
-
-
-class WeightAdopter:
-    """Puts checkpoint tensors into meta-built models, holding one copy of each frozen tensor they have in common.
-
-    For every key a model does not train (`frozen_keys`), the first model to adopt it provides the one copy (a
-    frozen Parameter or buffer); later models reuse that object when shape and dtype agree and the values are
-    equal (always, on the meta device, where there are no values to compare). Otherwise they keep their own
-    tensor; differing values are counted in `mismatched`.
-    """
-
-    def __init__(self) -> None:
-        self.canonical: dict[str, torch.Tensor] = {}
-        self.mismatched: Counter[str] = Counter()
-
-    def _shared(self, key: str, value: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
-        canonical = self.canonical.get(key)
-        if canonical is None:
-            if isinstance(template, nn.Parameter) and not isinstance(value, nn.Parameter):
-                value = nn.Parameter(value, requires_grad=False)
-            self.canonical[key] = value.requires_grad_(False)
-            return value
-        if canonical.shape != value.shape or canonical.dtype != value.dtype:
-            return value
-        if value.is_meta or canonical.is_meta or torch.equal(canonical, value):
-            return canonical
-        self.mismatched[key] += 1
-        return value
-
-    def adopt(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
-              expected: Optional[Iterable[str]] = None) -> None:
-        """Strictly check `state_dict` against `model` (or its keys `expected`), then assign its tensors."""
-        current = model.state_dict(keep_vars=True)
-        expected = set(current) if expected is None else set(expected)
-        check_state_dict({k: current[k] for k in expected}, state_dict, source)
-        frozen = frozen_keys(model)
-        for key, value in state_dict.items():
-            value = value.to(dtype=current[key].dtype)
-            if key in frozen:
-                value = self._shared(key, value, current[key])
-            _set_tensor(model, key, value)
-
-    def share_structure(self, model: nn.Module) -> None:
-        """The meta-device path: no weights, share every frozen tensor by name, shape and dtype alone."""
-        state, frozen = model.state_dict(keep_vars=True), frozen_keys(model)
-        self.adopt(model, {k: state[k] for k in frozen}, "meta build", expected=frozen)
-
-
-def finish_loading(model: nn.Module, name: str) -> None:
-    """Raise if a tensor of `model` is still on the meta device (a key no file provided); else sync `model.device`.
-
-    A Lightning module built under the meta device believes it lives there; the no-op `.to()` corrects that.
-    """
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    left = [n for n, t in tensors if t.is_meta]
-    if left:
-        raise RuntimeError(f"{name}: {len(left)} tensors got no weights, e.g. {left[:5]}")
-    model.to(tensors[0][1].device)
-
-
-def load_fcdiffusion(config: Mapping[str, Any], path: str | os.PathLike, hint: str = "") -> FCDiffusion:
-    """An FCDiffusion model (or any model config) built on meta and loaded strictly from `path`."""
-    model = build_on_meta(config)
-    WeightAdopter().adopt(model, load_state_dict(path, hint), os.fspath(path))
-    finish_loading(model, os.fspath(path))
-    return model
-
-
-def student_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The student's own keys: a distiller checkpoint's `student.*` entries with the prefix dropped, else as is."""
-    if state_dict and all(k.startswith(STUDENT_PREFIX) for k in state_dict):
-        return {k[len(STUDENT_PREFIX):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
-
-
-def adopt_student(student: FCDiffusionStudent, state_dict: Mapping[str, torch.Tensor], source: str,
-                  adopter: Optional[WeightAdopter] = None, allow_fcdiffusion: bool = False) -> None:
-    """Load a student strictly from a student file (or distiller checkpoint).
-
-    With `allow_fcdiffusion` (initialising a distillation) the student-only keys may be missing, as in an
-    FCDiffusion checkpoint or a student trained without LoRA: those parameters keep their initialisation (zero
-    mode embedding, zero LoRA update), so the student begins as exactly the loaded network. Any other key
-    difference raises `CheckpointMismatchError`.
-    """
-    state_dict = student_state_dict(state_dict)
-    keys = set(student.state_dict())
-    if allow_fcdiffusion:
-        student.reset_student_parameters()
-        keys -= student.student_only_keys() - set(state_dict)
-    (adopter or WeightAdopter()).adopt(student, state_dict, source, expected=keys)
-    finish_loading(student, source)
-
-
-def load_student(model_config: Mapping[str, Any], path: str | os.PathLike,
-                 **student_options: Any) -> FCDiffusionStudent:
-    """An `FCDiffusionStudent` (teacher architecture `model_config` + `student_options`) loaded strictly from `path`."""
-    student = build_on_meta(student_config(model_config, **student_options))
-    adopt_student(student, load_state_dict(path), os.fspath(path))
-    return student
-
-
-def teacher_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The teachers' `{target, params}`: the `model:` node of file `config.model_config`, `config.model` merged in."""
-    if not os.path.isfile(config["model_config"]):
-        raise FileNotFoundError(f"model config not found: {config['model_config']}")
-    merged = OmegaConf.merge(OmegaConf.load(config["model_config"]).model, config.get("model") or {})
-    return OmegaConf.to_container(merged, resolve=True)
-
-
-# ---- the distillation maths -----------------------------------------------------------------------------------
-def ddim_x0_target(x_t: torch.Tensor, x_prev: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
-    """The x0 for which one deterministic DDIM step from (x_t, a_t) lands on `x_prev` at `a_prev`.
-
-    DDIM: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps with eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t), so
-    x0 = (x_prev - r x_t) / (sqrt(a_prev) - r sqrt(a_t)), r = sqrt((1 - a_prev) / (1 - a_t)); at a_prev = 1, x_prev.
-    """
-    x_t64, x_prev64, a_t, a_prev = x_t.double(), x_prev.double(), a_t.double(), a_prev.double()
-    r = ((1 - a_prev) / (1 - a_t)).sqrt()
-    return ((x_prev64 - r * x_t64) / (a_prev.sqrt() - r * a_t.sqrt())).to(x_t.dtype)
-
-
-def band_energies(diff: torch.Tensor, bands: Sequence[tuple[int, Optional[int]]]) -> torch.Tensor:
+def band_energies(diff: torch.Tensor, bands: Sequence[tuple[int, int | None]]) -> torch.Tensor:
     """(N, len(bands)): per sample, the squared DCT coefficients of `diff` in each i + j band over C*H*W.
 
     The DCT is orthonormal, so over bands that partition the spectrum the columns sum to the plain MSE.
@@ -214,7 +58,7 @@ class DistillOptions:
 
     student_steps: int = 4
     teacher_substeps: int = 2
-    guidance_scale: Optional[float] = None
+    guidance_scale: float | None = None
     modes_per_step: int = 4
     distill_weight: float = 1.0
     denoise_weight: float = 0.0
@@ -224,7 +68,7 @@ class DistillOptions:
     log_teacher_steps: int = 0
 
     @classmethod
-    def from_mapping(cls, options: Mapping[str, Any]) -> "DistillOptions":
+    def from_mapping(cls, options: Mapping[str, Any]) -> DistillOptions:
         """Build from a config section, naming unknown keys in a ValueError."""
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(options) - set(known))
@@ -244,7 +88,7 @@ class DistillOptions:
             if unknown:
                 raise ValueError(f"band_weights.{mode} names unknown bands {unknown}; bands: {list(self.bands)}")
 
-    def band_limits(self) -> list[tuple[int, Optional[int]]]:
+    def band_limits(self) -> list[tuple[int, int | None]]:
         """Inclusive (low, high) per band; the last is open-ended."""
         starts = list(self.bands.values())
         return [(s, e - 1) for s, e in zip(starts, starts[1:])] + [(starts[-1], None)]
@@ -261,15 +105,16 @@ class FrequencyDistiller(pl.LightningModule):
     `model_config` is the teachers' `{target, params}` node; `student` holds `FCDiffusionStudent` options
     (`trainable`, `lora_rank`, `lora_alpha`); `distill` the `DistillOptions`. With `teachers` and
     `student_init` both None nothing is loaded and every tensor stays on the meta device (to plan memory).
+    A teacher checkpoint that records another control mode than the one it is given for is refused.
     """
 
     def __init__(
         self,
         model_config: Mapping[str, Any],
-        teachers: Optional[Mapping[str, str | os.PathLike]] = None,
-        student_init: Optional[str | os.PathLike] = None,
-        student: Optional[Mapping[str, Any]] = None,
-        distill: Optional[Mapping[str, Any]] = None,
+        teachers: Mapping[str, str | os.PathLike] | None = None,
+        student_init: str | os.PathLike | None = None,
+        student: Mapping[str, Any] | None = None,
+        distill: Mapping[str, Any] | None = None,
         learning_rate: float = 1e-5,
         modes: Sequence[str] = CONTROL_MODES,
     ):
@@ -290,18 +135,21 @@ class FrequencyDistiller(pl.LightningModule):
         unknown = sorted(set(student or {}) - set(STUDENT_OPTIONS))
         if unknown:
             raise ValueError(f"unknown student options {unknown}; valid: {', '.join(STUDENT_OPTIONS)}")
-        self.student = build_on_meta(student_config(model_config, **dict(student or {})))
-        models = [*teacher_models.values(), self.student]
+        self.student = build_on_meta(student_config(model_config, **dict(student or {}), modes=self.modes,
+                                                    student_steps=self.options.student_steps))
         adopter = WeightAdopter()
         if teachers is None:
-            for model in models:
+            for model in [*teacher_models.values(), self.student]:
                 adopter.share_structure(model)
         else:
             for mode, teacher in teacher_models.items():
-                adopter.adopt(teacher, load_state_dict(teachers[mode]), os.fspath(teachers[mode]))
-                finish_loading(teacher, os.fspath(teachers[mode]))
-            adopt_student(self.student, load_state_dict(student_init), os.fspath(student_init), adopter,
-                          allow_fcdiffusion=True)
+                source = os.fspath(teachers[mode])
+                state_dict, metadata = load_checkpoint(source)
+                teacher_mode(metadata, source, mode)
+                adopter.adopt(teacher, state_dict, source)
+                finish_loading(teacher, source)
+            init_state, _ = load_checkpoint(student_init)
+            adopt_student(self.student, init_state, os.fspath(student_init), adopter, allow_fcdiffusion=True)
         if adopter.mismatched:
             log.warning("%d frozen tensors differ between the models and are held per model, e.g. %s",
                         len(adopter.mismatched), sorted(adopter.mismatched)[:5])
@@ -333,7 +181,7 @@ class FrequencyDistiller(pl.LightningModule):
         trainable = sum(p.numel() for p in self.student.trainable_parameters())
         return {"resident": sum(unique.values()), "independent": independent, "trainable": trainable}
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "FrequencyDistiller":
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FrequencyDistiller:
         """Move/cast the teachers with the student (shared Parameters are updated in place, so stay shared)."""
         super()._apply(fn, recurse)
         device = self.student.alphas_cumprod.device
@@ -342,32 +190,19 @@ class FrequencyDistiller(pl.LightningModule):
             teacher.to(device)  # a no-op move that also updates the teacher's Lightning `device` property
         return self
 
-    def train(self, mode: bool = True) -> "FrequencyDistiller":
+    def train(self, mode: bool = True) -> FrequencyDistiller:
         """Train the student only; the teachers stay in eval mode."""
         super().train(mode)
         for teacher in self._teachers.values():
             teacher.eval()
         return self
 
-    # ---- the loss -----------------------------------------------------------------------------------------
+    # ---- the loss, part by part ---------------------------------------------------------------------------
     def alpha_at(self, t: torch.Tensor) -> torch.Tensor:
         """alphas_cumprod[t] as (N, 1, 1, 1), with t = -1 meaning alpha 1 (the clean end of the trajectory)."""
         alphas = self.student.alphas_cumprod
         a = torch.where(t >= 0, alphas[t.clamp(min=0)], torch.ones((), dtype=alphas.dtype, device=alphas.device))
         return a.view(-1, 1, 1, 1)
-
-    @torch.no_grad()
-    def teacher_solve(self, mode: str, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
-                      cond: Mapping[str, Any]) -> torch.Tensor:
-        """The teacher of `mode` from x at t to t_prev: n guided DDIM sub-steps on integer timesteps in between."""
-        teacher, n = self._teachers[mode], self.options.teacher_substeps
-        scale = teacher.guidance_scale if self.options.guidance_scale is None else self.options.guidance_scale
-        uncond = teacher.unconditional_conditioning(cond)
-        grid = [torch.round(t + (t_prev - t) * (j / n)).long() for j in range(n + 1)]
-        for s, s_next in zip(grid[:-1], grid[1:]):
-            eps = guided_eps(teacher.apply_model, x, s.clamp(min=0), cond, uncond, scale)
-            x, _ = ddim_step(x, eps, self.alpha_at(s), self.alpha_at(s_next))
-        return x
 
     def student_schedule(self, step_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(t_i, t_{i-1}) of the student's trailing schedule for step indices i (t_{-1} = -1, alpha 1)."""
@@ -376,8 +211,57 @@ class FrequencyDistiller(pl.LightningModule):
         t = timesteps[step_index]
         return t, torch.where(step_index > 0, timesteps[(step_index - 1).clamp(min=0)], torch.full_like(t, -1))
 
+    @staticmethod
+    def teacher_condition(cond: Cond) -> Cond:
+        """A student's conditioning as a teacher takes it: the same prompt and control signal, no mode label."""
+        return {k: v for k, v in cond.items() if k != "y"}
+
+    @torch.no_grad()
+    def teacher_solve(self, mode: str, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
+                      cond: Cond) -> torch.Tensor:
+        """The teacher of `mode` from x at t to t_prev: n guided DDIM sub-steps on integer timesteps in between."""
+        teacher, n = self._teachers[mode], self.options.teacher_substeps
+        cond = self.teacher_condition(cond)
+        scale = teacher.guidance_scale if self.options.guidance_scale is None else self.options.guidance_scale
+        uncond = teacher.unconditional_conditioning(cond)
+        grid = [torch.round(t + (t_prev - t) * (j / n)).long() for j in range(n + 1)]
+        for s, s_next in zip(grid[:-1], grid[1:]):
+            eps = guided_eps(teacher.apply_model, x, s.clamp(min=0), cond, uncond, scale)
+            x, _ = ddim_step(x, eps, self.alpha_at(s), self.alpha_at(s_next))
+        return x
+
+    @torch.no_grad()
+    def teacher_targets(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, modes: Sequence[str],
+                        conds: Sequence[Cond]) -> torch.Tensor:
+        """The student's x0 targets: per mode chunk, the x0 whose one DDIM step lands on the teacher's solve."""
+        b = x_t.shape[0] // len(modes)
+        x_prev = torch.cat([self.teacher_solve(mode, x_t[i * b:(i + 1) * b], t[i * b:(i + 1) * b],
+                                               t_prev[i * b:(i + 1) * b], cond)
+                            for i, (mode, cond) in enumerate(zip(modes, conds))])
+        return ddim_x0_target(x_t, x_prev, self.alpha_at(t), self.alpha_at(t_prev))
+
+    def band_loss(self, x0: torch.Tensor, target: torch.Tensor, modes: Sequence[str]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample band-weighted x0 error (N,), per-sample band energies (N, bands)); samples mode-major."""
+        energies = band_energies(x0 - target, self.band_limits)
+        b = x0.shape[0] // len(modes)
+        mode_index = torch.tensor([CONTROL_MODES.index(m) for m in modes], device=x0.device).repeat_interleave(b)
+        return (energies * self.band_weights.to(energies)[mode_index]).sum(1), energies
+
+    def control_loss(self, x_t: torch.Tensor, t: torch.Tensor, modes: Sequence[str], conds: Sequence[Cond],
+                     student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Mean MSE between the student's control-net outputs and those of each sample's teacher."""
+        b = x_t.shape[0] // len(modes)
+        with torch.no_grad():
+            per_mode = [self._teachers[mode].control(x_t[i * b:(i + 1) * b], t[i * b:(i + 1) * b],
+                                                     self.teacher_condition(cond))
+                        for i, (mode, cond) in enumerate(zip(modes, conds))]
+            teacher = [torch.cat(parts) for pair in zip(*per_mode) for parts in zip(*pair)]
+        student = [tensor for pair in student_pairs for tensor in pair]
+        return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
+
     def distillation_loss(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str],
-                          step_index: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None
+                          step_index: torch.Tensor | None = None, noise: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and logs for latents z (B, C, H, W) with text context, trained on every mode in `modes`.
 
@@ -385,54 +269,35 @@ class FrequencyDistiller(pl.LightningModule):
         and `noise` its x_t, both random when None (give them for a reproducible loss).
         """
         b, m = z.shape[0], len(modes)
-        n = b * m
         if step_index is None:
-            step_index = torch.randint(0, self.options.student_steps, (n,), device=z.device)
-        noise = torch.randn((n, *z.shape[1:]), device=z.device, dtype=z.dtype) if noise is None else noise
+            step_index = torch.randint(0, self.options.student_steps, (b * m,), device=z.device)
+        noise = torch.randn((b * m, *z.shape[1:]), device=z.device, dtype=z.dtype) if noise is None else noise
         t, t_prev = self.student_schedule(step_index.to(z.device))
-        conds = [self.student.mode_conditioning(z, context, mode) for mode in modes]
-        cond = functools.reduce(cat_cond, conds)
+        conds = [self.student.condition(z, context, mode) for mode in modes]
         z0 = z.repeat(m, 1, 1, 1)
         x_t = self.student.q_sample(z0, t, noise)
-        a_t, a_prev = self.alpha_at(t), self.alpha_at(t_prev)
-        chunks = [slice(i * b, (i + 1) * b) for i in range(m)]
-        with torch.no_grad():
-            x_prev = torch.cat([self.teacher_solve(mode, x_t[s], t[s], t_prev[s], c)
-                                for mode, s, c in zip(modes, chunks, conds)])
-            target = ddim_x0_target(x_t, x_prev, a_t, a_prev)
-        eps, pairs = self.student.eps_and_control(x_t, t, cond)
+        target = self.teacher_targets(x_t, t, t_prev, modes, conds)
+        eps, pairs = self.student.eps_and_control(x_t, t, functools.reduce(cat_cond, conds))
+        a_t = self.alpha_at(t)
         x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
 
-        energies = band_energies(x0 - target, self.band_limits)  # (n, bands)
-        mode_index = torch.tensor([CONTROL_MODES.index(mode) for mode in modes], device=z.device).repeat_interleave(b)
-        weighted = (energies * self.band_weights.to(energies)[mode_index]).sum(1)
+        weighted, energies = self.band_loss(x0, target, modes)
         loss_distill = weighted.mean()
         loss_denoise = F.mse_loss(x0.float(), z0.float())
         loss = self.options.distill_weight * loss_distill + self.options.denoise_weight * loss_denoise
         logs = {"train/loss_distill": loss_distill.detach(), "train/loss_denoise": loss_denoise.detach()}
         if self.options.control_weight:
-            with torch.no_grad():
-                teacher_pairs = [self._teachers[mode].control(x_t[s], t[s], c)
-                                 for mode, s, c in zip(modes, chunks, conds)]
-                teacher_pairs = [torch.cat(parts) for pair in zip(*teacher_pairs) for parts in zip(*pair)]
-            student_pairs = [tensor for pair in pairs for tensor in pair]
-            loss_control = torch.stack([F.mse_loss(s.float(), t.float())
-                                        for s, t in zip(student_pairs, teacher_pairs)]).mean()
+            loss_control = self.control_loss(x_t, t, modes, conds, pairs)
             loss = loss + self.options.control_weight * loss_control
             logs["train/loss_control"] = loss_control.detach()
         for name, value in zip(self.band_names, energies.detach().mean(0)):
             logs[f"train/band_{name}"] = value
-        for mode, s in zip(modes, chunks):
-            logs[f"train/distill_{mode}"] = weighted[s].detach().mean()
+        for i, mode in enumerate(modes):
+            logs[f"train/distill_{mode}"] = weighted[i * b:(i + 1) * b].detach().mean()
         logs["train/loss"] = loss.detach()
         return loss, logs
 
     # ---- Lightning hooks ----------------------------------------------------------------------------------
-    def encode(self, batch: Mapping[str, Any], bs: Optional[int] = None,
-               sample_posterior: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents, text context) of a dataset batch, through the (shared, frozen) VAE and text encoder."""
-        return LatentDiffusion.get_input(self.student, batch, bs=bs, sample_posterior=sample_posterior)
-
     def sample_modes(self) -> list[str]:
         """The modes of one step: all teachers' or `modes_per_step` of them drawn at random, in canonical order."""
         k = self.options.modes_per_step
@@ -442,7 +307,7 @@ class FrequencyDistiller(pl.LightningModule):
         return [mode for i, mode in enumerate(self.modes) if i in picked]
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        z, context = self.encode(batch)
+        z, context = self.student.get_input(batch)
         loss, logs = self.distillation_loss(z, context, self.sample_modes())
         self.log_dict(logs, on_step=True, batch_size=z.shape[0])
         self.log("loss", logs["train/loss"], prog_bar=True, logger=False, batch_size=z.shape[0])
@@ -451,25 +316,33 @@ class FrequencyDistiller(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.student.trainable_parameters(), lr=self.learning_rate)
 
+    def student_metadata(self) -> dict[str, str]:
+        """The student's self-description plus how it was distilled."""
+        return {**self.student.weights_metadata(), "fcdiffusion.distill": json.dumps(asdict(self.options))}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["metadata"] = self.student_metadata()
+
     def export_student(self, path: str | os.PathLike) -> None:
-        """Write the student's weights alone (atomically); `FCDiffusionStudent` loads them strictly."""
-        save_state_dict(self.student.state_dict(), path)
+        """Write the student's weights alone with their metadata (atomically): `load_student(path)` rebuilds it."""
+        save_state_dict(self.student.state_dict(), path, self.student_metadata())
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
         """Source, then per mode the student's k-step sample (and the teacher's, if log_teacher_steps > 0)."""
-        z, context = self.encode(batch, bs=N, sample_posterior=False)
-        x = torch.as_tensor(batch[self.student.first_stage_key][:N]).permute(0, 3, 1, 2).float()
-        x_T = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
-        images = {"source": x}
+        images, prompts = batch_images(batch, self.student.first_stage_key, self.student.cond_stage_key, N)
+        student = Translator(self.student)
+        z, context = student.encode(images, prompts)
+        results = student.translate_latents(z, context, self.modes, seed=seed)
+        columns = {"source": images}
         for mode in self.modes:
-            cond = self.student.mode_conditioning(z, context, mode)
-            images[mode] = self.student.decode_first_stage(self.student.generate(cond, self.options.student_steps, x_T))
+            columns[mode] = results[mode].image
             if self.options.log_teacher_steps > 0:
-                teacher = self._teachers[mode]
-                latents = teacher.translate(cond, self.options.log_teacher_steps, self.options.guidance_scale, x_T)
-                images[f"{mode} teacher"] = self.student.decode_first_stage(latents)
-        return images
+                teacher = Translator(self._teachers[mode]).translate_latents(
+                    z, context, [mode], seed=seed, steps=self.options.log_teacher_steps,
+                    guidance_scale=self.options.guidance_scale)
+                columns[f"{mode} teacher"] = teacher[mode].image
+        return columns
 
 
 class StudentExport(pl.Callback):

@@ -34,6 +34,13 @@ CONTROL_MODES = ("mini_pass", "low_pass", "mid_pass", "high_pass")
 DEFAULT_THRESHOLDS = {"mini_threshold": 10, "low_threshold": 30, "mid_low": 20, "mid_high": 40, "high_threshold": 50}
 
 
+def check_control_mode(mode: str) -> str:
+    """Return `mode` if it is one of :data:`CONTROL_MODES`, else raise a ValueError listing them."""
+    if mode not in CONTROL_MODES:
+        raise ValueError(f"unknown control_mode {mode!r}; valid modes: {', '.join(CONTROL_MODES)}")
+    return mode
+
+
 @lru_cache(maxsize=64)
 def _dct_matrix_cached(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # Built outside inference mode so a first call under torch.inference_mode() still yields a
@@ -103,8 +110,7 @@ def band_limits(mode: str, **thresholds: int) -> tuple[int, int | None]:
 
     Raises ValueError for an unknown mode, TypeError for an unknown or non-integer threshold keyword.
     """
-    if mode not in CONTROL_MODES:
-        raise ValueError(f"unknown frequency control mode {mode!r}; valid modes: {', '.join(CONTROL_MODES)}")
+    check_control_mode(mode)
     unknown = sorted(set(thresholds) - set(DEFAULT_THRESHOLDS))
     if unknown:
         raise TypeError(f"unknown threshold keyword(s) {unknown}; valid: {sorted(DEFAULT_THRESHOLDS)}")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -17,8 +17,8 @@ class ImageLogger(pl.Callback):
     samples, ...), so one picture shows what the model does at that step.
     """
 
-    def __init__(self, every_n_steps: int = 500, max_images: int = 4, out_dir: Optional[str] = None, **log_kwargs: Any):
-        self.every_n_steps, self.max_images, self.out_dir, self.log_kwargs = every_n_steps, max_images, out_dir, log_kwargs
+    def __init__(self, every_n_steps: int = 500, max_images: int = 4, out_dir: str | None = None):
+        self.every_n_steps, self.max_images, self.out_dir = every_n_steps, max_images, out_dir
 
     def directory(self, trainer: pl.Trainer) -> str:
         return self.out_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "image_log")
@@ -31,6 +31,6 @@ class ImageLogger(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            images = pl_module.log_images(batch, N=self.max_images, **self.log_kwargs)
+            images = pl_module.log_images(batch, N=self.max_images)
         pl_module.train(was_training)
         save_png(labelled_grid(images), os.path.join(self.directory(trainer), f"step-{step:06d}.png"))

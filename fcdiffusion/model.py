@@ -4,42 +4,54 @@ Training reconstructs an image from its caption and a frequency-filtered copy of
 the filtered source latent plus a new prompt translate the image. Which band is kept (the control mode) decides
 the task: `mini_pass` style-guided content creation, `low_pass` semantic manipulation, `mid_pass` scene
 translation, `high_pass` style translation.
+
+`FrequencyControlledLDM` is what the teacher (`FCDiffusion`, one mode) and the distilled student
+(`fcdiffusion.student.FCDiffusionStudent`, every mode) share, including the interface every caller uses:
+`condition(z, context, mode, generator)` builds the conditioning for a mode and `sample(cond, steps,
+guidance_scale, x_T)` turns it into latents, each model in its own way. `fcdiffusion.inference.Translator`
+wraps them into encode -> condition -> sample -> decode.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 
-from fcdiffusion.frequency import CONTROL_MODES, frequency_control
+from fcdiffusion.control_net import ControlPair
+from fcdiffusion.frequency import check_control_mode, frequency_control
+from fcdiffusion.inference import Translator, batch_images
 from ldm.models.diffusion.ddpm import LatentDiffusion, freeze
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, without_text_encoder_file
+
+Cond = dict[str, Any]  # {"c_crossattn": [context], "c_concat": [control signal]} (+ "y": mode labels, student)
 
 
-def check_control_mode(mode: str) -> str:
-    """Return `mode` if it is one of the four control modes, else raise a ValueError listing them."""
-    if mode not in CONTROL_MODES:
-        raise ValueError(f"unknown control_mode '{mode}'; valid modes: {', '.join(CONTROL_MODES)}")
-    return mode
+class FrequencyControlledLDM(LatentDiffusion):
+    """A frozen SD UNet (`ControlledUnetModel`) modulated by a `FreqControlNet` (`control_model`).
 
+    Subclasses say which modes they serve (`modes`), how they sample (`sample`) and what they train.
+    `build_params` keeps the constructor arguments, so a weights file can carry the config that rebuilds it.
+    """
 
-class FCDiffusion(LatentDiffusion):
-    """A frozen SD UNet (`ControlledUnetModel`) modulated by a trainable `FreqControlNet` (`control_model`)."""
+    kind = "model"  # what `weights_metadata` calls this model: "teacher" or "student"
 
     def __init__(
         self,
         control_stage_config: Mapping[str, Any],
-        control_mode: str,
-        frequency_thresholds: Optional[Mapping[str, int]] = None,
+        frequency_thresholds: Mapping[str, int] | None = None,
         control_scales: float | Sequence[float] = 1.0,
         sd_locked: bool = True,
-        guidance_scale: float = 9.0,
-        ddim_steps: int = 50,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        self.control_mode = check_control_mode(control_mode)
+        self.build_params: dict[str, Any] = {
+            "control_stage_config": control_stage_config, "frequency_thresholds": frequency_thresholds,
+            "control_scales": control_scales, "sd_locked": sd_locked, **kwargs}
         self.frequency_thresholds = dict(frequency_thresholds or {})
         self.control_model = instantiate_from_config(control_stage_config)
         n_pairs = len(self.model.diffusion_model.input_blocks) + 1
@@ -47,14 +59,14 @@ class FCDiffusion(LatentDiffusion):
         if len(scales) != n_pairs:
             raise ValueError(f"control_scales needs {n_pairs} values (input blocks + middle block), got {len(scales)}")
         self.control_scales = scales
-        self.guidance_scale, self.ddim_steps = guidance_scale, ddim_steps
         self.sd_locked = sd_locked
         freeze(self.model)
         for p in self.unlocked_unet_parameters():
             p.requires_grad_(True)
         # Validate the thresholds now rather than at the first training step.
-        frequency_control(torch.zeros(1, 1, 8, 8), self.control_mode, **self.frequency_thresholds)
+        frequency_control(torch.zeros(1, 1, 8, 8), "mid_pass", **self.frequency_thresholds)
 
+    # ---- what trains ----------------------------------------------------------------------------------------
     def unlocked_unet_parameters(self) -> list[nn.Parameter]:
         """The UNet decoder (output blocks and output head), trained alongside the control net unless sd_locked."""
         if self.sd_locked:
@@ -65,74 +77,125 @@ class FCDiffusion(LatentDiffusion):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.control_model.parameters(), *self.unlocked_unet_parameters()]
 
-    def train(self, mode: bool = True) -> "FCDiffusion":
+    def train(self, mode: bool = True) -> FrequencyControlledLDM:
         """Keep the frozen UNet encoder in eval while training (its dropout off, like the rest of SD)."""
         super().train(mode)
         if self.sd_locked:
             self.model.eval()
         return self
 
-    # ---- conditioning -------------------------------------------------------------------------------------
-    def control_signal(self, z: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The control net's input: the source latent filtered to this model's DCT band."""
-        return frequency_control(z, self.control_mode, generator=generator, **self.frequency_thresholds)
+    # ---- the interface shared by teacher and student -------------------------------------------------------
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The control modes this model serves."""
+        raise NotImplementedError
 
-    @torch.no_grad()
-    def get_input(self, batch: Mapping[str, Any], k: Optional[str] = None, bs: Optional[int] = None,
-                  sample_posterior: bool = True) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """(z, {'c_crossattn': [text context], 'c_concat': [control signal of z]})."""
-        z, context = super().get_input(batch, k, bs, sample_posterior)
-        return z, {"c_crossattn": [context], "c_concat": [self.control_signal(z)]}
+    def check_mode(self, mode: str) -> str:
+        """`mode`, if this model serves it; else a ValueError naming the mode asked for and those served."""
+        check_control_mode(mode)
+        if mode not in self.modes:
+            raise ValueError(f"this {self.kind} serves control mode(s) {', '.join(self.modes)}, not '{mode}'")
+        return mode
 
-    def unconditional_conditioning(self, cond: Mapping[str, Any]) -> dict[str, Any]:
+    def condition(self, z: torch.Tensor, context: torch.Tensor, mode: str,
+                  generator: torch.Generator | None = None) -> Cond:
+        """Conditioning for `mode`: the prompt context and the source latent `z` filtered to the mode's DCT band.
+
+        `generator` drives the mini_pass shuffle (one permutation per call, shared over the batch).
+        """
+        control = frequency_control(z, self.check_mode(mode), generator=generator, **self.frequency_thresholds)
+        return {"c_crossattn": [context], "c_concat": [control]}
+
+    def sample(self, cond: Cond, x_T: torch.Tensor, steps: int | None = None,
+               guidance_scale: float | None = None, verbose: bool = False) -> torch.Tensor:
+        """Latents for `cond` from the initial noise `x_T`; `steps`/`guidance_scale` default to the model's own."""
+        raise NotImplementedError
+
+    def unconditional_conditioning(self, cond: Cond) -> Cond:
         """Classifier-free guidance's negative branch: the empty prompt, the same control signal."""
         context = cond["c_crossattn"][0]
         empty = self.get_learned_conditioning([""]).to(context).expand_as(context)
         return {**cond, "c_crossattn": [empty]}
 
-    def control_emb_offset(self, cond: Mapping[str, Any]) -> Optional[torch.Tensor]:
-        """An offset added to the control net's time embedding; none here (the distilled student adds a mode embedding)."""
-        return None
-
-    def control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Mapping[str, Any]) -> Optional[list]:
-        """The control net's scaled (add, mul) pairs, or None without a control signal."""
-        if cond.get("c_concat") is None:
-            return None
-        context = torch.cat(cond["c_crossattn"], 1)
-        pairs = self.control_model(x=x_noisy, hint=torch.cat(cond["c_concat"], 1), timesteps=t, context=context,
-                                   emb_offset=self.control_emb_offset(cond))
+    # ---- the network ----------------------------------------------------------------------------------------
+    def control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> list[ControlPair]:
+        """The control net's scaled (add, mul) pairs."""
+        pairs = self.control_model(x=x_noisy, hint=torch.cat(cond["c_concat"], 1), timesteps=t,
+                                   context=torch.cat(cond["c_crossattn"], 1), y=cond.get("y"))
         return [(add * s, mul * s) for (add, mul), s in zip(pairs, self.control_scales)]
 
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+    def eps_and_control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, list]:
+        """eps and the scaled control pairs of one forward pass (the distiller's control loss uses both)."""
         if not isinstance(cond, Mapping):
-            raise TypeError("FCDiffusion.apply_model expects {'c_crossattn': [...], 'c_concat': [...]}")
+            raise TypeError(f"{type(self).__name__} expects the conditioning of condition(), got {type(cond).__name__}")
+        pairs = self.control(x_noisy, t, cond)
         context = torch.cat(cond["c_crossattn"], 1)
-        return self.model.diffusion_model(x=x_noisy, timesteps=t, context=context,
-                                          control=self.control(x_noisy, t, cond))
+        return self.model.diffusion_model(x=x_noisy, timesteps=t, context=context, control=pairs), pairs
 
-    # ---- sampling and logging -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def translate(self, cond: Mapping[str, Any], steps: Optional[int] = None, guidance_scale: Optional[float] = None,
-                  x_T: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                  verbose: bool = False) -> torch.Tensor:
-        """Guided DDIM latents for `cond` (text + control), the way a teacher samples."""
-        control = cond["c_concat"][0]
-        x_T = torch.randn(control.shape, generator=generator).to(control) if x_T is None else x_T
-        return self.sample_ddim(cond, control.shape[0], steps or self.ddim_steps,
-                                self.guidance_scale if guidance_scale is None else guidance_scale,
-                                self.unconditional_conditioning(cond), x_T=x_T, verbose=verbose)
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.eps_and_control(x_noisy, t, cond)[0]
+
+    # ---- self-describing weights ----------------------------------------------------------------------------
+    def model_config(self) -> dict[str, Any]:
+        """The `{target, params}` that rebuilds this model; the text encoder's tensors come from the weights file."""
+        params = OmegaConf.to_container(OmegaConf.create(copy.deepcopy(self.build_params)), resolve=True)
+        return without_text_encoder_file({"target": f"{type(self).__module__}.{type(self).__qualname__}",
+                                          "params": params})
+
+    def weights_metadata(self) -> dict[str, str]:
+        """What a weights file of this model records beside its tensors (safetensors metadata: str -> str)."""
+        return {"fcdiffusion.kind": self.kind, "fcdiffusion.modes": json.dumps(list(self.modes)),
+                "fcdiffusion.config": json.dumps(self.model_config())}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning checkpoints carry the metadata too, so a `last.ckpt` describes itself."""
+        checkpoint["metadata"] = self.weights_metadata()
+
+
+class FCDiffusion(FrequencyControlledLDM):
+    """The FCDiffusion teacher: one control mode, trained with the diffusion loss, sampled with guided DDIM."""
+
+    kind = "teacher"
+
+    def __init__(self, control_mode: str, guidance_scale: float = 9.0, ddim_steps: int = 50, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.control_mode = check_control_mode(control_mode)
+        self.guidance_scale, self.ddim_steps = guidance_scale, ddim_steps
+        self.build_params.update(control_mode=control_mode, guidance_scale=guidance_scale, ddim_steps=ddim_steps)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return (self.control_mode,)
+
+    def check_mode(self, mode: str) -> str:
+        check_control_mode(mode)
+        if mode != self.control_mode:
+            raise ValueError(f"this teacher was trained for control mode '{self.control_mode}', not '{mode}'; "
+                             f"use the {mode} teacher or the distilled student")
+        return mode
 
     @torch.no_grad()
-    def log_images(self, batch: Mapping[str, Any], N: int = 4, ddim_steps: Optional[int] = None,
-                   guidance_scale: Optional[float] = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    def get_input(self, batch: Mapping[str, Any], k: str | None = None, bs: int | None = None,
+                  sample_posterior: bool = True) -> tuple[torch.Tensor, Cond]:
+        """(z, conditioning of this teacher's mode): what the diffusion loss trains on."""
+        z, context = super().get_input(batch, k, bs, sample_posterior)
+        return z, self.condition(z, context, self.control_mode)
+
+    @torch.no_grad()
+    def sample(self, cond: Cond, x_T: torch.Tensor, steps: int | None = None,
+               guidance_scale: float | None = None, verbose: bool = False) -> torch.Tensor:
+        """Guided DDIM on SD's uniform timesteps (`ddim_steps`, `guidance_scale` by default)."""
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        uncond = self.unconditional_conditioning(cond) if scale != 1.0 else None
+        return self.sample_ddim(cond, x_T.shape[0], self.ddim_steps if steps is None else steps, scale, uncond,
+                                x_T=x_T, verbose=verbose)
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
         """Images in [-1, 1] (B, 3, H, W) for grids: source, reconstruction, decoded control signal, samples."""
-        z, cond = self.get_input(batch, bs=N, sample_posterior=False)
-        x = batch[self.first_stage_key][:N]
-        x = torch.as_tensor(x).permute(0, 3, 1, 2).float()
-        samples = self.translate(cond, ddim_steps, guidance_scale, generator=torch.Generator().manual_seed(seed))
-        return {
-            "source": x,
-            "reconstruction": self.decode_first_stage(z),
-            "control": self.decode_first_stage(cond["c_concat"][0]),
-            "samples": self.decode_first_stage(samples),
-        }
+        images, prompts = batch_images(batch, self.first_stage_key, self.cond_stage_key, N)
+        translator = Translator(self)
+        z, context = translator.encode(images, prompts)
+        result = translator.translate_latents(z, context, [self.control_mode], seed=seed)[self.control_mode]
+        return {"source": images, "reconstruction": self.decode_first_stage(z), "control": result.control,
+                "samples": result.image}

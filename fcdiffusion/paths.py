@@ -1,5 +1,33 @@
-"""Where the downloaded weights go, and the one message that tells a user how to get them."""
+"""Where files live: the downloaded weights (and the message that tells a user how to get them), and the
+checkpoints the training scripts write under a log folder."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DISTILL_CHECKPOINT_DIR = "fcdiffusion_distill_checkpoint"
+STUDENT_FILE = "student.safetensors"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def teacher_checkpoint_dir(logdir: str | os.PathLike, mode: str) -> Path:
+    """Where `fcdiffusion_train.py` writes the checkpoints of the `mode` teacher."""
+    return Path(logdir) / f"fcdiffusion_{mode}_checkpoint"
+
+
+def teacher_checkpoint(logdir: str | os.PathLike, mode: str) -> Path:
+    """The `mode` teacher's latest checkpoint (what distillation and inference use)."""
+    return teacher_checkpoint_dir(logdir, mode) / LAST_CHECKPOINT
+
+
+def distill_checkpoint_dir(logdir: str | os.PathLike) -> Path:
+    """Where `fcdiffusion_distill.py` writes its checkpoints and the student file."""
+    return Path(logdir) / DISTILL_CHECKPOINT_DIR
+
+
+def student_file(logdir: str | os.PathLike) -> Path:
+    """The distilled student's self-describing weights file."""
+    return distill_checkpoint_dir(logdir) / STUDENT_FILE
 
 SD_CHECKPOINT = "models/v2-1_512-ema-pruned.ckpt"
 OPENCLIP_CHECKPOINT = "CLIP-ViT-H-14/open_clip_pytorch_model.bin"

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-from typing import Any, Sequence
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
@@ -32,6 +35,18 @@ RUN_FLAGS = {
     "logdir": (str, "root folder of logs and checkpoints"),
     "seed": (int, "random seed"),
 }
+
+
+def resolve_command_line(argv: Sequence[str] | None, parse_args: Callable, resolve_config: Callable
+                         ) -> DictConfig | None:
+    """Set up logging, parse `argv` and resolve the config with its flags; on bad input print why, return None."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args, overrides = parse_args(argv)
+    try:
+        return resolve_config(args, overrides)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
 
 
 def add_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[type, str]]) -> None:

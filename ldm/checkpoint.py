@@ -1,6 +1,7 @@
 """The one place that reads and writes weight files.
 
-Reads `.ckpt`/`.pt`/`.pth` (plain state dicts or Lightning dicts holding `state_dict`) and `.safetensors`.
+Reads `.ckpt`/`.pt`/`.pth` (plain state dicts or Lightning dicts holding `state_dict`) and `.safetensors`, with
+the string metadata a file may carry (safetensors' header metadata, or a `metadata` entry of a `.ckpt` dict).
 Loading is strict: any missing, unexpected or mis-shaped key raises `CheckpointMismatchError`, with the keys
 grouped by prefix so a wrong file is recognisable at a glance, never a silent partial load.
 """
@@ -10,9 +11,10 @@ import logging
 import os
 import pickle
 from collections import Counter
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ldm.util import atomic_path
@@ -24,36 +26,49 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint's keys or shapes do not match the model it is loaded into."""
 
 
-def load_state_dict(path: str | os.PathLike, hint: str = "") -> dict[str, torch.Tensor]:
-    """Read a state dict from `path` onto the CPU. `hint` is appended to the error when the file is missing."""
+def load_checkpoint(path: str | os.PathLike, hint: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict on the CPU, metadata) of the file at `path`; `hint` is appended to the error when it is missing."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}" + (f"\n{hint}" if hint else ""))
     if path.endswith(".safetensors"):
-        return load_file(path, device="cpu")
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(path, device="cpu"), metadata
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # Lightning checkpoints may pickle hyper-parameters (OmegaConf nodes); the file is the user's own.
         log.warning("%s holds pickled objects beyond tensors; loading it with weights_only=False", path)
         obj = torch.load(path, map_location="cpu", weights_only=False)
+    metadata = {}
     if isinstance(obj, Mapping) and "state_dict" in obj:
+        metadata = dict(obj.get("metadata") or {})
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    return dict(obj)
+    return dict(obj), metadata
 
 
-def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a state dict atomically: safetensors for `.safetensors`, `{'state_dict': ...}` for `.ckpt` (SD's
-    layout), a plain dict otherwise (`.bin`/`.pt`, open_clip's layout)."""
+def load_state_dict(path: str | os.PathLike, hint: str = "") -> dict[str, torch.Tensor]:
+    """The state dict of the file at `path` on the CPU (see `load_checkpoint`)."""
+    return load_checkpoint(path, hint)[0]
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Write a state dict atomically: safetensors for `.safetensors`, `{'state_dict': ..., 'metadata': ...}` for
+    `.ckpt` (SD's layout), a plain dict otherwise (`.bin`/`.pt`, open_clip's layout, which has no metadata)."""
     path = os.fspath(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    metadata = dict(metadata or {})
     with atomic_path(path) as tmp:
         if path.endswith(".safetensors"):
-            save_file(tensors, tmp)
+            save_file(tensors, tmp, metadata=metadata or None)
         elif path.endswith(".ckpt"):
-            torch.save({"state_dict": tensors}, tmp)
+            torch.save({"state_dict": tensors, **({"metadata": metadata} if metadata else {})}, tmp)
+        elif metadata:
+            raise ValueError(f"{path}: only .safetensors and .ckpt files carry metadata")
         else:
             torch.save(tensors, tmp)
 
@@ -82,7 +97,8 @@ def check_state_dict(
         parts.append(f"  {len(unexpected)} unexpected keys (in the file, not in the model):\n{group_keys(unexpected)}")
     if mis_shaped:
         lines = "\n".join(
-            f"    {k}: model {tuple(model_state[k].shape)} vs file {tuple(state_dict[k].shape)}" for k in mis_shaped[:20]
+            f"    {k}: model {tuple(model_state[k].shape)} vs file {tuple(state_dict[k].shape)}"
+            for k in mis_shaped[:20]
         )
         more = f"\n    ... and {len(mis_shaped) - 20} more" if len(mis_shaped) > 20 else ""
         parts.append(f"  {len(mis_shaped)} keys with other shapes:\n{lines}{more}")

@@ -5,11 +5,13 @@ optional `params:` builds that object, so SD 2.x YAML files work unchanged.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -78,4 +80,17 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None):
         if bad:
             raise ValueError(f"config overrides must look like key.sub=value, got {bad}")
         config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
+    return config
+
+
+def without_text_encoder_file(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a latent-diffusion `{target, params}` config whose text encoder reads no weights file.
+
+    For building a model whose full checkpoint carries the text encoder's tensors (or on the meta device, or
+    with random weights): `cond_stage_config.params.version` becomes None.
+    """
+    config = copy.deepcopy(dict(config))
+    cond_params = (config.get("params") or {}).get("cond_stage_config", {}).get("params")
+    if cond_params is not None and "version" in cond_params:
+        cond_params["version"] = None
     return config

@@ -1,4 +1,4 @@
-"""Session fixtures: the tiny stand-ins for the downloaded weights and a small photo dataset, built once."""
+"""Session fixtures: the tiny stand-ins for the downloaded weights, random tiny teachers, a distilled student."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +6,23 @@ from types import SimpleNamespace
 
 import pytest
 
-TINY_CONFIG = "configs/model_config_tiny.yaml"
-DEMO_PHOTOS = ["astronaut", "chelsea", "coffee", "rocket"]
+from tests.helpers import (
+    DEMO_PHOTOS,
+    ROOT,
+    TINY_CONFIG,
+    TINY_DISTILL_CONFIG,
+    distill_args,
+    write_photos,
+    write_random_teachers,
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def in_repo_root():
+    """Configs name files relative to the repository root (e.g. the tiny open_clip architecture)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -38,14 +53,37 @@ def tiny_files(tmp_path_factory) -> SimpleNamespace:
     return files
 
 
-def tiny_model(files: SimpleNamespace, *overrides: str, ckpt: Path | None = None):
-    """The tiny FCDiffusion teacher, loaded strictly from `ckpt` (default: the init checkpoint)."""
-    from omegaconf import OmegaConf
+@pytest.fixture(scope="session")
+def distill_config():
+    from ldm.util import load_config
 
-    from ldm.checkpoint import load_weights
-    from ldm.util import instantiate_from_config, load_config
+    return load_config(TINY_DISTILL_CONFIG)
 
-    config = load_config(TINY_CONFIG, [*files.overrides, *overrides])
-    model = instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
-    load_weights(model, ckpt or files.init)
-    return model
+
+@pytest.fixture(scope="session")
+def model_config(distill_config) -> dict:
+    """The tiny teachers' `{target, params}`."""
+    from fcdiffusion.weights import teacher_model_config
+
+    return teacher_model_config(distill_config)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory, model_config) -> Path:
+    """Random tiny teachers under logs/fcdiffusion_<mode>_checkpoint/last.ckpt, photos with prompts, a data index."""
+    root = tmp_path_factory.mktemp("distill")
+    write_random_teachers(root / "logs", model_config)
+    write_photos(root / "photos", root / "data.json")
+    return root
+
+
+@pytest.fixture(scope="session")
+def distilled(workdir) -> Path:
+    """A two-step distillation of a 3-step student (image log at step 2, teacher samples in it); its logdir."""
+    import fcdiffusion_distill
+
+    logdir = workdir / "run"
+    args = distill_args(workdir, logdir, 2, "--log_images_every", "2", "--student_steps", "3",
+                        "distill.log_teacher_steps=2")
+    assert fcdiffusion_distill.main(args) == 0
+    return logdir

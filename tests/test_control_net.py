@@ -9,6 +9,7 @@ from fcdiffusion.control_net import FreqControlNet
 from fcdiffusion.controlled_unet import ControlledUnetModel
 from ldm.checkpoint import load_weights
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.util import instantiate_from_config
 from tests.reference import configs, sd21_unet_params
 
@@ -138,19 +139,29 @@ def test_gradients_reach_control_net_and_decoder_but_not_frozen_encoder(
     assert controlled.output_blocks[0][0].in_layers[2].weight.grad.abs().sum() > 0
 
 
-def test_emb_offset_changes_control(control_config, unet_state, inputs):
+def test_class_label_enters_through_label_emb_as_in_sd(control_config, unet_state, inputs):
+    """SD's class conditioning: `num_classes` adds `label_emb`, whose row for label y joins the time embedding."""
     x, hint, t, context = inputs
-    control_net = make_control_net(control_config, unet_state, randomise_outputs=True)
-    emb_dim = 4 * control_config["model_channels"]
-    offset = torch.randn(x.shape[0], emb_dim, generator=torch.Generator().manual_seed(2))
+    plain = make_control_net(control_config, unet_state, randomise_outputs=True)
+    labelled = FreqControlNet(**control_config, num_classes=4)
+    labelled.load_state_dict({**plain.state_dict(), "label_emb.weight": torch.ones(4, 4 * plain.model_channels)})
+    labels = torch.tensor([2] * x.shape[0])
     with torch.no_grad():
-        base = control_net(x, hint, t, context)
-        zero = control_net(x, hint, t, context, emb_offset=torch.zeros_like(offset))
-        shifted = control_net(x, hint, t, context, emb_offset=offset)
+        base = plain(x, hint, t, context)
+        labelled.label_emb.weight.zero_()
+        zero = labelled(x, hint, t, context, y=labels)
+        labelled.label_emb.weight.normal_(generator=torch.Generator().manual_seed(2))
+        shifted = labelled(x, hint, t, context, y=labels)
+        other = labelled(x, hint, t, context, y=labels - 1)
+        manual = labelled.time_embed(timestep_embedding(t, labelled.model_channels)) + labelled.label_emb.weight[2]
+        torch.testing.assert_close(labelled.embed_time(t, labels), manual)
     assert all(torch.equal(a, b) for pa, pb in zip(base, zero) for a, b in zip(pa, pb))
     assert torch.equal(base[0][0], shifted[0][0])  # the first block is a plain conv: no time embedding yet
-    assert not torch.allclose(base[-1][0], shifted[-1][0])
-    assert not torch.allclose(base[-1][1], shifted[-1][1])
+    assert not torch.allclose(base[-1][0], shifted[-1][0]) and not torch.allclose(shifted[-1][1], other[-1][1])
+    with pytest.raises(ValueError, match="class label"):
+        labelled(x, hint, t, context)
+    with pytest.raises(ValueError, match="class label"):
+        plain(x, hint, t, context, y=labels)
 
 
 def test_builds_from_yaml_config(unet_config, control_config):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSampler, ddim_step, ddim_timesteps, trailing_timesteps
+from ldm.models.diffusion.ddim import DDIMSampler, ddim_step, ddim_timesteps, ddim_x0_target, trailing_timesteps
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from tests.reference import assert_close_to_reference, tensors
 
@@ -34,21 +34,20 @@ def test_ddim_with_guidance_matches_reference(steps):
     ref = tensors()
     p = f"ddim{steps}."
     assert np.array_equal(ddim_timesteps(steps), ref[p + "timesteps"].numpy())
-    x0, inter = DDIMSampler(StubModel()).sample(
+    x0 = DDIMSampler(StubModel()).sample(
         steps, 2, (4, 6, 6), conditioning=ref[p + "cond"], x_T=ref[p + "x_T"], eta=0.0,
         unconditional_guidance_scale=7.5, unconditional_conditioning=ref[p + "uncond"], verbose=False)
     assert_close_to_reference(x0, ref[p + "x0"])
-    assert len(inter["x_inter"]) >= 2 and torch.equal(inter["x_inter"][-1], x0)
 
 
 def test_guidance_changes_result_and_scale_one_ignores_uncond():
     ref = tensors()
     sampler = DDIMSampler(StubModel())
     args = dict(conditioning=ref["ddim4.cond"], x_T=ref["ddim4.x_T"], verbose=False)
-    plain, _ = sampler.sample(4, 2, (4, 6, 6), **args)
-    same, _ = sampler.sample(4, 2, (4, 6, 6), unconditional_conditioning=ref["ddim4.uncond"] * 5,
+    plain = sampler.sample(4, 2, (4, 6, 6), **args)
+    same = sampler.sample(4, 2, (4, 6, 6), unconditional_conditioning=ref["ddim4.uncond"] * 5,
                              unconditional_guidance_scale=1.0, **args)
-    guided, _ = sampler.sample(4, 2, (4, 6, 6), unconditional_conditioning=ref["ddim4.uncond"],
+    guided = sampler.sample(4, 2, (4, 6, 6), unconditional_conditioning=ref["ddim4.uncond"],
                                unconditional_guidance_scale=7.5, **args)
     assert torch.equal(plain, same)
     assert not torch.allclose(plain, guided)
@@ -58,7 +57,7 @@ def test_eta_adds_seeded_noise():
     ref = tensors()
     sampler = DDIMSampler(StubModel())
     run = lambda seed: sampler.sample(4, 2, (4, 6, 6), conditioning=ref["ddim4.cond"], x_T=ref["ddim4.x_T"], eta=1.0,
-                                      verbose=False, generator=torch.Generator().manual_seed(seed))[0]
+                                      verbose=False, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(0), run(0)) and not torch.allclose(run(0), run(1))
 
 
@@ -80,3 +79,15 @@ def test_ddim_step_is_exact_for_its_own_noise():
     x_prev, pred_x0 = ddim_step(x_t, noise, a_t, 1.0)
     torch.testing.assert_close(pred_x0, x0)
     torch.testing.assert_close(x_prev, x0)
+
+
+def test_x0_target_is_the_inverse_of_ddim_step():
+    """The distiller's target: one step from x_t with the target's eps lands exactly on the teacher's x_prev."""
+    generator = torch.Generator().manual_seed(0)
+    x_t, x_prev = torch.randn(2, 3, 4, 4, generator=generator), torch.randn(2, 3, 4, 4, generator=generator)
+    a_t, a_prev = torch.tensor([0.1, 0.3]).view(-1, 1, 1, 1), torch.tensor([0.5, 1.0]).view(-1, 1, 1, 1)
+    x0 = ddim_x0_target(x_t, x_prev, a_t, a_prev)
+    eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    landed, _ = ddim_step(x_t, eps, a_t, a_prev)
+    torch.testing.assert_close(landed, x_prev, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x0[1], x_prev[1])  # alpha_prev = 1: the target is the teacher's result itself

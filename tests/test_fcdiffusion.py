@@ -5,7 +5,7 @@ import torch
 import tool_add_control_sd21
 from fcdiffusion.frequency import CONTROL_MODES, frequency_control
 from ldm.checkpoint import load_state_dict
-from tests.conftest import TINY_CONFIG, tiny_model
+from tests.helpers import TINY_CONFIG, tiny_model
 
 BATCH = {"jpg": torch.rand(2, 128, 128, 3) * 2 - 1, "txt": ["a cat on a sofa", "a rocket at dawn"]}
 
@@ -40,14 +40,27 @@ def test_optimizer_trains_control_net_and_decoder_only_when_unlocked(tiny_files)
     assert ids(locked.trainable_parameters()) == ids(locked.control_model.parameters())
     unlocked = tiny_model(tiny_files, "model.params.sd_locked=false")
     unet = unlocked.model.diffusion_model
-    expected = ids(unlocked.control_model.parameters()) | ids(unet.output_blocks.parameters()) | ids(unet.out.parameters())
+    expected = (ids(unlocked.control_model.parameters()) | ids(unet.output_blocks.parameters())
+                | ids(unet.out.parameters()))
     assert ids(unlocked.trainable_parameters()) == expected
     assert not any(p.requires_grad for p in unet.input_blocks.parameters())
 
 
+def test_teacher_conditions_and_samples_its_own_mode_only(tiny_files):
+    model = tiny_model(tiny_files, "model.params.control_mode=high_pass").eval()
+    z, context = torch.randn(1, 4, 16, 16), model.get_learned_conditioning(["a cat"])
+    assert model.modes == ("high_pass",)
+    assert set(model.condition(z, context, "high_pass")) == {"c_crossattn", "c_concat"}
+    with pytest.raises(ValueError, match="trained for control mode 'high_pass', not 'low_pass'"):
+        model.condition(z, context, "low_pass")
+    metadata = model.weights_metadata()
+    assert metadata["fcdiffusion.kind"] == "teacher" and metadata["fcdiffusion.modes"] == '["high_pass"]'
+
+
 def test_log_images_gives_the_four_grids(tiny_files):
     model = tiny_model(tiny_files).eval()
-    images = model.log_images(BATCH, N=2, ddim_steps=3)
+    model.ddim_steps = 3
+    images = model.log_images(BATCH, N=2)
     assert list(images) == ["source", "reconstruction", "control", "samples"]
     assert all(v.shape == (2, 3, 128, 128) and torch.isfinite(v).all() for v in images.values())
 
@@ -77,7 +90,8 @@ def test_tool_add_control_refuses_overwrite_missing_and_non_sd_files(tiny_files,
     args = ["--config", TINY_CONFIG]
     assert tool_add_control_sd21.main([str(tiny_files.sd), str(tiny_files.init), *args]) == 1
     assert "--force" in capsys.readouterr().err
-    assert tool_add_control_sd21.main([str(tmp_path / "v2-1_512-ema-pruned.ckpt"), str(tmp_path / "o.ckpt"), *args]) == 1
+    missing = tmp_path / "v2-1_512-ema-pruned.ckpt"
+    assert tool_add_control_sd21.main([str(missing), str(tmp_path / "o.ckpt"), *args]) == 1
     err = capsys.readouterr().err
     assert "v2-1_512-ema-pruned.ckpt" in err and "huggingface.co/stabilityai" in err
     not_sd = tmp_path / "clip_only.ckpt"

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 import fcdiffusion_train
+from fcdiffusion.weights import load_teacher
 from ldm.checkpoint import load_state_dict
-from tests.conftest import TINY_CONFIG
+from tests.helpers import TINY_CONFIG
 
 
 def train_args(files, logdir, *extra):
@@ -47,6 +48,8 @@ def test_teacher_trains_logs_images_skips_corrupt_image_and_resumes(tiny_files, 
     frozen = [k for k in init if not k.startswith("control_model.")]
     assert all(torch.equal(init[k], trained[k]) for k in frozen), "the frozen SD weights changed"
     assert (ckpt_dir / "image_log" / "step-000002.png").is_file()
+    assert last["metadata"]["fcdiffusion.modes"] == '["high_pass"]'  # the checkpoint records its mode
+    assert load_teacher(ckpt_dir / "last.ckpt").control_mode == "high_pass"  # and rebuilds with no config
     losses = metrics(logdir)
     assert losses and np.isfinite(losses).all()
 

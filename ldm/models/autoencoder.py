@@ -7,7 +7,8 @@ LPIPS/discriminator weights (and their downloads) out of the model and its state
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,13 +25,13 @@ class AutoencoderKL(nn.Module):
         self,
         ddconfig: Mapping[str, Any],
         embed_dim: int,
-        lossconfig: Optional[Mapping[str, Any]] = None,
-        ckpt_path: Optional[str | os.PathLike] = None,
+        lossconfig: Mapping[str, Any] | None = None,
+        ckpt_path: str | os.PathLike | None = None,
         ignore_keys: Sequence[str] = (),
         image_key: str = "image",
-        colorize_nlabels: Optional[int] = None,
-        monitor: Optional[str] = None,
-        ema_decay: Optional[float] = None,
+        colorize_nlabels: int | None = None,
+        monitor: str | None = None,
+        ema_decay: float | None = None,
         learn_logvar: bool = False,
     ):
         super().__init__()

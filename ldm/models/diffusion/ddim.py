@@ -1,11 +1,13 @@
 """DDIM sampling (Song et al. 2021) with classifier-free guidance, in the conventions of Stable Diffusion.
 
-The maths lives in three small functions (`ddim_step`, `guided_eps`, `ddim_timesteps`) so the sampler, the
-teachers and the distiller share one implementation; `DDIMSampler` wraps them with SD's API.
+The maths lives in small functions (`ddim_step` and its inverse `ddim_x0_target`, `guided_eps`, the timestep
+schedules) so the sampler, the teachers and the distiller share one implementation; `DDIMSampler` wraps them
+with SD's API.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ def guided_eps(
     x: torch.Tensor,
     t: torch.Tensor,
     cond: Cond,
-    uncond: Optional[Cond] = None,
+    uncond: Cond | None = None,
     guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """eps prediction with classifier-free guidance: e_u + s (e_c - e_u), in one batched call."""
@@ -65,7 +67,7 @@ def ddim_step(
     a_t: torch.Tensor | float,
     a_prev: torch.Tensor | float,
     sigma: torch.Tensor | float = 0.0,
-    noise: Optional[torch.Tensor] = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM update from cumulative alpha `a_t` to `a_prev`; returns (x_prev, predicted x0)."""
     a_t, a_prev, sigma = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (a_t, a_prev, sigma))
@@ -76,6 +78,18 @@ def ddim_step(
     return x_prev, pred_x0
 
 
+def ddim_x0_target(x_t: torch.Tensor, x_prev: torch.Tensor, a_t: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
+    """Inverse of `ddim_step`: the x0 for which one deterministic step from (x_t, a_t) lands on `x_prev` at `a_prev`.
+
+    DDIM: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps with eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t), so
+    x0 = (x_prev - r x_t) / (sqrt(a_prev) - r sqrt(a_t)), r = sqrt((1 - a_prev) / (1 - a_t)); at a_prev = 1, x_prev.
+    Computed in float64: the denominator is small when a_prev is close to a_t.
+    """
+    x_t64, x_prev64, a_t, a_prev = x_t.double(), x_prev.double(), a_t.double(), a_prev.double()
+    r = ((1 - a_prev) / (1 - a_t)).sqrt()
+    return ((x_prev64 - r * x_t64) / (a_prev.sqrt() - r * a_t.sqrt())).to(x_t.dtype)
+
+
 class DDIMSampler:
     """DDIM sampler over any model exposing `alphas_cumprod`, `num_timesteps` and `apply_model(x, t, c)`."""
 
@@ -83,11 +97,13 @@ class DDIMSampler:
         self.model = model
 
     def make_schedule(
-        self, ddim_num_steps: int, ddim_eta: float = 0.0, timesteps: Optional[Sequence[int]] = None,
-        final_alpha_cumprod: Optional[float] = None,
+        self, ddim_num_steps: int, ddim_eta: float = 0.0, timesteps: Sequence[int] | None = None,
+        final_alpha_cumprod: float | None = None,
     ) -> None:
         """Pick the timesteps and their alphas. SD's default: uniform steps, final alpha = alphas_cumprod[0]."""
-        steps = np.asarray(timesteps) if timesteps is not None else ddim_timesteps(ddim_num_steps, self.model.num_timesteps)
+        if timesteps is None:
+            timesteps = ddim_timesteps(ddim_num_steps, self.model.num_timesteps)
+        steps = np.asarray(timesteps)
         steps = np.sort(steps)
         alphas_cumprod = self.model.alphas_cumprod.detach().double().cpu()
         alphas = alphas_cumprod[steps]
@@ -105,39 +121,28 @@ class DDIMSampler:
         shape: Sequence[int],
         conditioning: Cond = None,
         eta: float = 0.0,
-        x_T: Optional[torch.Tensor] = None,
+        x_T: torch.Tensor | None = None,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Cond = None,
         verbose: bool = True,
-        log_every_t: int = 100,
-        callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
-        generator: Optional[torch.Generator] = None,
-        timesteps: Optional[Sequence[int]] = None,
-        final_alpha_cumprod: Optional[float] = None,
-    ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """Sample `batch_size` latents of `shape` (C, H, W) in `S` steps; returns (x0, intermediates).
+        generator: torch.Generator | None = None,
+        timesteps: Sequence[int] | None = None,
+        final_alpha_cumprod: float | None = None,
+    ) -> torch.Tensor:
+        """Sample `batch_size` latents of `shape` (C, H, W) in `S` steps; returns the final x0.
 
-        intermediates holds 'x_inter' and 'pred_x0' every `log_every_t` steps (and at the last).
         `timesteps`/`final_alpha_cumprod` override SD's schedule (e.g. a trailing few-step schedule ending
         at alpha 1 for a distilled student).
         """
         self.make_schedule(S, eta, timesteps, final_alpha_cumprod)
         device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
-        if x_T is None:
-            x_T = torch.randn((batch_size, *shape), generator=generator, device=device)
-        x = x_T
-        intermediates: dict[str, list[torch.Tensor]] = {"x_inter": [x], "pred_x0": [x]}
+        x = torch.randn((batch_size, *shape), generator=generator, device=device) if x_T is None else x_T
         order = list(range(len(self.ddim_timesteps)))[::-1]
-        for i, index in enumerate(tqdm(order, desc=f"DDIM ({len(order)} steps)", disable=not verbose, leave=False)):
+        for index in tqdm(order, desc=f"DDIM ({len(order)} steps)", disable=not verbose, leave=False):
             t = torch.full((x.shape[0],), int(self.ddim_timesteps[index]), device=x.device, dtype=torch.long)
             eps = guided_eps(self.model.apply_model, x, t, conditioning, unconditional_conditioning,
                              unconditional_guidance_scale)
             sigma = self.ddim_sigmas[index]
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if sigma > 0 else None
-            x, pred_x0 = ddim_step(x, eps, self.ddim_alphas[index], self.ddim_alphas_prev[index], sigma, noise)
-            if callback is not None:
-                callback(i, x, pred_x0)
-            if i % log_every_t == 0 or i == len(order) - 1:
-                intermediates["x_inter"].append(x)
-                intermediates["pred_x0"].append(pred_x0)
-        return x, intermediates
+            x, _ = ddim_step(x, eps, self.ddim_alphas[index], self.ddim_alphas_prev[index], sigma, noise)
+        return x

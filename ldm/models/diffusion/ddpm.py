@@ -6,7 +6,8 @@ noise added by the forward process q(x_t | x_0) of a linear beta schedule.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -35,7 +36,8 @@ class DiffusionWrapper(nn.Module):
     def __init__(self, diff_model_config: Mapping[str, Any], conditioning_key: str = "crossattn"):
         super().__init__()
         if conditioning_key != "crossattn":
-            raise ValueError(f"only conditioning_key 'crossattn' (SD 2.x text-to-image) is supported, got '{conditioning_key}'")
+            raise ValueError(f"only conditioning_key 'crossattn' (SD 2.x text-to-image) is supported, "
+                             f"got '{conditioning_key}'")
         self.diffusion_model = instantiate_from_config(diff_model_config)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -43,7 +45,12 @@ class DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(pl.LightningModule):
-    """SD 2.x latent diffusion with eps-prediction. Constructor arguments follow SD's YAML `params:`."""
+    """SD 2.x latent diffusion with eps-prediction. Constructor arguments follow SD's YAML `params:`.
+
+    `num_timesteps_cond`, `log_every_t` and `monitor` configure parts of SD's training code this codebase
+    replaces (Lightning's callbacks log and checkpoint here); they are accepted, and checked where a value would
+    change the model, so SD 2.x YAML files load unchanged.
+    """
 
     def __init__(
         self,
@@ -63,11 +70,11 @@ class LatentDiffusion(pl.LightningModule):
         scale_factor: float = 0.18215,
         parameterization: str = "eps",
         learning_rate: float = 1e-4,
-        ckpt_path: Optional[str] = None,
+        ckpt_path: str | None = None,
         use_ema: bool = False,
         num_timesteps_cond: int = 1,
         log_every_t: int = 200,
-        monitor: Optional[str] = None,
+        monitor: str | None = None,
     ):
         super().__init__()
         if parameterization != "eps":
@@ -80,7 +87,8 @@ class LatentDiffusion(pl.LightningModule):
         self.image_size, self.channels = image_size, channels
         self.scale_factor = scale_factor
         self.learning_rate = learning_rate
-        self.log_every_t, self.monitor, self.num_timesteps_cond = log_every_t, monitor, num_timesteps_cond
+        if num_timesteps_cond != 1:
+            raise ValueError(f"num_timesteps_cond must be 1 (SD 2.x), got {num_timesteps_cond}")
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
@@ -115,7 +123,7 @@ class LatentDiffusion(pl.LightningModule):
 
     frozen_submodules = ("first_stage_model", "cond_stage_model")
 
-    def train(self, mode: bool = True) -> "LatentDiffusion":
+    def train(self, mode: bool = True) -> LatentDiffusion:
         """Switch train/eval mode, keeping the frozen submodules in eval (no dropout, fixed statistics)."""
         super().train(mode)
         for name in self.frozen_submodules:
@@ -123,7 +131,7 @@ class LatentDiffusion(pl.LightningModule):
         return self
 
     # ---- forward process and loss -------------------------------------------------------------------------
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(a_t) x_0, (1 - a_t) I)."""
         noise = torch.randn_like(x_start) if noise is None else noise
         shape = (-1,) + (1,) * (x_start.ndim - 1)
@@ -131,13 +139,12 @@ class LatentDiffusion(pl.LightningModule):
                 + self.sqrt_one_minus_alphas_cumprod[t].view(shape) * noise)
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor,
-                 noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The eps-prediction MSE ('simple' loss of DDPM) at timesteps `t`."""
         noise = torch.randn_like(x_start) if noise is None else noise
         eps = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
         loss = F.mse_loss(eps.float(), noise.float())
-        prefix = "train" if self.training else "val"
-        return loss, {f"{prefix}/loss_simple": loss.detach(), f"{prefix}/loss": loss.detach()}
+        return loss, {"train/loss_simple": loss.detach(), "train/loss": loss.detach()}
 
     # ---- conditioning and autoencoder ------------------------------------------------------------------------
     @torch.no_grad()
@@ -151,7 +158,7 @@ class LatentDiffusion(pl.LightningModule):
         return self.first_stage_model.encode(x)
 
     def get_first_stage_encoding(self, posterior: Any, sample: bool = True,
-                                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                                 generator: torch.Generator | None = None) -> torch.Tensor:
         """A scaled latent from the posterior: a sample (training, as SD) or its mean."""
         z = posterior.sample(generator=generator) if sample else posterior.mode()
         return self.scale_factor * z
@@ -162,7 +169,7 @@ class LatentDiffusion(pl.LightningModule):
         return self.first_stage_model.decode(z / self.scale_factor)
 
     @torch.no_grad()
-    def get_input(self, batch: Mapping[str, Any], k: Optional[str] = None, bs: Optional[int] = None,
+    def get_input(self, batch: Mapping[str, Any], k: str | None = None, bs: int | None = None,
                   sample_posterior: bool = True) -> tuple[torch.Tensor, Any]:
         """Batch (images HWC in [-1, 1] under `first_stage_key`, prompts under `cond_stage_key`) -> (z, context)."""
         x = batch[k or self.first_stage_key]
@@ -191,10 +198,6 @@ class LatentDiffusion(pl.LightningModule):
         self.log_dict(logs, prog_bar=True, on_step=True, batch_size=len(batch[self.cond_stage_key]))
         return loss
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        _, logs = self.shared_step(batch)
-        self.log_dict(logs, batch_size=len(batch[self.cond_stage_key]), sync_dist=True)
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the optimizer updates; subclasses narrow this (e.g. only the control net)."""
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -205,16 +208,15 @@ class LatentDiffusion(pl.LightningModule):
     # ---- sampling -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_ddim(self, cond: Any, batch_size: int, steps: int = 50, guidance_scale: float = 1.0,
-                    uncond: Any = None, x_T: Optional[torch.Tensor] = None, eta: float = 0.0,
-                    generator: Optional[torch.Generator] = None, verbose: bool = False,
+                    uncond: Any = None, x_T: torch.Tensor | None = None, eta: float = 0.0,
+                    generator: torch.Generator | None = None, verbose: bool = False,
                     **sampler_kwargs: Any) -> torch.Tensor:
         """DDIM latents for `cond`, with classifier-free guidance when `uncond` is given."""
         size = self.image_size
         shape = (self.channels, size, size) if x_T is None else tuple(x_T.shape[1:])
-        samples, _ = DDIMSampler(self).sample(
+        return DDIMSampler(self).sample(
             steps, batch_size, shape, cond, eta=eta, x_T=x_T, unconditional_guidance_scale=guidance_scale,
             unconditional_conditioning=uncond, verbose=verbose, generator=generator, **sampler_kwargs)
-        return samples
 
     def describe(self) -> str:
         """One line with parameter counts, for logs."""

@@ -5,7 +5,7 @@ UNet's float32 GroupNorm32, so checkpoints trained with SD reproduce exactly.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -6,7 +6,8 @@ initialised from an SD UNet by copying tensors by name.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -108,7 +109,8 @@ class UNetEncoder(nn.Module):
     SD YAML configs load. Attention heads come from exactly one of `num_heads` (fixed count) or
     `num_head_channels` (fixed width); -1 means unset. `use_fp16` sets `self.dtype`, the dtype the blocks
     compute in (run under autocast or convert the weights). `input_block_channels[i]` is the channel count
-    of input block i's output; the middle block keeps the last one.
+    of input block i's output; the middle block keeps the last one. `num_classes` adds SD's class-label
+    embedding `label_emb`: the label `y` (N,) of each sample is embedded and added to the time embedding.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class UNetEncoder(nn.Module):
         context_dim: int | None = None,
         legacy: bool = True,
         use_linear_in_transformer: bool = False,
+        num_classes: int | None = None,
     ):
         super().__init__()
         if not use_spatial_transformer:
@@ -156,11 +159,14 @@ class UNetEncoder(nn.Module):
         self.context_dim = context_dim
         self.legacy = legacy
         self.use_linear_in_transformer = use_linear_in_transformer
+        self.num_classes = num_classes
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
         )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
         )
@@ -203,9 +209,13 @@ class UNetEncoder(nn.Module):
             use_checkpoint=self.use_checkpoint,
         )
 
-    def embed_time(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Timestep embedding (N, 4 * model_channels) fed to every ResBlock."""
-        return self.time_embed(timestep_embedding(timesteps, self.model_channels))
+    def embed_time(self, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Timestep embedding (N, 4 * model_channels) fed to every ResBlock, plus the class label's if any."""
+        if (y is None) != (self.num_classes is None):
+            raise ValueError("a class label y must be given exactly when the model has num_classes "
+                             f"(num_classes={self.num_classes}, y {'missing' if y is None else 'given'})")
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        return emb if y is None else emb + self.label_emb(y)
 
     def encode(
         self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None
@@ -257,7 +267,8 @@ class UNetModel(UNetEncoder):
             h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h.type(out_dtype))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed_time(timesteps)
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed_time(timesteps, y)
         h, skips = self.encode(x, emb, context)
         return self.decode(h, skips, emb, context, x.dtype)

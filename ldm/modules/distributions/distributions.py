@@ -1,8 +1,6 @@
 """The VAE posterior: a diagonal Gaussian whose mean and log-variance are stacked along the channel axis."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -19,7 +17,7 @@ class DiagonalGaussianDistribution:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """A reparameterised draw mean + std * eps; `generator` makes it reproducible."""
         eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps
@@ -28,7 +26,7 @@ class DiagonalGaussianDistribution:
         """The most likely latent: the mean."""
         return self.mean
 
-    def kl(self, other: Optional["DiagonalGaussianDistribution"] = None) -> torch.Tensor:
+    def kl(self, other: DiagonalGaussianDistribution | None = None) -> torch.Tensor:
         """KL(self || other) per batch element, summed over the other axes; `other` defaults to N(0, I)."""
         dims = tuple(range(1, self.mean.ndim))
         if other is None:

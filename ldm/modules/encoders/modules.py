@@ -9,8 +9,8 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import open_clip
 import torch
@@ -81,12 +81,12 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     def __init__(
         self,
         arch: str = "ViT-H-14",
-        version: Optional[str | os.PathLike] = None,
+        version: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         max_length: int = 77,
         freeze: bool = True,
         layer: str = "last",
-        arch_config: Optional[str | os.PathLike] = None,
+        arch_config: str | os.PathLike | None = None,
     ):
         super().__init__()
         if layer not in self.LAYERS:

@@ -1,0 +1,109 @@
+"""Folders of images with same-named `.txt` captions: the one home of the image suffixes and caption reading.
+
+`training_data_prepare.py` indexes such a folder (recursively, img2dataset's `files` layout) and
+`test_distillation.py` translates one (its captions are the prompts).
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+SKIP_REASONS = ("no_caption", "empty_caption", "unreadable_caption", "corrupt_image")
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Every image file under `root` (recursively, hidden entries ignored), sorted by path."""
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        found.extend(
+            Path(directory, f) for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)
+        )
+    return sorted(found)
+
+
+def read_caption(image: Path) -> str | None:
+    """The caption beside `image` with whitespace runs collapsed; None when there is no caption file."""
+    caption = image.with_suffix(".txt")
+    if not caption.is_file():
+        return None
+    return " ".join(caption.read_text(encoding="utf-8").split())
+
+
+def image_is_valid(path: Path) -> bool:
+    """Whether PIL recognises and verifies the file (a cheap structural check, not a full decode)."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) for bad files
+        return False
+
+
+def check_pair(image: Path) -> tuple[str | None, str]:
+    """(skip reason or None, caption) for one image."""
+    try:
+        caption = read_caption(image)
+    except (OSError, UnicodeDecodeError):
+        return "unreadable_caption", ""
+    if caption is None:
+        return "no_caption", ""
+    if not caption:
+        return "empty_caption", ""
+    if not image_is_valid(image):
+        return "corrupt_image", ""
+    return None, caption
+
+
+def relative_to(path: Path, base: Path) -> str:
+    """`path` relative to `base` with forward slashes, or absolute when no relative path exists."""
+    try:
+        return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
+def collect_pairs(
+    data_root: str | os.PathLike, base_dir: str | os.PathLike, workers: int = 4
+) -> tuple[list[dict[str, str]], Counter]:
+    """Records for every usable image under `data_root` (paths relative to `base_dir`) and skip counts."""
+    images = find_images(data_root)
+    records, skipped = [], Counter()
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        checks = pool.map(check_pair, images)
+        for image, (reason, caption) in tqdm(zip(images, checks), total=len(images), desc="checking", unit="img"):
+            if reason:
+                skipped[reason] += 1
+            else:
+                records.append({"img_path": relative_to(image, Path(base_dir)), "prompt": caption})
+    return records, skipped
+
+
+def prompted_images(input_dir: str | os.PathLike, prompt: str | None = None
+                    ) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(image, prompt) pairs of the images directly in `input_dir` (sorted), and a message per image skipped.
+
+    The prompt is `prompt` when given, else the image's caption; an image without a usable caption is skipped.
+    """
+    pairs, problems = [], []
+    for path in sorted(p for p in Path(input_dir).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        if prompt is not None:
+            pairs.append((path, prompt))
+            continue
+        try:
+            caption = read_caption(path)
+        except (OSError, UnicodeDecodeError) as error:
+            problems.append(f"skipping {path}: unreadable caption {path.with_suffix('.txt').name} ({error})")
+            continue
+        if caption:
+            pairs.append((path, caption))
+        else:
+            problems.append(f"skipping {path}: no prompt ({path.with_suffix('.txt').name} missing or empty; "
+                            f"or pass --prompt)")
+    return pairs, problems

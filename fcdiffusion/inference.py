@@ -1,0 +1,107 @@
+"""The one translation pipeline: source image + prompt -> a translated image per control mode.
+
+`Translator` wraps a loaded teacher or student and runs encode -> condition -> sample -> decode for a batch.
+`test_distillation.py`, the benchmark, both `log_images` and the tests all translate through it, so a result
+depends only on the model, the image, the prompt, the mode, the steps and the seeds, never on who asked.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from einops import rearrange
+
+if TYPE_CHECKING:
+    from fcdiffusion.model import FrequencyControlledLDM
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Initial noise (len(seeds), *shape): sample i is drawn from a CPU generator seeded with seeds[i] alone.
+
+    So an image's noise is the same whatever batch it is in, and on every device.
+    """
+    draws = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(draws).to(device=device, dtype=dtype)
+
+
+def batch_images(batch: Mapping[str, Any], image_key: str, prompt_key: str,
+                 n: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """The first `n` images of a dataset batch (B, H, W, 3 in [-1, 1]) as (B, 3, H, W) float, and their prompts."""
+    images = batch[image_key]
+    images = torch.as_tensor(np.asarray(images)) if not torch.is_tensor(images) else images
+    return rearrange(images[:n], "b h w c -> b c h w").float(), list(batch[prompt_key])[:n]
+
+
+@dataclass
+class Translation:
+    """One mode's results for a batch: decoded control signal and result in [-1, 1], and the sampled latents."""
+
+    control: torch.Tensor
+    image: torch.Tensor
+    latents: torch.Tensor
+
+
+class Translator:
+    """encode -> condition -> sample -> decode with a teacher (`FCDiffusion`) or the student.
+
+    `Translator(model)(images, prompts, modes, seeds)` returns {mode: Translation}. A teacher serves its own mode
+    only and samples with guided DDIM; the student serves every mode it learned, in a few guidance-free steps.
+    """
+
+    def __init__(self, model: FrequencyControlledLDM):
+        self.model = model
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        return self.model.modes
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] and their prompts -> (latents, the posterior mean; text context)."""
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        model = self.model
+        # Contiguous: convolutions may pick other kernels (other rounding) for other strides.
+        posterior = model.encode_first_stage(images.to(model.device, torch.float32).contiguous())
+        return model.get_first_stage_encoding(posterior, sample=False), model.get_learned_conditioning(prompts)
+
+    @torch.no_grad()
+    def translate_latents(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str] | None = None,
+                          seed: int | Sequence[int] = 0, control_seed: int = 0, steps: int | None = None,
+                          guidance_scale: float | None = None) -> dict[str, Translation]:
+        """Steps 2-4 of `__call__` for already encoded sources."""
+        modes = list(self.modes if modes is None else modes)
+        for mode in modes:
+            self.model.check_mode(mode)
+        seeds = [seed + i for i in range(z.shape[0])] if isinstance(seed, int) else list(seed)
+        if len(seeds) != z.shape[0]:
+            raise ValueError(f"{z.shape[0]} images but {len(seeds)} seeds")
+        # 2. The initial noise: one seed per image, the same in every mode, so results differ only by mode.
+        x_T = seeded_noise(z.shape[1:], seeds, z.device, z.dtype)
+        results = {}
+        for mode in modes:
+            # 3. Condition on the prompt and the source latent's DCT band (mini_pass shuffles with `control_seed`).
+            cond = self.model.condition(z, context, mode, generator=torch.Generator().manual_seed(control_seed))
+            # 4. Sample, and decode the result and the control signal.
+            latents = self.model.sample(cond, x_T, steps=steps, guidance_scale=guidance_scale)
+            results[mode] = Translation(control=self.model.decode_first_stage(cond["c_concat"][0]),
+                                        image=self.model.decode_first_stage(latents), latents=latents)
+        return results
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], modes: Sequence[str] | None = None,
+                 seed: int | Sequence[int] = 0, control_seed: int = 0, steps: int | None = None,
+                 guidance_scale: float | None = None) -> dict[str, Translation]:
+        """Translate images (B, 3, H, W) in [-1, 1] with their prompts in each of `modes` (default: all served).
+
+        `seed`: an int s gives image i the noise seed s + i, a sequence gives each image's seed. `steps` and
+        `guidance_scale` default to the model's own (a teacher's `ddim_steps` and scale, the student's
+        `student_steps`; the student takes no guidance scale).
+        """
+        # 1. Encode the sources (posterior mean) and the prompts.
+        z, context = self.encode(images, prompts)
+        return self.translate_latents(z, context, modes, seed, control_seed, steps, guidance_scale)

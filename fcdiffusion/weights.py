@@ -1,0 +1,245 @@
+"""Building FCDiffusion models and putting weights into them: meta-device builds, shared frozen tensors, strict
+loading, and the metadata that makes a weights file describe itself.
+
+A teacher's checkpoint and `student.safetensors` record what they are (`fcdiffusion.kind`), the modes they
+serve (`fcdiffusion.modes`) and the config that rebuilds them (`fcdiffusion.config`), so `load_teacher` and
+`load_student` need no config file. Files from before this metadata load with an explicit config.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from fcdiffusion.frequency import check_control_mode
+from fcdiffusion.model import FCDiffusion
+from fcdiffusion.student import MODE_LABEL_KEY, FCDiffusionStudent, student_config
+from ldm.checkpoint import check_state_dict, load_checkpoint
+from ldm.util import instantiate_from_config, without_text_encoder_file
+
+log = logging.getLogger(__name__)
+
+STUDENT_PREFIX = "student."
+LEGACY_STUDENT_KEYS = {"mode_embedding.weight": MODE_LABEL_KEY}  # the mode embedding's name before it was label_emb
+
+
+class ModeMismatchError(ValueError):
+    """A teacher checkpoint asked to serve a control mode other than the one it was trained for."""
+
+
+# ---- building ---------------------------------------------------------------------------------------------------
+def build_on_meta(config: Mapping[str, Any]) -> nn.Module:
+    """Instantiate a `{target, params}` model config on the meta device (no memory, no random init).
+
+    The text encoder's own weights file is not read: full checkpoints carry its tensors.
+    """
+    with torch.device("meta"):
+        return instantiate_from_config(without_text_encoder_file(config))
+
+
+def teacher_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The teachers' `{target, params}` of a distillation config: the `model:` node of the file
+    `config.model_config`, with `config.model` merged in."""
+    if not os.path.isfile(config["model_config"]):
+        raise FileNotFoundError(f"model config not found: {config['model_config']}")
+    merged = OmegaConf.merge(OmegaConf.load(config["model_config"]).model, config.get("model") or {})
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+def distilled_student_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The student's `{target, params}` a distillation config describes (teachers' architecture, `student:`
+    options, `distill.student_steps`)."""
+    options = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(config["student"]))).items()
+               if k != "init"}
+    return student_config(teacher_model_config(config), **options, student_steps=config["distill"]["student_steps"])
+
+
+# ---- sharing tensors between models -----------------------------------------------------------------------------
+def trained_keys(model: nn.Module) -> set[str]:
+    """Names of the parameters `model.trainable_parameters()` returns: what that model learns (by structure)."""
+    trained = {id(p) for p in model.trainable_parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in trained}
+
+
+def frozen_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of `model` that it does not train: the candidates for sharing with other models."""
+    return set(model.state_dict(keep_vars=True)) - trained_keys(model)
+
+
+def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Make `tensor` (the object itself, so it can be shared) the parameter or buffer `key` of `model`."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    current = getattr(owner, attr)
+    if isinstance(current, nn.Parameter) and not isinstance(tensor, nn.Parameter):
+        tensor = nn.Parameter(tensor, requires_grad=current.requires_grad)
+    setattr(owner, attr, tensor)
+
+
+class WeightAdopter:
+    """Puts checkpoint tensors into meta-built models, holding one copy of each frozen tensor they have in common.
+
+    For every key a model does not train (`frozen_keys`), the first model to adopt it provides the one copy (a
+    frozen Parameter or buffer); later models reuse that object when shape and dtype agree and the values are
+    equal (always, on the meta device, where there are no values to compare). Otherwise they keep their own
+    tensor; differing values are counted in `mismatched`.
+    """
+
+    def __init__(self) -> None:
+        self.canonical: dict[str, torch.Tensor] = {}
+        self.mismatched: Counter[str] = Counter()
+
+    def _shared(self, key: str, value: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
+        canonical = self.canonical.get(key)
+        if canonical is None:
+            if isinstance(template, nn.Parameter) and not isinstance(value, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=False)
+            self.canonical[key] = value.requires_grad_(False)
+            return value
+        if canonical.shape != value.shape or canonical.dtype != value.dtype:
+            return value
+        if value.is_meta or canonical.is_meta or torch.equal(canonical, value):
+            return canonical
+        self.mismatched[key] += 1
+        return value
+
+    def adopt(self, model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+              expected: Iterable[str] | None = None) -> None:
+        """Strictly check `state_dict` against `model` (or its keys `expected`), then assign its tensors."""
+        current = model.state_dict(keep_vars=True)
+        expected = set(current) if expected is None else set(expected)
+        check_state_dict({k: current[k] for k in expected}, state_dict, source)
+        frozen = frozen_keys(model)
+        for key, value in state_dict.items():
+            value = value.to(dtype=current[key].dtype)
+            if key in frozen:
+                value = self._shared(key, value, current[key])
+            _set_tensor(model, key, value)
+
+    def share_structure(self, model: nn.Module) -> None:
+        """The meta-device path: no weights, share every frozen tensor by name, shape and dtype alone."""
+        state, frozen = model.state_dict(keep_vars=True), frozen_keys(model)
+        self.adopt(model, {k: state[k] for k in frozen}, "meta build", expected=frozen)
+
+
+def finish_loading(model: nn.Module, name: str) -> None:
+    """Raise if a tensor of `model` is still on the meta device (a key no file provided); else sync `model.device`.
+
+    A Lightning module built under the meta device believes it lives there; the no-op `.to()` corrects that.
+    """
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    left = [n for n, t in tensors if t.is_meta]
+    if left:
+        raise RuntimeError(f"{name}: {len(left)} tensors got no weights, e.g. {left[:5]}")
+    model.to(tensors[0][1].device)
+
+
+# ---- what a file says about itself -----------------------------------------------------------------------------
+def recorded(metadata: Mapping[str, str], name: str) -> Any:
+    """The JSON value a weights file records as `fcdiffusion.<name>`, or None."""
+    value = metadata.get(f"fcdiffusion.{name}")
+    return None if value is None else json.loads(value)
+
+
+def _check_kind(metadata: Mapping[str, str], kind: str, source: str) -> None:
+    found = metadata.get("fcdiffusion.kind")
+    if found is not None and found != kind:
+        flag = {"teacher": "--teacher", "student": "--student"}.get(found, "")
+        hint = f" (pass it with {flag})" if flag else ""
+        raise ValueError(f"{source} holds an FCDiffusion {found}, not a {kind}{hint}")
+
+
+def teacher_mode(metadata: Mapping[str, str], source: str, mode: str | None = None) -> str:
+    """The control mode the teacher file `source` serves, checked against `mode` when one is asked for.
+
+    A file that records its mode and was trained for another raises `ModeMismatchError` naming both; a file
+    from before teachers recorded their mode is trusted for `mode` (with a warning), and needs one.
+    """
+    _check_kind(metadata, "teacher", source)
+    modes = recorded(metadata, "modes")
+    if modes:
+        if mode is not None and check_control_mode(mode) != modes[0]:
+            raise ModeMismatchError(f"{source} is the {modes[0]} teacher (trained for control mode '{modes[0]}'); "
+                                    f"it cannot serve control mode '{mode}'")
+        return modes[0]
+    if mode is None:
+        raise ValueError(f"{source} records no control mode (a checkpoint from before teachers recorded theirs, "
+                         f"or an untrained init checkpoint); name the mode it was trained for")
+    log.warning("%s records no control mode; trusting that it is the %s teacher", source, mode)
+    return check_control_mode(mode)
+
+
+def _config(metadata: Mapping[str, str], config: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
+    """An explicit config wins; else the one the file records; else an error saying what to pass."""
+    if config is not None:
+        return dict(config)
+    found = recorded(metadata, "config")
+    if found is None:
+        raise ValueError(f"{source} records no model config (written before weight files described themselves); "
+                         f"pass the config it was trained with (--config)")
+    return found
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+def load_teacher(path: str | os.PathLike, mode: str | None = None,
+                 config: Mapping[str, Any] | None = None) -> FCDiffusion:
+    """The teacher at `path`, loaded strictly and checked to be the teacher of `mode` (if given).
+
+    `config` (the teachers' `{target, params}`) is needed only for files that record none.
+    """
+    source = os.fspath(path)
+    state_dict, metadata = load_checkpoint(path)
+    mode = teacher_mode(metadata, source, mode)
+    config = _config(metadata, config, source)
+    config["params"] = {**config["params"], "control_mode": mode}
+    model = build_on_meta(config)
+    WeightAdopter().adopt(model, state_dict, source)
+    finish_loading(model, source)
+    return model
+
+
+def student_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The student's own keys: a distiller checkpoint's `student.*` entries with the prefix dropped, else as is;
+    keys of older student files renamed (`LEGACY_STUDENT_KEYS`)."""
+    if state_dict and all(k.startswith(STUDENT_PREFIX) for k in state_dict):
+        state_dict = {k[len(STUDENT_PREFIX):]: v for k, v in state_dict.items()}
+    return {LEGACY_STUDENT_KEYS.get(k, k): v for k, v in state_dict.items()}
+
+
+def adopt_student(student: FCDiffusionStudent, state_dict: Mapping[str, torch.Tensor], source: str,
+                  adopter: WeightAdopter | None = None, allow_fcdiffusion: bool = False) -> None:
+    """Load a student strictly from a student file (or distiller checkpoint).
+
+    With `allow_fcdiffusion` (initialising a distillation) the student-only keys may be missing, as in an
+    FCDiffusion checkpoint or a student trained without LoRA: those parameters keep their initialisation (zero
+    mode embedding, zero LoRA update), so the student begins as exactly the loaded network. Any other key
+    difference raises `CheckpointMismatchError`.
+    """
+    state_dict = student_state_dict(state_dict)
+    keys = set(student.state_dict())
+    if allow_fcdiffusion:
+        student.reset_student_parameters()
+        keys -= student.student_only_keys() - set(state_dict)
+    (adopter or WeightAdopter()).adopt(student, state_dict, source, expected=keys)
+    finish_loading(student, source)
+
+
+def load_student(path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> FCDiffusionStudent:
+    """The student at `path` (`student.safetensors` or a distiller checkpoint), loaded strictly.
+
+    `config` (the student's `{target, params}`, see `distilled_student_config`) is needed only for files that
+    record none.
+    """
+    source = os.fspath(path)
+    state_dict, metadata = load_checkpoint(path)
+    _check_kind(metadata, "student", source)
+    student = build_on_meta(_config(metadata, config, source))
+    adopt_student(student, state_dict, source)
+    return student
