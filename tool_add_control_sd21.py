@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from fcdiffusion.paths import DOWNLOAD_HELP
 from ldm.checkpoint import CheckpointMismatchError, check_state_dict, group_keys, load_state_dict, save_state_dict
-from ldm.util import instantiate_from_config, load_config
+from ldm.util import instantiate_from_config, load_config, without_text_encoder_file
 
 CONTROL_PREFIX, UNET_PREFIX = "control_model.", "model.diffusion_model."
 
@@ -56,10 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         sd_state = load_state_dict(args.src, hint=DOWNLOAD_HELP)
-        config = load_config(args.config, overrides)
+        config = OmegaConf.to_container(load_config(args.config, overrides).model, resolve=True)
         # The text encoder's weights come from SRC, so its own file is not needed here.
-        config.model.params.cond_stage_config.params.version = None
-        model = instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
+        model = instantiate_from_config(without_text_encoder_file(config))
         state, copied, new = add_control(sd_state, model.state_dict(), args.src)
     except (FileNotFoundError, CheckpointMismatchError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -66,8 +66,9 @@ def demo_images(n: int, resolution: int) -> tuple[torch.Tensor, list[str]]:
 
 def end_to_end(translator: Translator, image: torch.Tensor, prompt: str, mode: str, seed: int = 0,
                steps: int | None = None) -> Translation:
-    """One image (3, H, W) translated in `mode`: what the speed figures time."""
-    return translator(image[None], [prompt], [mode], seed=seed, control_seed=seed, steps=steps)[mode]
+    """One image (3, H, W) translated in `mode`: what the speed figures time (the control is not decoded)."""
+    return translator(image[None], [prompt], [mode], seed=seed, control_seed=seed, steps=steps,
+                      decode_control=False)[mode]
 
 
 def time_per_image(translator: Translator, images: torch.Tensor, prompts: Sequence[str], steps: int,
@@ -124,7 +125,7 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
         for i, (image, prompt) in enumerate(zip(images, prompts)):
             z, context = teacher.encode(image[None], [prompt])
             run = lambda translator, steps: translator.translate_latents(  # noqa: E731
-                z, context, [mode], seed=1000 + i, control_seed=i, steps=steps)[mode].latents
+                z, context, [mode], seed=1000 + i, control_seed=i, steps=steps, decode_control=False)[mode].latents
             reference = run(teacher, teacher_steps)
             for k in STUDENT_STEPS:
                 errors.setdefault(f"student_k{k}_mse", []).append(torch.mean((run(student, k) - reference) ** 2).item())

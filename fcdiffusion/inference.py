@@ -38,11 +38,12 @@ def batch_images(batch: Mapping[str, Any], image_key: str, prompt_key: str,
 
 @dataclass
 class Translation:
-    """One mode's results for a batch: decoded control signal and result in [-1, 1], and the sampled latents."""
+    """One mode's results for a batch: the decoded result in [-1, 1], the sampled latents, and the decoded control
+    signal (None when not asked for)."""
 
-    control: torch.Tensor
     image: torch.Tensor
     latents: torch.Tensor
+    control: torch.Tensor | None = None
 
 
 class Translator:
@@ -72,7 +73,7 @@ class Translator:
     @torch.no_grad()
     def translate_latents(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str] | None = None,
                           seed: int | Sequence[int] = 0, control_seed: int = 0, steps: int | None = None,
-                          guidance_scale: float | None = None) -> dict[str, Translation]:
+                          guidance_scale: float | None = None, decode_control: bool = True) -> dict[str, Translation]:
         """Steps 2-4 of `__call__` for already encoded sources."""
         modes = list(self.modes if modes is None else modes)
         for mode in modes:
@@ -86,22 +87,23 @@ class Translator:
         for mode in modes:
             # 3. Condition on the prompt and the source latent's DCT band (mini_pass shuffles with `control_seed`).
             cond = self.model.condition(z, context, mode, generator=torch.Generator().manual_seed(control_seed))
-            # 4. Sample, and decode the result and the control signal.
+            # 4. Sample, and decode the result (and the control signal, to show it).
             latents = self.model.sample(cond, x_T, steps=steps, guidance_scale=guidance_scale)
-            results[mode] = Translation(control=self.model.decode_first_stage(cond["c_concat"][0]),
-                                        image=self.model.decode_first_stage(latents), latents=latents)
+            control = self.model.decode_first_stage(cond["c_concat"][0]) if decode_control else None
+            results[mode] = Translation(image=self.model.decode_first_stage(latents), latents=latents, control=control)
         return results
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], modes: Sequence[str] | None = None,
                  seed: int | Sequence[int] = 0, control_seed: int = 0, steps: int | None = None,
-                 guidance_scale: float | None = None) -> dict[str, Translation]:
+                 guidance_scale: float | None = None, decode_control: bool = True) -> dict[str, Translation]:
         """Translate images (B, 3, H, W) in [-1, 1] with their prompts in each of `modes` (default: all served).
 
         `seed`: an int s gives image i the noise seed s + i, a sequence gives each image's seed. `steps` and
         `guidance_scale` default to the model's own (a teacher's `ddim_steps` and scale, the student's
-        `student_steps`; the student takes no guidance scale).
+        `student_steps`; the student takes no guidance scale). `decode_control=False` skips decoding the control
+        signal, a picture for people (one VAE decode per image and mode that the translation itself does not need).
         """
         # 1. Encode the sources (posterior mean) and the prompts.
         z, context = self.encode(images, prompts)
-        return self.translate_latents(z, context, modes, seed, control_seed, steps, guidance_scale)
+        return self.translate_latents(z, context, modes, seed, control_seed, steps, guidance_scale, decode_control)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import save_state_dict
-from ldm.util import instantiate_from_config, load_config
+from ldm.util import instantiate_from_config, load_config, without_text_encoder_file
 
 TINY_SD_CHECKPOINT = "models/v2-1_tiny.ckpt"
 TINY_OPENCLIP_CHECKPOINT = "CLIP-ViT-H-14/open_clip_tiny.bin"
@@ -35,8 +35,8 @@ def build_tiny_base(sd_path: str | os.PathLike = TINY_SD_CHECKPOINT,
                     config: str = "configs/sd21_tiny.yaml", seed: int = 0, std: float = 0.02) -> None:
     """Write a random tiny SD checkpoint to `sd_path` and its text tower, in open_clip's layout, to `clip_path`."""
     torch.manual_seed(seed)
-    cfg = load_config(config, ["model.params.cond_stage_config.params.version=null"])
-    model = instantiate_from_config(OmegaConf.to_container(cfg.model, resolve=True))
+    cfg = OmegaConf.to_container(load_config(config).model, resolve=True)
+    model = instantiate_from_config(without_text_encoder_file(cfg))
     redraw_zero_parameters(model.model, std, torch.Generator().manual_seed(seed))
     save_state_dict(model.state_dict(), sd_path)
     save_state_dict(model.cond_stage_model.model.state_dict(), clip_path)

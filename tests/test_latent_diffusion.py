@@ -5,13 +5,13 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import CheckpointMismatchError, load_state_dict, load_weights, save_state_dict
-from ldm.util import instantiate_from_config, load_config
+from ldm.util import instantiate_from_config, load_config, without_text_encoder_file
 from tests.reference import assert_close_to_reference, sd21_shapes, tensors
 
 
 def build(path, *overrides):
-    config = load_config(path, ["model.params.cond_stage_config.params.version=null", *overrides])
-    return instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
+    config = OmegaConf.to_container(load_config(path, list(overrides)).model, resolve=True)
+    return instantiate_from_config(without_text_encoder_file(config))
 
 
 @pytest.fixture(scope="module")
