@@ -22,17 +22,33 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from fcdiffusion.dataset import FCDiffusionDataset
 from fcdiffusion.distiller import FrequencyDistiller, StudentExport
 from fcdiffusion.frequency import CONTROL_MODES
 from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, distill_checkpoint_dir, student_file, teacher_checkpoint
 from fcdiffusion.student import TRAINABLE_PARTS
-from fcdiffusion.training import RUN_FLAGS, add_flags, apply_flags, build_trainer, fit, resolve_command_line
-from fcdiffusion.weights import teacher_model_config
+from fcdiffusion.training import (
+    RUN_FLAGS,
+    RunFolderBusy,
+    add_flags,
+    apply_flags,
+    build_trainer,
+    check_train_section,
+    fit,
+    load_dataset,
+    resolve_command_line,
+    resume_checkpoint,
+    resume_conflicts,
+    run_folder_lock,
+)
+from fcdiffusion.weights import distilled_student_config, teacher_model_config
 from ldm.checkpoint import CheckpointMismatchError
 from ldm.util import load_config
 
 log = logging.getLogger("fcdiffusion_distill")
 
+# What a resumed distillation must share with its checkpoint (the optimizer state and the sampler depend on them).
+RESUME_FIXED = ("trainable", "lora_rank", "lora_alpha", "student_steps")
 DISTILL_FLAGS = {
     "student_steps": (int, "student sampling steps k (trailing schedule)"),
     "teacher_substeps": (int, "guided teacher DDIM steps per student step"),
@@ -70,6 +86,7 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig
             config.student[key] = getattr(args, flag)
     if args.model_config is not None:
         config.model_config = args.model_config
+    check_train_section(config.train)
     return config
 
 
@@ -105,27 +122,51 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callbac
     config = resolve_command_line(argv, parse_args, resolve_config)
     if config is None:
         return 2
+    try:
+        dataset = load_dataset(config.train)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        with run_folder_lock(checkpoint_folder(config)):
+            return run(config, dataset, extra_callbacks)
+    except RunFolderBusy as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def checkpoint_folder(config: DictConfig) -> str:
+    """Where this distillation's checkpoints go."""
     train = config.train
-    folder = distill_checkpoint_dir(train.logdir)
-    last = os.fspath(folder / LAST_CHECKPOINT)
-    resume = os.path.isfile(last)
-    errors = check_inputs(config, resume)
+    return os.fspath(distill_checkpoint_dir(train.logdir))
+
+
+def run(config: DictConfig, dataset: FCDiffusionDataset, extra_callbacks: Sequence[pl.Callback]) -> int:
+    """The run itself, in a locked checkpoint folder: resume or initialise, then fit; the exit status."""
+    train, folder = config.train, Path(checkpoint_folder(config))
+    resume = resume_checkpoint(folder)
+    errors = check_inputs(config, resume is not None)
     if errors:
         print("error: " + "\n\nerror: ".join(errors), file=sys.stderr)
         return 1
+    if resume:
+        conflicts = resume_conflicts(resume[1], distilled_student_config(config)["params"], RESUME_FIXED)
+        if conflicts:
+            print(f"error: {resume[0]} was distilled with other student options ({'; '.join(conflicts)}); resume "
+                  "with the same options, or distil into another --logdir", file=sys.stderr)
+            return 2
     pl.seed_everything(train.seed, workers=True)
     try:
-        # On resume the student (with the values it is sharing) comes from last.ckpt; fit() then restores the rest.
-        distiller = build_distiller(config, last if resume else config.student.init)
+        # On resume the student (with the values it is sharing) comes from the checkpoint; fit() restores the rest.
+        distiller = build_distiller(config, resume[0] if resume else config.student.init)
     except (CheckpointMismatchError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if resume:
-        log.info("resuming from %s", last)
-    export = StudentExport(student_file(train.logdir))
-    fit(distiller, train, build_trainer(train, os.fspath(folder), "fcdiffusion_distill", [export, *extra_callbacks]),
-        last, resume)
-    return 0
+        log.info("resuming from %s", resume[0])
+    trainer = build_trainer(train, os.fspath(folder), "fcdiffusion_distill",
+                            [StudentExport(student_file(train.logdir)), *extra_callbacks])
+    return fit(distiller, dataset, train, trainer, resume[0] if resume else None, folder / LAST_CHECKPOINT)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,31 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from fcdiffusion.dataset import FCDiffusionDataset
 from fcdiffusion.frequency import check_control_mode
 from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, teacher_checkpoint_dir
-from fcdiffusion.training import RUN_FLAGS, add_flags, apply_flags, build_trainer, fit, resolve_command_line, str2bool
+from fcdiffusion.training import (
+    RUN_FLAGS,
+    RunFolderBusy,
+    add_flags,
+    apply_flags,
+    build_trainer,
+    check_train_section,
+    fit,
+    load_dataset,
+    resolve_command_line,
+    resume_checkpoint,
+    resume_conflicts,
+    run_folder_lock,
+    str2bool,
+)
 from ldm.checkpoint import CheckpointMismatchError, load_weights
 from ldm.util import instantiate_from_config, load_config
 
 log = logging.getLogger("fcdiffusion_train")
 
+# What a resumed run must share with its checkpoint (the optimizer state and the task depend on them).
+RESUME_FIXED = ("sd_locked", "frequency_thresholds", "control_scales")
 TRAIN_FLAGS = {"resume_path": (str, "initial checkpoint (tool_add_control_sd21.py), used when no last.ckpt exists"),
                **RUN_FLAGS}
 
@@ -51,6 +68,7 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig
         params.sd_locked = args.sd_locked
     params.learning_rate = config.train.learning_rate
     check_control_mode(params.control_mode)
+    check_train_section(config.train)
     return config
 
 
@@ -58,15 +76,39 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callbac
     config = resolve_command_line(argv, parse_args, resolve_config)
     if config is None:
         return 2
+    try:
+        dataset = load_dataset(config.train)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        with run_folder_lock(checkpoint_folder(config)):
+            return run(config, dataset, extra_callbacks)
+    except RunFolderBusy as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def checkpoint_folder(config: DictConfig) -> str:
+    """Where this teacher's checkpoints go (one folder per control mode)."""
     train = config.train
+    return os.fspath(os.fspath(teacher_checkpoint_dir(train.logdir, config.model.params.control_mode)))
+
+
+def run(config: DictConfig, dataset: FCDiffusionDataset, extra_callbacks: Sequence[pl.Callback]) -> int:
+    """The run itself, in a locked checkpoint folder: resume or initialise, then fit; the exit status."""
+    train, mode, folder = config.train, config.model.params.control_mode, checkpoint_folder(config)
     pl.seed_everything(train.seed, workers=True)
-    folder = os.fspath(teacher_checkpoint_dir(train.logdir, config.model.params.control_mode))
-    last = os.path.join(folder, LAST_CHECKPOINT)
-    resume = os.path.isfile(last)
+    resume = resume_checkpoint(folder)
     try:
         model = instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
         if resume:
-            log.info("resuming from %s", last)
+            conflicts = resume_conflicts(resume[1], model.model_config()["params"], RESUME_FIXED)
+            if conflicts:
+                print(f"error: {resume[0]} was trained with other settings ({'; '.join(conflicts)}); resume with "
+                      "the same settings, or train into another --logdir", file=sys.stderr)
+                return 2
+            log.info("resuming from %s", resume[0])
         else:
             load_weights(model, train.resume_path, hint=DOWNLOAD_HELP)
     except FileNotFoundError as error:
@@ -77,9 +119,8 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callbac
         print(f"error: {error}", file=sys.stderr)
         return 1
     log.info("%s; control mode %s", model.describe(), model.control_mode)
-    mode = config.model.params.control_mode
-    fit(model, train, build_trainer(train, folder, f"fcdiffusion_{mode}", extra_callbacks), last, resume)
-    return 0
+    trainer = build_trainer(train, folder, f"fcdiffusion_{mode}", extra_callbacks)
+    return fit(model, dataset, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,41 @@
-"""The Lightning run shared by teacher training and distillation: run flags, Trainer, data, fit and resume."""
+"""The Lightning run shared by teacher training and distillation: run flags, Trainer, data, fit and resume.
+
+Nothing a run has done is lost: SIGINT or SIGTERM (a cluster preempting the job) finishes the current step,
+saves `last.ckpt` and exits with 128 + the signal number, so a scheduler sees the run did not finish and the
+same command resumes it. Resume takes `last.ckpt`, or the newest intact `step-*.ckpt` when `last.ckpt` is
+missing or unreadable. A log folder in use by another run is refused, a non-finite loss stops the run with an
+error, and a learning rate changed between runs is applied (and said).
+"""
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
 import logging
+import math
 import os
+import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
 from fcdiffusion.dataset import FCDiffusionDataset
 from fcdiffusion.image_logger import ImageLogger
+from fcdiffusion.paths import LAST_CHECKPOINT
+
+log = logging.getLogger(__name__)
+LATENT_GRID = 64  # image sizes must be multiples of this: 8x VAE downsampling times the UNet's down levels
 
 # Flags that override `train:` entries of a config; None means "take the config's value".
 RUN_FLAGS = {
@@ -77,8 +97,10 @@ def devices_arg(value: Any) -> Any:
 
 
 def build_trainer(train: DictConfig, ckpt_dir: str, run_name: str, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
-    """A Trainer that checkpoints to `ckpt_dir` every N steps (and `last.ckpt`), logs CSV metrics and image grids."""
+    """A Trainer that checkpoints to `ckpt_dir` every N steps (and `last.ckpt`), logs CSV metrics and image grids,
+    and guards the run (`RunGuard`)."""
     callbacks = [
+        RunGuard(os.path.join(ckpt_dir, LAST_CHECKPOINT)),
         ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=train.checkpoint_every,
                         save_top_k=-1, save_last=True, auto_insert_metric_name=False),
         ImageLogger(every_n_steps=train.log_images_every, max_images=min(4, train.batch_size),
@@ -93,10 +115,166 @@ def build_trainer(train: DictConfig, ckpt_dir: str, run_name: str, callbacks: Se
     )
 
 
-def fit(module: pl.LightningModule, train: DictConfig, trainer: pl.Trainer, last: str, resume: bool) -> None:
-    """Train `module` on `train.data`, resuming from `last` when `resume`; always leave `last` up to date."""
-    dataset = FCDiffusionDataset(train.data, resolution=train.resolution)
+def check_train_section(train: DictConfig) -> None:
+    """Raise a ValueError naming the first `train:` entry that would fail later (or train forever)."""
+    positive = ("max_steps", "batch_size", "checkpoint_every", "resolution", "num_nodes")
+    for name in positive:
+        if int(train[name]) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {train[name]}")
+    for name in ("num_workers", "log_images_every"):
+        if int(train[name]) < 0:
+            raise ValueError(f"--{name} must be at least 0, got {train[name]}")
+    if train.resolution % LATENT_GRID:
+        raise ValueError(f"--resolution must be a multiple of {LATENT_GRID} (the latent grid), got {train.resolution}")
+    if not float(train.learning_rate) > 0:
+        raise ValueError(f"--learning_rate must be positive, got {train.learning_rate}")
+
+
+def load_dataset(train: DictConfig) -> FCDiffusionDataset:
+    """The training data named by `train.data`, read before any model is built so a bad index fails at once."""
+    if not os.path.isfile(train.data):
+        raise FileNotFoundError(f"training data index not found: {train.data} (write it with training_data_prepare.py)")
+    return FCDiffusionDataset(train.data, resolution=train.resolution)
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process is training into the same checkpoint folder."""
+
+
+@contextmanager
+def run_folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold `folder` for this run (global rank zero only), or raise `RunFolderBusy` naming the holder.
+
+    An advisory `flock` on `<folder>/.run.lock`: released on exit, and by the kernel when the process dies,
+    however it dies, so a killed run never leaves a stale lock behind.
+    """
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".run.lock"), "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunFolderBusy(f"{folder} is in use by a run still going ({holder}); wait for it to end, or give "
+                                "this run another --logdir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _training_checkpoint(path: Path) -> tuple[dict[str, str] | None, str]:
+    """(metadata, "") if `path` loads as a Lightning training checkpoint, else (None, why not)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # truncated zip, text, empty file: torch raises several types
+        return None, f"{type(error).__name__}: {error}"
+    if not isinstance(checkpoint, Mapping) or not {"state_dict", "global_step"} <= set(checkpoint):
+        return None, "not a Lightning training checkpoint"
+    return dict(checkpoint.get("metadata") or {}), ""
+
+
+def resume_checkpoint(folder: str | os.PathLike) -> tuple[str, dict[str, str]] | None:
+    """(path, metadata) to resume from: `last.ckpt`, else the newest intact `step-*.ckpt` (saying why); or None."""
+    folder = Path(folder)
+    steps = sorted(folder.glob("step-*.ckpt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0), reverse=True)
+    for path in [folder / LAST_CHECKPOINT, *steps]:
+        if not path.is_file():
+            continue
+        metadata, problem = _training_checkpoint(path)
+        if metadata is not None:
+            if path.name != LAST_CHECKPOINT:
+                log.warning("resuming from %s: %s is missing or unreadable", path, LAST_CHECKPOINT)
+            return os.fspath(path), metadata
+        log.warning("skipping unreadable checkpoint %s (%s)", path, problem)
+    return None
+
+
+def resume_conflicts(metadata: Mapping[str, str], current: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+    """'key: checkpoint X, now Y' for each of `keys` whose value in the checkpoint's recorded config (its
+    `fcdiffusion.config` params) differs from the current config's params."""
+    recorded = json.loads(metadata.get("fcdiffusion.config", "{}")).get("params", {})
+    return [f"{key}: checkpoint {recorded.get(key)!r}, now {current.get(key)!r}" for key in keys
+            if key in recorded and recorded.get(key) != current.get(key)]
+
+
+class TrainingStopped(Exception):
+    """A run stopped before `max_steps`: interrupted (its progress saved) or failed; `exit_code` says which."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunGuard(pl.Callback):
+    """Saves progress on SIGINT/SIGTERM and stops on a non-finite loss (checked at the first step and at every
+    logged step, when Lightning reads the loss anyway); applies a changed learning rate on resume.
+
+    A signal only sets a flag: the step in progress finishes, then every rank agrees to stop, `last` is written
+    and `TrainingStopped` carries exit status 128 + signal. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self, last: str | os.PathLike):
+        self.last = os.fspath(last)
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._first_step: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        self._first_step = trainer.global_step
+        rate = getattr(pl_module, "learning_rate", None)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                if rate is not None and not math.isclose(group["lr"], rate):
+                    log.info("learning rate %g from the checkpoint replaced by %g", group["lr"], rate)
+                    group["lr"] = rate
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == (self._first_step or 0) + 1 or step % trainer.log_every_n_steps == 0:
+            loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+            if loss is not None and not torch.isfinite(loss.detach()).all():
+                raise TrainingStopped(f"the loss is {loss.item()} at step {step}: check the weights, the data, "
+                                      "--learning_rate and --precision; last.ckpt was not updated", 1)
+        if trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
+            trainer.save_checkpoint(self.last)
+            name = signal.Signals(self.signum or signal.SIGTERM).name
+            raise TrainingStopped(f"stopped by {name} at step {trainer.global_step}; progress saved to {self.last}; "
+                                  "run the same command to resume", 128 + (self.signum or signal.SIGTERM))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+def fit(module: pl.LightningModule, dataset: FCDiffusionDataset, train: DictConfig, trainer: pl.Trainer,
+        resume_from: str | None, last: str | os.PathLike) -> int:
+    """Train `module`, resuming from `resume_from` if given, and leave `last` up to date; the exit status.
+
+    0 when `max_steps` is reached, 128 + signal when interrupted (progress saved), 1 when the run failed.
+    """
     loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, num_workers=train.num_workers,
                         drop_last=len(dataset) >= train.batch_size, persistent_workers=train.num_workers > 0)
-    trainer.fit(module, loader, ckpt_path=last if resume else None)
-    trainer.save_checkpoint(last)
+    try:
+        trainer.fit(module, loader, ckpt_path=resume_from)
+    except TrainingStopped as stop:
+        print(f"{'error' if stop.exit_code == 1 else 'interrupted'}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    trainer.save_checkpoint(os.fspath(last))
+    return 0

@@ -86,3 +86,10 @@ def distill_args(workdir: Path, logdir: Path, max_steps: int, *extra: str) -> li
             "--max_steps", str(max_steps), "--checkpoint_every", "1", "--batch_size", "2",
             "--student_init", str(paths["mid_pass"]),
             *[a for m in CONTROL_MODES for a in (f"--teacher_{m}", str(paths[m]))], *extra]
+
+
+def train_args(files: SimpleNamespace, logdir: Path, *extra: str) -> list[str]:
+    """fcdiffusion_train.py arguments: the tiny high_pass teacher from the init checkpoint, checkpoints every 2."""
+    return ["--config", TINY_CONFIG, "--control_mode", "high_pass", "--resume_path", str(files.init),
+            "--data", str(files.data), "--logdir", str(logdir), "--batch_size", "2", "--checkpoint_every", "2",
+            "--log_images_every", "2", *extra, *files.overrides]

@@ -12,13 +12,7 @@ import torch
 import fcdiffusion_train
 from fcdiffusion.weights import load_teacher
 from ldm.checkpoint import load_state_dict
-from tests.helpers import TINY_CONFIG
-
-
-def train_args(files, logdir, *extra):
-    return ["--config", TINY_CONFIG, "--control_mode", "high_pass", "--resume_path", str(files.init),
-            "--data", str(files.data), "--logdir", str(logdir), "--batch_size", "2", "--checkpoint_every", "2",
-            "--log_images_every", "2", *extra, *files.overrides]
+from tests.helpers import train_args
 
 
 def metrics(logdir):
