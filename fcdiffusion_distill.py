@@ -29,7 +29,7 @@ from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, distill_checkpoint
 from fcdiffusion.student import TRAINABLE_PARTS
 from fcdiffusion.training import (
     RUN_FLAGS,
-    RunFolderBusy,
+    RunFolderError,
     add_flags,
     apply_flags,
     build_trainer,
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callbac
     try:
         with run_folder_lock(checkpoint_folder(config)):
             return run(config, dataset, extra_callbacks)
-    except RunFolderBusy as error:
+    except RunFolderError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -23,7 +23,7 @@ from fcdiffusion.frequency import check_control_mode
 from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, teacher_checkpoint_dir
 from fcdiffusion.training import (
     RUN_FLAGS,
-    RunFolderBusy,
+    RunFolderError,
     add_flags,
     apply_flags,
     build_trainer,
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callbac
     try:
         with run_folder_lock(checkpoint_folder(config)):
             return run(config, dataset, extra_callbacks)
-    except RunFolderBusy as error:
+    except RunFolderError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

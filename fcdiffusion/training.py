@@ -137,13 +137,14 @@ def load_dataset(train: DictConfig) -> FCDiffusionDataset:
     return FCDiffusionDataset(train.data, resolution=train.resolution)
 
 
-class RunFolderBusy(RuntimeError):
-    """Another process is training into the same checkpoint folder."""
+class RunFolderError(RuntimeError):
+    """The checkpoint folder cannot take this run: another run is using it, or it cannot be written."""
 
 
 @contextmanager
 def run_folder_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold `folder` for this run (global rank zero only), or raise `RunFolderBusy` naming the holder.
+    """Hold `folder` for this run (global rank zero only), or raise `RunFolderError` naming the holder or the
+    reason it cannot be written.
 
     An advisory `flock` on `<folder>/.run.lock`: released on exit, and by the kernel when the process dies,
     however it dies, so a killed run never leaves a stale lock behind.
@@ -151,14 +152,18 @@ def run_folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     if rank_zero_only.rank != 0:
         yield
         return
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, ".run.lock"), "a+") as handle:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handle = open(os.path.join(folder, ".run.lock"), "a+")
+    except OSError as error:
+        raise RunFolderError(f"cannot write checkpoints to {folder}: {error.strerror or error}") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise RunFolderBusy(f"{folder} is in use by a run still going ({holder}); wait for it to end, or give "
+            raise RunFolderError(f"{folder} is in use by a run still going ({holder}); wait for it to end, or give "
                                 "this run another --logdir") from None
         handle.seek(0)
         handle.truncate()

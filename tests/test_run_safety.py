@@ -73,13 +73,17 @@ def test_missing_last_checkpoint_resumes_from_the_newest_step(tiny_files, four_s
     assert global_step(folder / LAST_CHECKPOINT) == 5
 
 
-def test_a_folder_in_use_is_refused(tiny_files, tmp_path, capsys):
+def test_a_folder_in_use_or_unwritable_is_refused(tiny_files, tmp_path, capsys):
     folder = teacher_checkpoint_dir(tmp_path / "logs", "high_pass")
     with run_folder_lock(folder):
         assert fcdiffusion_train.main(train_args(tiny_files, tmp_path / "logs", "--max_steps", "1")) == 1
     assert f"in use by a run still going (pid {os.getpid()})" in capsys.readouterr().err
     assert not (folder / LAST_CHECKPOINT).exists()
     assert fcdiffusion_train.main(train_args(tiny_files, tmp_path / "logs", "--max_steps", "1")) == 0  # released
+    (tmp_path / "a_file").write_text("not a folder")
+    assert fcdiffusion_train.main(train_args(tiny_files, tmp_path / "a_file", "--max_steps", "1")) == 1
+    assert f"cannot write checkpoints to {teacher_checkpoint_dir(tmp_path / 'a_file', 'high_pass')}" in \
+        capsys.readouterr().err
 
 
 def test_a_changed_learning_rate_is_applied_on_resume(tiny_files, four_steps, caplog):
