@@ -118,6 +118,9 @@ def run(config: DictConfig, dataset: FCDiffusionDataset, extra_callbacks: Sequen
     except CheckpointMismatchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except ValueError as error:  # a config the model refuses (e.g. a frequency band empty at this latent size)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     log.info("%s; control mode %s", model.describe(), model.control_mode)
     trainer = build_trainer(train, folder, f"fcdiffusion_{mode}", extra_callbacks)
     return fit(model, dataset, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))

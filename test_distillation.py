@@ -10,8 +10,9 @@
 Each image `<name>.<ext>` in INPUT_DIR is translated with the prompt in `<name>.txt` (or --prompt for all), in
 every requested control mode, from the same seeded noise per image (seed + its index). Writes
 `<out_dir>/<name>_<mode>.png`, its decoded control signal `<out_dir>/<name>_<mode>_control.png`, and
-`<out_dir>/<name>_grid.png` (source | control | result, per mode). An image that cannot be read, or has no
-prompt, is reported and skipped.
+`<out_dir>/<name>_grid.png` (source | control | result, per mode). Images sharing a name (x.png, x.jpg) are
+told apart by their suffix (`x_png_<mode>.png`, `x_jpg_<mode>.png`), so no output overwrites another. An image
+that cannot be read or has no prompt, and any other file that is not a caption, is reported and skipped.
 
 Weight files describe themselves: the student samples with the steps it was distilled for and serves the
 modes it learned, a teacher serves the mode it was trained for (another --mode is an error naming both). Files
@@ -23,7 +24,9 @@ import argparse
 import logging
 import os
 import sys
+from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +48,8 @@ from fcdiffusion.weights import (
 from ldm.checkpoint import CheckpointMismatchError
 from ldm.util import load_config
 
+LATENT_GRID = 64  # pixels per latent cell of the coarsest UNet level: 8x VAE downsampling x 8 (SD 2.1, tiny config)
+
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,7 +66,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="teacher's classifier-free guidance (default: the teacher's own; not for the student)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (image i uses seed + i)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass")
-    parser.add_argument("--resolution", type=int, default=512, help="square size images are resized and cropped to")
+    parser.add_argument("--resolution", type=int, default=512,
+                        help=f"square size images are resized and cropped to (a multiple of {LATENT_GRID})")
     parser.add_argument("--config",
                         help="distillation config, only for weight files that do not describe themselves")
     parser.add_argument("--out_dir", default="outputs/test_distillation", help="where the PNGs go")
@@ -78,11 +84,53 @@ def usage_error(args: argparse.Namespace, overrides: list[str]) -> str | None:
                 "samples without guidance")
     if args.steps is not None and args.steps < 1:
         return f"--steps must be at least 1, got {args.steps}"
+    if args.batch_size < 1:
+        return f"--batch_size must be at least 1, got {args.batch_size}"
+    if args.resolution < 1 or args.resolution % LATENT_GRID:
+        return (f"--resolution must be a positive multiple of {LATENT_GRID}, got {args.resolution} (the VAE and "
+                f"the UNet downsample it {LATENT_GRID}x in all)")
     if overrides and not args.config:
         return f"unrecognised arguments {overrides} (key.sub=value overrides need --config)"
     if not os.path.isdir(args.input_dir):
         return f"input folder not found: {args.input_dir}"
+    return out_dir_problem(args.out_dir)
+
+
+def out_dir_problem(out_dir: str) -> str | None:
+    """Why the outputs could not be written under `out_dir`, if they could not; creates nothing."""
+    existing = Path(os.path.abspath(out_dir))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot write outputs to --out_dir {out_dir}: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write outputs to --out_dir {out_dir}: {existing} is not writable"
     return None
+
+
+def output_names(paths: Sequence[Path]) -> tuple[dict[Path, str], list[str]]:
+    """The name each input's outputs start with (`<name>_<mode>.png`, ...), and a message per naming clash.
+
+    The name is the file's stem; inputs sharing a stem (compared ignoring case, as the file systems of macOS and
+    Windows do) are each named `<stem>_<suffix>` instead (x.png, x.jpg: x_png, x_jpg). An input whose name
+    still matches an earlier one's (x_png.bmp beside those two) gets no name: it would overwrite their outputs.
+    """
+    shared = defaultdict(list)
+    for path in paths:
+        shared[path.stem.casefold()].append(path)
+    names, messages, owners = {}, [], {}
+    for path in paths:
+        group = shared[path.stem.casefold()]
+        name = path.stem if len(group) == 1 else f"{path.stem}_{path.suffix[1:]}"
+        if path == group[0] and len(group) > 1:
+            messages.append(f"{', '.join(p.name for p in group)} share the name {path.stem!r}: their outputs are "
+                            "named " + ", ".join(f"{p.stem}_{p.suffix[1:]}_<mode>.png" for p in group))
+        if name.casefold() in owners:
+            messages.append(f"skipping {path}: its outputs would overwrite those of {owners[name.casefold()]}")
+            continue
+        owners[name.casefold()] = path
+        names[path] = name
+    return names, messages
 
 
 def load_model(args: argparse.Namespace, overrides: list[str]) -> FrequencyControlledLDM:
@@ -113,10 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     translator = Translator(model.eval().to(device))
     pairs, problems = prompted_images(args.input_dir, args.prompt)
-    for message in problems:
+    names, notes = output_names([path for path, _ in pairs])
+    for message in problems + notes:
         print(message, file=sys.stderr)
+    named = [(path, prompt) for path, prompt in pairs if path in names]
+    done, skipped = 0, len(problems) + len(pairs) - len(named)
+    pairs = named
     os.makedirs(args.out_dir, exist_ok=True)
-    done, skipped = 0, len(problems)
     with tqdm(total=len(pairs), desc="translating", unit="img") as progress:
         for start in range(0, len(pairs), args.batch_size):
             batch = []
@@ -135,11 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, (_, path, _, _) in enumerate(batch):
                 columns = {"source": images[i:i + 1]}
                 for mode, result in results.items():
-                    save_image(result.image[i], os.path.join(args.out_dir, f"{path.stem}_{mode}.png"))
-                    save_image(result.control[i], os.path.join(args.out_dir, f"{path.stem}_{mode}_control.png"))
+                    save_image(result.image[i], os.path.join(args.out_dir, f"{names[path]}_{mode}.png"))
+                    save_image(result.control[i], os.path.join(args.out_dir, f"{names[path]}_{mode}_control.png"))
                     columns[f"control {mode}"] = result.control[i:i + 1].cpu()
                     columns[mode] = result.image[i:i + 1].cpu()
-                save_png(labelled_grid(columns), os.path.join(args.out_dir, f"{path.stem}_grid.png"))
+                save_png(labelled_grid(columns), os.path.join(args.out_dir, f"{names[path]}_grid.png"))
             done += len(batch)
             progress.update(len(batch))
     print(f"translated {done} image(s) into {args.out_dir}" + (f"; skipped {skipped}" if skipped else ""))

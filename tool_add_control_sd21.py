@@ -4,7 +4,8 @@
 
 Every SD tensor is kept; each control-net tensor whose name matches a UNet tensor (`control_model.X` <-
 `model.diffusion_model.X`: time embedding, input blocks, middle block) is copied from it; the control net's
-new layers (hint block, zero convolutions) keep their initialisation.
+new layers (hint block, zero convolutions) keep their initialisation, drawn from `--seed` (default 0), so the same
+inputs always give the same file.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import os
 import sys
 
+import torch
 from omegaconf import OmegaConf
 
 from fcdiffusion.paths import DOWNLOAD_HELP
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="output FCDiffusion checkpoint (.ckpt or .safetensors)")
     parser.add_argument("--config", default="configs/model_config.yaml", help="FCDiffusion model config")
     parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new control-net layers' initialisation")
     args, overrides = parser.parse_known_args(argv)
     if os.path.exists(args.dst) and not args.force:
         print(f"error: {args.dst} exists; pass --force to overwrite it", file=sys.stderr)
@@ -57,10 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sd_state = load_state_dict(args.src, hint=DOWNLOAD_HELP)
         config = OmegaConf.to_container(load_config(args.config, overrides).model, resolve=True)
-        # The text encoder's weights come from SRC, so its own file is not needed here.
-        model = instantiate_from_config(without_text_encoder_file(config))
+        # The text encoder's weights come from SRC, so its own file is not needed here. The seed fixes the random
+        # initialisation of the new layers without touching the caller's random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = instantiate_from_config(without_text_encoder_file(config))
         state, copied, new = add_control(sd_state, model.state_dict(), args.src)
-    except (FileNotFoundError, CheckpointMismatchError) as error:
+    except (FileNotFoundError, CheckpointMismatchError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"copied from the SD UNet into the control net ({len(copied)} tensors):\n{group_keys(copied, 3)}")

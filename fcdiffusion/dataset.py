@@ -27,12 +27,27 @@ from torch.utils.data import Dataset
 logger = logging.getLogger(__name__)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, high-bit-depth greyscale scaled rather than clipped.
+
+    PIL's own conversion clips the 32-bit integer and float modes (16-bit PNGs and TIFFs open as ``I;16`` or
+    ``I``) to 0..255, so nearly every pixel of a 16-bit photo turns white. Integers are taken on the 16-bit scale
+    (0..65535, where a 32-bit integer image from a file almost always is) and floats on 0..1; values outside are
+    clipped. Other modes (RGBA, P, LA, CMYK, ...) use PIL's conversion.
+    """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        white = 1.0 if image.mode == "F" else 65535.0
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64)) * (255.0 / white)
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def prepare_image(image: Image.Image, resolution: int) -> np.ndarray:
-    """RGB image resized (Lanczos) so its shorter side is `resolution`, centre-cropped to a square.
+    """RGB image (`to_rgb`) resized (Lanczos) so its shorter side is `resolution`, centre-cropped to a square.
 
     Returns float32 (resolution, resolution, 3) in [-1, 1].
     """
-    image = image.convert("RGB")
+    image = to_rgb(image)
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))

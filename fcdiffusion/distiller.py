@@ -31,7 +31,14 @@ from fcdiffusion.frequency import CONTROL_MODES, band_mask, check_control_mode, 
 from fcdiffusion.inference import Translator, batch_images
 from fcdiffusion.model import Cond, FCDiffusion
 from fcdiffusion.student import STUDENT_OPTIONS, student_config
-from fcdiffusion.weights import WeightAdopter, adopt_student, build_on_meta, finish_loading, teacher_mode
+from fcdiffusion.weights import (
+    WeightAdopter,
+    adopt_student,
+    build_on_meta,
+    check_trained_teacher,
+    finish_loading,
+    teacher_mode,
+)
 from ldm.checkpoint import load_checkpoint, save_state_dict
 from ldm.models.diffusion.ddim import cat_cond, ddim_step, ddim_x0_target, guided_eps, trailing_timesteps
 from ldm.models.diffusion.ddpm import freeze
@@ -145,6 +152,7 @@ class FrequencyDistiller(pl.LightningModule):
             for mode, teacher in teacher_models.items():
                 source = os.fspath(teachers[mode])
                 state_dict, metadata = load_checkpoint(source)
+                check_trained_teacher(state_dict, source)
                 teacher_mode(metadata, source, mode)
                 adopter.adopt(teacher, state_dict, source)
                 finish_loading(teacher, source)

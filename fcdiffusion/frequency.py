@@ -16,11 +16,11 @@ keyword             default  meaning
 ==================  =======  ====================================================
 
 All five keywords are accepted for every mode (a config can carry them all); an unknown name or a
-non-integer value raises TypeError, a negative one ValueError. A band past i + j = H + W - 2 is simply
-empty. The DCT is two matrix products with cached basis matrices; band masks and the anti-diagonal
-ordering the shuffle needs are cached too, so a training step does no host-to-device copies (except
-mini_pass driven by a CPU generator on a GPU latent, which copies one H*W index vector so that the
-result depends only on the seed).
+non-integer value raises TypeError, a negative one ValueError, and so does a band that keeps no coefficient
+of the latent (past i + j = H + W - 2: an all-zero control is never what a config means). The DCT is two
+matrix products with cached basis matrices; band masks and the anti-diagonal ordering the shuffle needs are
+cached too, so a training step does no host-to-device copies (except mini_pass driven by a CPU generator on a
+GPU latent, which copies one H*W index vector so that the result depends only on the seed).
 """
 from __future__ import annotations
 
@@ -132,6 +132,22 @@ def band_limits(mode: str, **thresholds: int) -> tuple[int, int | None]:
     return t["mid_low"], t["mid_high"]
 
 
+# The keyword setting the lower edge of the bands that can miss a latent (low_pass and mini_pass start at 0).
+LOWER_EDGE = {"mid_pass": "mid_low", "high_pass": "high_threshold"}
+
+
+def check_band(mode: str, h: int, w: int, **thresholds: int) -> tuple[int, int | None]:
+    """`band_limits` of `mode`, or a ValueError naming the mode, the band and the size if the band keeps no
+    coefficient of an h x w latent (whose i + j runs from 0 to h + w - 2)."""
+    low, high = band_limits(mode, **thresholds)
+    top = h + w - 2
+    if low > top:
+        band = f"i + j >= {low}" if high is None else f"{low} <= i + j <= {high}"
+        raise ValueError(f"control mode {mode!r} keeps the DCT band {band}, which is empty on a {h}x{w} latent "
+                         f"(i + j <= {top} there): lower {LOWER_EDGE[mode]} to at most {top} for this size")
+    return low, high
+
+
 @lru_cache(maxsize=64)
 def _level_order_cached(h: int, w: int, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):
@@ -163,9 +179,12 @@ def shuffle_index(
 def filter_dct(
     X: torch.Tensor, mode: str, generator: torch.Generator | None = None, **thresholds: int
 ) -> torch.Tensor:
-    """Apply `mode`'s band (and the mini_pass shuffle) to a DCT spectrum over its last two dims."""
-    low, high = band_limits(mode, **thresholds)
+    """Apply `mode`'s band (and the mini_pass shuffle) to a DCT spectrum over its last two dims.
+
+    A band that keeps none of the spectrum's coefficients raises ValueError (`check_band`).
+    """
     h, w = X.shape[-2:]
+    low, high = check_band(mode, h, w, **thresholds)
     if mode == "mini_pass":
         X = X.flatten(-2)[..., shuffle_index(h, w, generator, X.device)].unflatten(-1, (h, w))
     return torch.where(band_mask(h, w, low, high, X.device), X, 0.0)

@@ -13,15 +13,24 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF gives its first frame
 SKIP_REASONS = ("no_caption", "empty_caption", "unreadable_caption", "corrupt_image")
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """Every image file under `root` (recursively, hidden entries ignored), sorted by path."""
-    found = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+    """Every image file under `root` (recursively, hidden entries ignored), sorted by path.
+
+    Symlinked folders are followed (shards often live on other disks), each real folder once: a second link
+    to it, or a link cycle, adds nothing.
+    """
+    found, visited = [], set()
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited:
+            subdirs[:] = []
+            continue
+        visited.add(real)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))  # sorted: the first name of a folder wins
         found.extend(
             Path(directory, f) for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)
         )
@@ -29,11 +38,14 @@ def find_images(root: str | os.PathLike) -> list[Path]:
 
 
 def read_caption(image: Path) -> str | None:
-    """The caption beside `image` with whitespace runs collapsed; None when there is no caption file."""
+    """The caption beside `image` with whitespace runs collapsed; None when there is no caption file.
+
+    UTF-8, with or without the byte-order mark some editors write (which would otherwise start the prompt).
+    """
     caption = image.with_suffix(".txt")
     if not caption.is_file():
         return None
-    return " ".join(caption.read_text(encoding="utf-8").split())
+    return " ".join(caption.read_text(encoding="utf-8-sig").split())
 
 
 def image_is_valid(path: Path) -> bool:
@@ -62,18 +74,24 @@ def check_pair(image: Path) -> tuple[str | None, str]:
 
 
 def relative_to(path: Path, base: Path) -> str:
-    """`path` relative to `base` with forward slashes, or absolute when no relative path exists."""
+    """`path` (absolute) relative to `base` with forward slashes, or absolute when no relative path exists."""
     try:
-        return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+        return Path(os.path.relpath(path, base.resolve())).as_posix()
     except ValueError:
-        return path.resolve().as_posix()
+        return path.as_posix()
 
 
 def collect_pairs(
     data_root: str | os.PathLike, base_dir: str | os.PathLike, workers: int = 4
 ) -> tuple[list[dict[str, str]], Counter]:
-    """Records for every usable image under `data_root` (paths relative to `base_dir`) and skip counts."""
-    images = find_images(data_root)
+    """Records for every usable image under `data_root` (paths relative to `base_dir`) and skip counts.
+
+    The root and `base_dir` are resolved; links inside the root are kept, so an image in a linked shard is
+    recorded through the link and the folder and its index still move together.
+    """
+    root = Path(data_root)
+    real_root = root.resolve()
+    images = find_images(root)
     records, skipped = [], Counter()
     with ThreadPoolExecutor(max(1, workers)) as pool:
         checks = pool.map(check_pair, images)
@@ -81,18 +99,25 @@ def collect_pairs(
             if reason:
                 skipped[reason] += 1
             else:
-                records.append({"img_path": relative_to(image, Path(base_dir)), "prompt": caption})
+                path = real_root / image.relative_to(root)
+                records.append({"img_path": relative_to(path, Path(base_dir)), "prompt": caption})
     return records, skipped
 
 
 def prompted_images(input_dir: str | os.PathLike, prompt: str | None = None
                     ) -> tuple[list[tuple[Path, str]], list[str]]:
-    """(image, prompt) pairs of the images directly in `input_dir` (sorted), and a message per image skipped.
+    """(image, prompt) pairs of the images directly in `input_dir` (sorted), and a message per file skipped.
 
     The prompt is `prompt` when given, else the image's caption; an image without a usable caption is skipped.
+    Every other file is reported as skipped too, except `.txt` captions, hidden files and subfolders.
     """
     pairs, problems = [], []
-    for path in sorted(p for p in Path(input_dir).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in sorted(Path(input_dir).iterdir()):
+        if path.name.startswith(".") or path.is_dir() or path.suffix.lower() == ".txt":
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            problems.append(f"skipping {path}: not a supported image type ({' '.join(IMAGE_SUFFIXES)})")
+            continue
         if prompt is not None:
             pairs.append((path, prompt))
             continue

@@ -23,7 +23,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from fcdiffusion.control_net import ControlPair
-from fcdiffusion.frequency import check_control_mode, frequency_control
+from fcdiffusion.frequency import CONTROL_MODES, check_band, check_control_mode, frequency_control
 from fcdiffusion.inference import Translator, batch_images
 from ldm.models.diffusion.ddpm import LatentDiffusion, freeze
 from ldm.util import instantiate_from_config, without_text_encoder_file
@@ -63,8 +63,10 @@ class FrequencyControlledLDM(LatentDiffusion):
         freeze(self.model)
         for p in self.unlocked_unet_parameters():
             p.requires_grad_(True)
-        # Validate the thresholds now rather than at the first training step.
-        frequency_control(torch.zeros(1, 1, 8, 8), "mid_pass", **self.frequency_thresholds)
+        # Validate the thresholds now rather than at the first training step: every mode's band (the thresholds
+        # are one setting for all teachers and the student) must keep part of this model's latent.
+        for mode in CONTROL_MODES:
+            check_band(mode, self.image_size, self.image_size, **self.frequency_thresholds)
 
     # ---- what trains ----------------------------------------------------------------------------------------
     def unlocked_unet_parameters(self) -> list[nn.Parameter]:

@@ -176,6 +176,25 @@ def teacher_mode(metadata: Mapping[str, str], source: str, mode: str | None = No
     return check_control_mode(mode)
 
 
+ZERO_INITIALISED = tuple(f"control_model.{name}." for name in (
+    "zero_convs_add", "zero_convs_mul", "middle_block_out_add", "middle_block_out_mul", "hint_add", "hint_mul"))
+
+
+class UntrainedTeacherError(ValueError):
+    """A teacher file whose control net has never trained (the init checkpoint of tool_add_control_sd21.py)."""
+
+
+def check_trained_teacher(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise `UntrainedTeacherError` if the control net's zero-initialised output layers (`ZERO_INITIALISED`) are
+    all exactly zero: such a control net adds nothing, so the "teacher" is plain SD and would teach nothing."""
+    outputs = [v for k, v in state_dict.items() if k.startswith(ZERO_INITIALISED)]
+    if outputs and not any(v.is_meta or v.any() for v in outputs):
+        raise UntrainedTeacherError(
+            f"{source} looks like an untrained init checkpoint (tool_add_control_sd21.py output): the output layers "
+            "of its control net are all zero, so it would teach plain SD; train it with fcdiffusion_train.py first "
+            "and pass the checkpoint training writes")
+
+
 def _config(metadata: Mapping[str, str], config: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
     """An explicit config wins; else the one the file records; else an error saying what to pass."""
     if config is not None:
@@ -190,12 +209,13 @@ def _config(metadata: Mapping[str, str], config: Mapping[str, Any] | None, sourc
 # ---- loading ------------------------------------------------------------------------------------------------------
 def load_teacher(path: str | os.PathLike, mode: str | None = None,
                  config: Mapping[str, Any] | None = None) -> FCDiffusion:
-    """The teacher at `path`, loaded strictly and checked to be the teacher of `mode` (if given).
+    """The teacher at `path`, loaded strictly and checked to be trained and the teacher of `mode` (if given).
 
     `config` (the teachers' `{target, params}`) is needed only for files that record none.
     """
     source = os.fspath(path)
     state_dict, metadata = load_checkpoint(path)
+    check_trained_teacher(state_dict, source)
     mode = teacher_mode(metadata, source, mode)
     config = _config(metadata, config, source)
     config["params"] = {**config["params"], "control_mode": mode}

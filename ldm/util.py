@@ -8,7 +8,11 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
+import socket
+import stat
 import tempfile
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -42,19 +46,83 @@ def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(seen.values())
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux's /proc; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but not ours to signal
+        pass
+    return True
+
+
+# Temp files of atomic writes: `.<name>.<host>-<pid>.<random>.tmp`, so a later write can tell which were left by a
+# process of this machine that died mid-write (a kill never reaches the cleanup) and remove them.
+_HOST_TAG = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+_TEMP_TAIL = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[a-z0-9_]+\.tmp")
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[str]:
+    """Remove the temp files that atomic writes of `path` by dead processes of this machine left; their paths.
+
+    Those of live processes (writes in progress), of other machines (a shared disk) and of other targets stay.
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory, prefix = os.path.dirname(path), "." + os.path.basename(path) + "."
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        match = _TEMP_TAIL.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
+        if match is None or match["host"] != _HOST_TAG or _pid_alive(int(match["pid"])):
+            continue
+        try:
+            os.remove(entry.path)
+        except FileNotFoundError:  # another writer cleaned it first
+            continue
+        removed.append(entry.path)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
-    A crash mid-write leaves the old file (or none), never a truncated one.
+    A crash mid-write leaves the old file (or none), never a truncated one; temp files that earlier writers of
+    `path` left when killed are removed first. The file gets the mode a plain `open()` would give it: an existing
+    file's own, else 0o666 less the umask (not mkstemp's 0o600).
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    remove_stale_temp_files(path)
+    prefix = f".{os.path.basename(path)}.{_HOST_TAG}-{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

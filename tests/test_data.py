@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import training_data_prepare
-from fcdiffusion.dataset import FCDiffusionDataset
+from fcdiffusion.dataset import FCDiffusionDataset, load_image, prepare_image
 from fcdiffusion.demo_data import CAPTIONS, export_demo_dataset
 
 
@@ -173,3 +173,71 @@ def test_full_demo_export_feeds_prepare_and_dataset(tmp_path: Path) -> None:
     assert {Path(r["img_path"]).stem: r["prompt"] for r in records} == CAPTIONS
     dataset = FCDiffusionDataset(output, resolution=16)
     assert all(dataset[i]["jpg"].shape == (16, 16, 3) for i in range(len(dataset))) and dataset.skipped == 0
+
+
+def test_prepare_never_replaces_an_index_with_fewer_records(index: Path, photo_tree: Path, capsys) -> None:
+    good = index.read_bytes()
+    capsys.readouterr()
+    (photo_tree / "empty").mkdir()
+    for root, found in [(photo_tree / "empty", 0), (photo_tree / "data" / "00000", 2)]:  # a typo; a lost shard
+        assert training_data_prepare.main(["--data_root", str(root), "--output", str(index)]) == 1
+        assert index.read_bytes() == good
+        error = capsys.readouterr().err
+        assert f"(4 records) with {found} records found" in error and "--force" in error
+
+    # --force replaces it; a scan with as many records or more needs no --force.
+    assert training_data_prepare.main(["--data_root", str(photo_tree / "data" / "00000"), "--output", str(index),
+                                       "--force"]) == 0
+    assert len(index.read_text(encoding="utf-8").splitlines()) == 2
+    assert training_data_prepare.main(["--data_root", str(photo_tree / "data"), "--output", str(index)]) == 0
+    assert index.read_bytes() == good
+
+
+def test_prepare_follows_symlinked_shards_without_looping(photo_tree: Path) -> None:
+    save(photo_tree / "disk2" / "shard" / "camera.png", skimage.data.camera(), "a cameraman")
+    (photo_tree / "data" / "linked").symlink_to(photo_tree / "disk2" / "shard", target_is_directory=True)
+    (photo_tree / "data" / "00000" / "loop").symlink_to(photo_tree / "data", target_is_directory=True)  # a cycle
+    output = photo_tree / "training_data.json"
+    assert training_data_prepare.main(["--data_root", str(photo_tree / "data"), "--output", str(output)]) == 0
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    # Paths go through the link, so the folder and its index still move together; each image appears once.
+    linked = {"img_path": "data/linked/camera.png", "prompt": "a cameraman"}
+    assert records == sorted([*EXPECTED, linked], key=lambda r: r["img_path"])
+    assert FCDiffusionDataset(output, resolution=16)[records.index(linked)]["txt"] == "a cameraman"
+
+
+def test_prepare_reads_gifs_and_drops_a_captions_byte_order_mark(tmp_path: Path) -> None:
+    save(tmp_path / "data" / "coffee.gif", skimage.data.coffee())
+    (tmp_path / "data" / "coffee.txt").write_text("a cup of coffee", encoding="utf-8-sig")
+    output = tmp_path / "training_data.json"
+    assert training_data_prepare.main(["--data_root", str(tmp_path / "data"), "--output", str(output)]) == 0
+    assert json.loads(output.read_text(encoding="utf-8")) == {"img_path": "data/coffee.gif",
+                                                              "prompt": "a cup of coffee"}
+    image = FCDiffusionDataset(output, resolution=32)[0]["jpg"]
+    assert image.shape == (32, 32, 3) and image.std() > 0.1
+
+
+def test_high_bit_depth_greyscale_loads_like_its_8_bit_version(tmp_path: Path) -> None:
+    camera = skimage.data.camera()
+    camera16 = camera.astype(np.uint16) * 257  # 0..255 -> 0..65535
+    Image.fromarray(camera).save(tmp_path / "camera8.png")
+    Image.fromarray(camera16).save(tmp_path / "camera16.png")
+    assert Image.open(tmp_path / "camera16.png").mode == "I;16"
+    eight = load_image(tmp_path / "camera8.png", 64)
+    assert eight.std() > 0.2  # a photo, so a white or clipped result could not pass below
+    assert np.abs(load_image(tmp_path / "camera16.png", 64) - eight).max() <= 1 / 127.5
+
+    # The other high-bit-depth modes PIL hands over: 32-bit ints on the 16-bit scale, big-endian 16-bit, floats
+    # on [0, 1].
+    for image in [Image.fromarray(camera16.astype(np.int32)), Image.fromarray(camera16.astype(">u2")),
+                  Image.fromarray(camera.astype(np.float32) / 255)]:
+        assert image.mode in ("I", "I;16B", "F")
+        assert np.abs(prepare_image(image, 64) - eight).max() <= 1 / 127.5, image.mode
+
+    # Colour modes still go through PIL's own conversion.
+    astronaut = Image.fromarray(skimage.data.astronaut())
+    rgb = prepare_image(astronaut, 64)
+    for mode in ("RGBA", "CMYK", "LA"):
+        expected = prepare_image(astronaut.convert(mode).convert("RGB"), 64)
+        assert np.array_equal(prepare_image(astronaut.convert(mode), 64), expected), mode
+    assert np.abs(prepare_image(astronaut.convert("RGBA"), 64) - rgb).max() == 0

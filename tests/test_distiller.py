@@ -6,7 +6,7 @@ import torch
 
 from fcdiffusion.distiller import DistillOptions, FrequencyDistiller, band_energies
 from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.weights import ModeMismatchError, teacher_model_config
+from fcdiffusion.weights import ModeMismatchError, UntrainedTeacherError, teacher_model_config
 from ldm.util import load_config
 from tests.helpers import SD_DISTILL_CONFIG, teacher_paths
 
@@ -124,11 +124,14 @@ def test_loss_is_the_sum_of_its_named_parts(workdir, model_config, distill_confi
         assert teacher.get_parameter(key) is distiller.student.get_parameter(key)
 
 
-def test_a_teacher_given_for_another_mode_is_refused(workdir, model_config, distill_config):
+def test_a_teacher_given_for_another_mode_or_untrained_is_refused(workdir, model_config, distill_config, tiny_files):
     paths = teacher_paths(workdir / "logs")
     swapped = {**paths, "low_pass": paths["high_pass"]}
     with pytest.raises(ModeMismatchError, match="high_pass teacher.*'low_pass'"):
         FrequencyDistiller(model_config, swapped, paths["mid_pass"], {}, dict(distill_config.distill))
+    untrained = {**paths, "mini_pass": tiny_files.init}  # tool_add_control_sd21.py output: never trained
+    with pytest.raises(UntrainedTeacherError, match="untrained init checkpoint"):
+        FrequencyDistiller(model_config, untrained, paths["mid_pass"], {}, dict(distill_config.distill))
 
 
 def test_sd21_distiller_on_meta_holds_under_45_percent_of_five_models():

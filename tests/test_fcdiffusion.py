@@ -1,10 +1,13 @@
 """The FCDiffusion teacher model and the tool that builds its initial checkpoint."""
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import tool_add_control_sd21
 from fcdiffusion.frequency import CONTROL_MODES, frequency_control
+from fcdiffusion.weights import UntrainedTeacherError, check_trained_teacher, load_teacher
 from ldm.checkpoint import load_state_dict
+from ldm.util import instantiate_from_config, load_config, without_text_encoder_file
 from tests.helpers import TINY_CONFIG, tiny_model
 
 BATCH = {"jpg": torch.rand(2, 128, 128, 3) * 2 - 1, "txt": ["a cat on a sofa", "a rocket at dawn"]}
@@ -99,3 +102,50 @@ def test_tool_add_control_refuses_overwrite_missing_and_non_sd_files(tiny_files,
     assert tool_add_control_sd21.main([str(not_sd), str(tmp_path / "o.ckpt"), *args]) == 1
     assert "not a Stable Diffusion 2.x checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "o.ckpt").exists()
+
+
+def test_tool_add_control_is_seeded_and_a_seed_changes_the_new_layers_only(tiny_files, tmp_path, capsys):
+    args = [str(tiny_files.sd), "--config", TINY_CONFIG]
+    rng = torch.random.get_rng_state()
+    assert tool_add_control_sd21.main([args[0], str(tmp_path / "seed0.ckpt"), *args[1:], "--seed", "0"]) == 0
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's random state is left alone
+    assert tool_add_control_sd21.main([args[0], str(tmp_path / "seed1.ckpt"), *args[1:], "--seed", "1"]) == 0
+    new_layers = capsys.readouterr().out.split("new control-net layers")[1]
+    # tiny_files.init was written by an earlier run with the default seed: the same bytes.
+    assert (tmp_path / "seed0.ckpt").read_bytes() == tiny_files.init.read_bytes()
+    seed0, seed1 = load_state_dict(tmp_path / "seed0.ckpt"), load_state_dict(tmp_path / "seed1.ckpt")
+    assert set(seed0) == set(seed1)
+    differ = sorted(k for k in seed0 if not torch.equal(seed0[k], seed1[k]))
+    assert differ == ["control_model.input_hint_block.0.bias", "control_model.input_hint_block.0.weight"]
+    assert "control_model.input_hint_block.* (2)" in new_layers
+
+
+def test_untrained_init_checkpoint_is_refused_as_a_teacher(tiny_files, model_config):
+    for mode, config in [(None, None), ("mid_pass", model_config)]:
+        with pytest.raises(UntrainedTeacherError) as info:
+            load_teacher(tiny_files.init, mode, config)
+        message = str(info.value)
+        assert str(tiny_files.init) in message and "untrained init checkpoint (tool_add_control_sd21.py" in message
+        assert "fcdiffusion_train.py" in message
+    state = load_state_dict(tiny_files.init)
+    with pytest.raises(UntrainedTeacherError):
+        check_trained_teacher(state, "init")
+    key = "control_model.middle_block_out_mul.0.bias"
+    check_trained_teacher({**state, key: state[key] + 1e-3}, "a control net that trained")
+
+
+def test_frequency_bands_are_checked_at_the_models_latent_size(tiny_files):
+    # 16x16 latents: i + j <= 30, so a high_pass band from 31 (or a mid band from 31) keeps nothing.
+    for override, mode, band in [("high_threshold=31", "high_pass", "i + j >= 31"),
+                                 ("mid_low=31", "mid_pass", "31 <= i + j <= 40")]:
+        overrides = [f"model.params.frequency_thresholds.{override}", "model.params.frequency_thresholds.mid_high=40"]
+        with pytest.raises(ValueError) as info:
+            tiny_model(tiny_files, "model.params.control_mode=low_pass", *overrides)  # every mode is checked
+        assert f"control mode '{mode}' keeps the DCT band {band}, which is empty on a 16x16 latent" in str(info.value)
+    model = tiny_model(tiny_files, "model.params.frequency_thresholds.high_threshold=30",
+                       "model.params.control_mode=high_pass")  # the last anti-diagonal is a band still
+    assert model.condition(torch.randn(1, 4, 16, 16), torch.zeros(1, 77, 16), "high_pass")["c_concat"][0].any()
+    with torch.device("meta"):  # the SD config: 64x64 latents, the paper's thresholds
+        sd = instantiate_from_config(without_text_encoder_file(
+            OmegaConf.to_container(load_config("configs/model_config.yaml").model, resolve=True)))
+    assert sd.image_size == 64 and sd.frequency_thresholds["high_threshold"] == 50

@@ -183,3 +183,32 @@ def test_cached_tensors_from_inference_mode_still_support_backward() -> None:
     z = photo_batch(1, 17, 19).requires_grad_()
     frequency_control(z, "mini_pass", generator=torch.Generator().manual_seed(0)).square().sum().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "mode, thresholds, band",
+    [
+        ("high_pass", {"high_threshold": 50}, "i + j >= 50"),  # the SD threshold on a tiny 16x16 latent
+        ("high_pass", {"high_threshold": 31}, "i + j >= 31"),
+        ("mid_pass", {"mid_low": 31, "mid_high": 40}, "31 <= i + j <= 40"),
+    ],
+)
+def test_a_band_that_keeps_no_coefficient_is_an_error(mode: str, thresholds: dict, band: str) -> None:
+    z = latent_like()[..., ::4, ::4]  # (2, 3, 16, 16)
+    with pytest.raises(ValueError) as info:
+        frequency_control(z, mode, **thresholds)
+    assert f"control mode '{mode}' keeps the DCT band {band}, which is empty on a 16x16 latent" in str(info.value)
+    with pytest.raises(ValueError, match="16x16"):
+        filter_dct(dct_2d(z), mode, **thresholds)
+    with pytest.raises(ValueError, match="13x21"):  # non-square: i + j <= 32
+        frequency_control(photo_batch(1, 13, 21), mode, **{k: v + 2 for k, v in thresholds.items()})
+
+
+def test_a_band_on_the_last_anti_diagonal_keeps_that_coefficient() -> None:
+    z = latent_like()[..., ::4, ::4]
+    kept = dct_2d(frequency_control(z, "high_pass", high_threshold=30))
+    torch.testing.assert_close(kept[..., 15, 15], dct_2d(z)[..., 15, 15], atol=1e-12, rtol=0)
+    assert kept[..., 15, 15].abs().min() > 0 and kept[..., :15, :].abs().max() < 1e-12
+    for mode, thresholds in [("mid_pass", {"mid_low": 30, "mid_high": 40}), ("low_pass", {"low_threshold": 0}),
+                             ("mini_pass", {"mini_threshold": 0})]:
+        assert frequency_control(z, mode, **thresholds).abs().max() > 0
