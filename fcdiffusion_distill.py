@@ -29,17 +29,15 @@ from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, distill_checkpoint
 from fcdiffusion.student import TRAINABLE_PARTS
 from fcdiffusion.training import (
     RUN_FLAGS,
-    RunFolderError,
     add_flags,
     apply_flags,
     build_trainer,
     check_train_section,
     fit,
-    load_dataset,
+    locked_run,
     resolve_command_line,
     resume_checkpoint,
     resume_conflicts,
-    run_folder_lock,
 )
 from fcdiffusion.weights import distilled_student_config, teacher_model_config
 from ldm.checkpoint import CheckpointMismatchError
@@ -122,17 +120,7 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callbac
     config = resolve_command_line(argv, parse_args, resolve_config)
     if config is None:
         return 2
-    try:
-        dataset = load_dataset(config.train)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    try:
-        with run_folder_lock(checkpoint_folder(config)):
-            return run(config, dataset, extra_callbacks)
-    except RunFolderError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return locked_run(config.train, checkpoint_folder(config), lambda dataset: run(config, dataset, extra_callbacks))
 
 
 def checkpoint_folder(config: DictConfig) -> str:

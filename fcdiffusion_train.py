@@ -23,17 +23,15 @@ from fcdiffusion.frequency import check_control_mode
 from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, teacher_checkpoint_dir
 from fcdiffusion.training import (
     RUN_FLAGS,
-    RunFolderError,
     add_flags,
     apply_flags,
     build_trainer,
     check_train_section,
     fit,
-    load_dataset,
+    locked_run,
     resolve_command_line,
     resume_checkpoint,
     resume_conflicts,
-    run_folder_lock,
     str2bool,
 )
 from ldm.checkpoint import CheckpointMismatchError, load_weights
@@ -76,17 +74,7 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callbac
     config = resolve_command_line(argv, parse_args, resolve_config)
     if config is None:
         return 2
-    try:
-        dataset = load_dataset(config.train)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    try:
-        with run_folder_lock(checkpoint_folder(config)):
-            return run(config, dataset, extra_callbacks)
-    except RunFolderError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return locked_run(config.train, checkpoint_folder(config), lambda dataset: run(config, dataset, extra_callbacks))
 
 
 def checkpoint_folder(config: DictConfig) -> str:

@@ -25,7 +25,7 @@ from PIL import Image
 from fcdiffusion.dataset import prepare_image
 from fcdiffusion.demo_data import CAPTIONS, load_photo
 from fcdiffusion.distiller import FrequencyDistiller
-from fcdiffusion.frequency import CONTROL_MODES
+from fcdiffusion.frequency import CONTROL_MODES, scale_thresholds
 from fcdiffusion.inference import Translation, Translator
 from fcdiffusion.model import FCDiffusion
 from fcdiffusion.student import FCDiffusionStudent, student_config
@@ -84,14 +84,26 @@ def time_per_image(translator: Translator, images: torch.Tensor, prompts: Sequen
     return (time.perf_counter() - start) / (repeats * len(prompts))
 
 
+def resized_config(config: Mapping[str, Any], resolution: int) -> dict[str, Any]:
+    """`config`'s teacher at `resolution` px with random weights (no text-encoder file), serving `SPEED_MODE`.
+
+    The band edges are scaled with the latent, so a reduced resolution keeps each band's share of the spectrum.
+    """
+    config = without_text_encoder_file(copy.deepcopy(dict(config)))
+    params = config["params"]
+    latent = resolution // 8
+    thresholds = scale_thresholds(params.get("frequency_thresholds"), latent, params["image_size"])
+    params.update(image_size=latent, control_mode=SPEED_MODE, frequency_thresholds=thresholds)
+    return config
+
+
 def random_pair(config: Mapping[str, Any], resolution: int,
                 device: torch.device) -> tuple[FCDiffusion, FCDiffusionStudent]:
     """A random-weight teacher of `config`'s architecture at `resolution` px and a student sharing its tensors."""
-    config = without_text_encoder_file(copy.deepcopy(dict(config)))
-    config["params"].update(image_size=resolution // 8, control_mode=SPEED_MODE)
     torch.manual_seed(0)
-    teacher = instantiate_from_config(config).eval().to(device)
-    student = build_on_meta(student_config(config))
+    teacher_config = resized_config(config, resolution)
+    teacher = instantiate_from_config(teacher_config).eval().to(device)
+    student = build_on_meta(student_config(teacher_config))
     adopt_student(student, teacher.state_dict(), "random teacher", allow_fcdiffusion=True)
     return teacher, student.eval().to(device)  # moves only the student's own (zero) mode embedding
 

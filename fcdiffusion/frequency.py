@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Mapping
 from functools import lru_cache
 
 import torch
@@ -130,6 +131,15 @@ def band_limits(mode: str, **thresholds: int) -> tuple[int, int | None]:
     if t["mid_low"] > t["mid_high"]:
         raise ValueError(f"mid_low ({t['mid_low']}) must not exceed mid_high ({t['mid_high']})")
     return t["mid_low"], t["mid_high"]
+
+
+def scale_thresholds(thresholds: Mapping[str, int] | None, size: int, reference_size: int = 64) -> dict[str, int]:
+    """Band edges set for a `reference_size` latent (SD's 64x64), scaled down to a `size` x `size` latent.
+
+    The rule of the tiny configs (16x16 latents): each edge times size / reference_size, rounded down.
+    """
+    edges = {**DEFAULT_THRESHOLDS, **dict(thresholds or {})}
+    return {name: value * size // reference_size for name, value in edges.items()}
 
 
 # The keyword setting the lower edge of the bands that can miss a latent (low_pass and mini_pass start at 0).

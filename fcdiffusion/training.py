@@ -141,6 +141,22 @@ class RunFolderError(RuntimeError):
     """The checkpoint folder cannot take this run: another run is using it, or it cannot be written."""
 
 
+def locked_run(train: DictConfig, folder: str | os.PathLike, run: Callable[[FCDiffusionDataset], int]) -> int:
+    """Read the data index, lock the checkpoint `folder`, then `run(dataset)`; its exit status, or 1 with one
+    message when the index or the folder cannot be used (before any model is built)."""
+    try:
+        dataset = load_dataset(train)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        with run_folder_lock(folder):
+            return run(dataset)
+    except RunFolderError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
 @contextmanager
 def run_folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold `folder` for this run (global rank zero only), or raise `RunFolderError` naming the holder or the

@@ -142,3 +142,15 @@ def test_sd21_distiller_on_meta_holds_under_45_percent_of_five_models():
     assert full > 1.6e9  # SD 2.1-base + control net
     assert counts["resident"] <= 0.45 * 5 * full, counts
     assert counts["resident"] < 0.45 * counts["independent"]
+
+
+def test_benchmark_builds_the_sd21_architecture_at_a_reduced_resolution():
+    """The speed benchmark times SD 2.1-base at 128 px: bands scaled to the 16x16 latent, student alongside."""
+    from fcdiffusion.benchmark import resized_config
+    from fcdiffusion.student import student_config
+    from fcdiffusion.weights import build_on_meta
+
+    config = resized_config(teacher_model_config(load_config(SD_DISTILL_CONFIG)), 128)
+    assert config["params"]["image_size"] == 16 and config["params"]["frequency_thresholds"]["high_threshold"] == 12
+    teacher, student = build_on_meta(config), build_on_meta(student_config(config))
+    assert teacher.modes == ("mid_pass",) and student.image_size == 16

@@ -12,11 +12,13 @@ import torch
 from fcdiffusion.frequency import (
     CONTROL_MODES,
     band_mask,
+    check_band,
     dct_2d,
     dct_matrix,
     filter_dct,
     frequency_control,
     idct_2d,
+    scale_thresholds,
     shuffle_index,
 )
 
@@ -212,3 +214,14 @@ def test_a_band_on_the_last_anti_diagonal_keeps_that_coefficient() -> None:
     for mode, thresholds in [("mid_pass", {"mid_low": 30, "mid_high": 40}), ("low_pass", {"low_threshold": 0}),
                              ("mini_pass", {"mini_threshold": 0})]:
         assert frequency_control(z, mode, **thresholds).abs().max() > 0
+
+
+def test_scaled_thresholds_are_the_tiny_configs_and_keep_every_band():
+    from omegaconf import OmegaConf
+
+    tiny = OmegaConf.load("configs/model_config_tiny.yaml").model.params.frequency_thresholds
+    assert scale_thresholds(None, 16) == dict(tiny)  # the tiny config's rule: 64x64 edges times 16/64
+    assert scale_thresholds(dict(tiny), 16, reference_size=16) == dict(tiny)
+    for size in (8, 16, 32):
+        for mode in CONTROL_MODES:
+            check_band(mode, size, size, **scale_thresholds(None, size))
