@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fcdiffusion.dataset import load_image
+from fcdiffusion.dataset import LATENT_GRID, load_image
 from fcdiffusion.frequency import CONTROL_MODES
 from fcdiffusion.image_folder import prompted_images
 from fcdiffusion.images import labelled_grid, save_image, save_png
@@ -47,8 +47,6 @@ from fcdiffusion.weights import (
 )
 from ldm.checkpoint import CheckpointMismatchError
 from ldm.util import load_config
-
-LATENT_GRID = 64  # pixels per latent cell of the coarsest UNet level: 8x VAE downsampling x 8 (SD 2.1, tiny config)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:

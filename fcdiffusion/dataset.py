@@ -25,6 +25,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
+# Image sizes must be multiples of this: 8x VAE downsampling times the UNet's 8x (SD 2.1-base and the tiny config).
+LATENT_GRID = 64
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

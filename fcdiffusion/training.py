@@ -30,12 +30,11 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
-from fcdiffusion.dataset import FCDiffusionDataset
+from fcdiffusion.dataset import LATENT_GRID, FCDiffusionDataset
 from fcdiffusion.image_logger import ImageLogger
 from fcdiffusion.paths import LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
-LATENT_GRID = 64  # image sizes must be multiples of this: 8x VAE downsampling times the UNet's down levels
 
 # Flags that override `train:` entries of a config; None means "take the config's value".
 RUN_FLAGS = {
