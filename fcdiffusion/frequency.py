@@ -134,7 +134,7 @@ def band_limits(mode: str, **thresholds: int) -> tuple[int, int | None]:
 
 
 def scale_thresholds(thresholds: Mapping[str, int] | None, size: int, reference_size: int = 64) -> dict[str, int]:
-    """Band edges set for a `reference_size` latent (SD's 64x64), scaled down to a `size` x `size` latent.
+    """Band edges set for a `reference_size` latent (SD's 64x64), scaled to a `size` x `size` one.
 
     The rule of the tiny configs (16x16 latents): each edge times size / reference_size, rounded down.
     """

@@ -1,0 +1,1 @@
+"""The evaluation suite: one metric per module, run over a results folder by evaluate.py."""

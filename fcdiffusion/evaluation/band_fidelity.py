@@ -1,0 +1,70 @@
+"""Frequency-band fidelity: how well a translation keeps the source's controlled DCT band, and how free the rest is.
+
+FCDiffusion's claim (Gao et al. 2024) is that each control mode fixes one band of the source latent's 2-D DCT
+spectrum and leaves the others to the prompt. For a source x and its translation y in control mode m, with S and
+Y their orthonormal 2-D DCT spectra (per channel, over the last two dims) and B_m the mode's band of i + j:
+
+    band_error(m)   = sum_B (Y - S)^2 / sum_B S^2          (0: the controlled band kept exactly)
+    band_freedom(m) = sum_notB (Y - S)^2 / sum_notB S^2    (0: nothing outside the band changed)
+
+summed over channels and the band's coefficients, per image. mini_pass shuffles coefficients within each
+anti-diagonal i + j = n, so for it the comparison is of the energies per anti-diagonal, which the shuffle keeps:
+the numerator of band_error becomes sum_{n in B} (sqrt(E_Y(n)) - sqrt(E_S(n)))^2 with E(n) = sum_{i+j=n} X^2.
+
+Two spaces: `latent` (the model's VAE latents, the model's own thresholds: the space the control net sees) and
+`pixel` (the images themselves, the thresholds scaled by pixel size / latent size, so a band keeps the same share
+of the spectrum).
+"""
+from __future__ import annotations
+
+import torch
+
+from fcdiffusion.frequency import band_limits, band_mask, dct_2d, index_sum, scale_thresholds
+
+
+def _level_energies(spectrum: torch.Tensor) -> torch.Tensor:
+    """(N, H + W - 1): the energy of each anti-diagonal i + j = n, summed over channels."""
+    h, w = spectrum.shape[-2:]
+    levels = index_sum(h, w, spectrum.device).flatten()
+    energy = spectrum.pow(2).sum(1).flatten(1)
+    return torch.zeros(energy.shape[0], h + w - 1, dtype=energy.dtype, device=energy.device).index_add_(
+        1, levels, energy)
+
+
+def band_scores(source: torch.Tensor, output: torch.Tensor, mode: str,
+                **thresholds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(band_error, band_freedom), each (N,), of outputs against sources (N, C, H, W) in control mode `mode`."""
+    if source.shape != output.shape:
+        raise ValueError(f"source {tuple(source.shape)} and output {tuple(output.shape)} differ in shape")
+    s, y = dct_2d(source.double()), dct_2d(output.double())
+    h, w = s.shape[-2:]
+    low, high = band_limits(mode, **thresholds)
+    inside = band_mask(h, w, low, high, s.device)
+    diff = (y - s).pow(2)
+    tiny = torch.finfo(torch.float64).tiny
+    if mode == "mini_pass":
+        top = min(h + w - 2, high if high is not None else h + w - 2)
+        e_s, e_y = _level_energies(s)[:, low:top + 1], _level_energies(y)[:, low:top + 1]
+        error = (e_y.sqrt() - e_s.sqrt()).pow(2).sum(1) / e_s.sum(1).clamp(min=tiny)
+    else:
+        error = (diff * inside).sum((1, 2, 3)) / (s.pow(2) * inside).sum((1, 2, 3)).clamp(min=tiny)
+    outside = ~inside
+    freedom = (diff * outside).sum((1, 2, 3)) / (s.pow(2) * outside).sum((1, 2, 3)).clamp(min=tiny)
+    return error.float(), freedom.float()
+
+
+def pixel_thresholds(latent_thresholds: dict[str, int] | None, image_size: int, latent_size: int) -> dict[str, int]:
+    """The model's band edges (for a `latent_size` latent) scaled to `image_size` pixels."""
+    return scale_thresholds(latent_thresholds, image_size, latent_size)
+
+
+@torch.no_grad()
+def latent_band_scores(model: torch.nn.Module, sources: torch.Tensor, outputs: torch.Tensor,
+                       mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`band_scores` in the space the control net sees: images (N, 3, H, W) in [-1, 1] encoded by the model's VAE
+    (posterior mean, scaled), with the model's own band edges."""
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        posterior = model.encode_first_stage(images.to(model.device, torch.float32).contiguous())
+        return model.get_first_stage_encoding(posterior, sample=False)
+
+    return band_scores(encode(sources), encode(outputs), mode, **model.frequency_thresholds)

@@ -1,0 +1,90 @@
+"""Frequency-band fidelity against an independent scipy computation, and its defining properties."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from scipy.fft import dctn
+
+from fcdiffusion.evaluation.band_fidelity import band_scores, latent_band_scores, pixel_thresholds
+from fcdiffusion.frequency import CONTROL_MODES, band_limits, band_mask, dct_2d, filter_dct, idct_2d
+from tests.helpers import teacher_paths
+
+THRESHOLDS = {"mini_threshold": 2, "low_threshold": 7, "mid_low": 5, "mid_high": 10, "high_threshold": 12}
+
+
+def photos(size: int = 16) -> torch.Tensor:
+    """Two real photo crops as (2, 3, size, size) in [-1, 1]."""
+    crops = [getattr(skimage.data, name)()[100:100 + size, 120:120 + size] for name in ("astronaut", "coffee")]
+    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).double() / 127.5 - 1
+
+
+def scipy_scores(source: np.ndarray, output: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """The module docstring's definition, written independently with scipy's orthonormal DCT."""
+    s, y = dctn(source, axes=(-2, -1), norm="ortho"), dctn(output, axes=(-2, -1), norm="ortho")
+    h, w = s.shape[-2:]
+    level = np.add.outer(np.arange(h), np.arange(w))
+    low, high = band_limits(mode, **THRESHOLDS)
+    inside = (level >= low) & (level <= (h + w if high is None else high))
+    if mode == "mini_pass":
+        levels = range(low, min(high, h + w - 2) + 1)
+        e_s = np.stack([(s[..., level == n] ** 2).sum((1, 2)) for n in levels], 1)
+        e_y = np.stack([(y[..., level == n] ** 2).sum((1, 2)) for n in levels], 1)
+        error = ((np.sqrt(e_y) - np.sqrt(e_s)) ** 2).sum(1) / e_s.sum(1)
+    else:
+        error = ((y - s) ** 2 * inside).sum((1, 2, 3)) / (s ** 2 * inside).sum((1, 2, 3))
+    freedom = ((y - s) ** 2 * ~inside).sum((1, 2, 3)) / (s ** 2 * ~inside).sum((1, 2, 3))
+    return error, freedom
+
+
+@pytest.mark.parametrize("mode", CONTROL_MODES)
+def test_band_scores_match_scipy(mode):
+    source = photos()
+    output = source + 0.3 * torch.randn(source.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    error, freedom = band_scores(source, output, mode, **THRESHOLDS)
+    expected_error, expected_freedom = scipy_scores(source.numpy(), output.numpy(), mode)
+    np.testing.assert_allclose(error.numpy(), expected_error, rtol=1e-5)
+    np.testing.assert_allclose(freedom.numpy(), expected_freedom, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", CONTROL_MODES)
+def test_a_kept_band_scores_zero_error_and_free_elsewhere(mode):
+    source = photos()
+    noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outside_only = noise - band_part(noise, mode)
+    error, freedom = band_scores(source, source + outside_only, mode, **THRESHOLDS)
+    assert error.max() < 1e-10 and (freedom > 1e-3).all()
+    error, _ = band_scores(source, source + band_part(noise, mode), mode, **THRESHOLDS)
+    assert (error > 1e-3).all()
+    error, freedom = band_scores(source, source, mode, **THRESHOLDS)
+    assert not error.any() and not freedom.any()
+
+
+def band_part(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The part of `x` in `mode`'s band (no shuffle)."""
+    low, high = band_limits(mode, **THRESHOLDS)
+    return idct_2d(dct_2d(x) * band_mask(*x.shape[-2:], low, high))
+
+
+def test_mini_pass_compares_energies_so_its_shuffle_keeps_fidelity():
+    source = photos()
+    shuffled = idct_2d(filter_dct(dct_2d(source), "mini_pass", torch.Generator().manual_seed(3), **THRESHOLDS))
+    kept = shuffled + (source - band_part(source, "mini_pass"))  # the band shuffled, the rest as it was
+    assert not torch.allclose(kept, source)
+    error, freedom = band_scores(source, kept, "mini_pass", **THRESHOLDS)
+    assert error.max() < 1e-10 and freedom.max() < 1e-10
+    error, _ = band_scores(source, kept, "low_pass", **THRESHOLDS)  # coefficient-wise, the shuffle shows
+    assert (error > 1e-5).all()
+
+
+def test_pixel_thresholds_scale_with_the_image_and_latent_scores_use_the_model(workdir):
+    assert pixel_thresholds(THRESHOLDS, 128, 16) == {k: 8 * v for k, v in THRESHOLDS.items()}
+    from fcdiffusion.weights import load_teacher
+
+    teacher = load_teacher(teacher_paths(workdir / "logs")["low_pass"]).eval()
+    images = photos(128).float()
+    error, freedom = latent_band_scores(teacher, images, images, "low_pass")
+    assert error.shape == (2,) and not error.any() and not freedom.any()
+    error, freedom = latent_band_scores(teacher, images, images.flip(0), "low_pass")
+    assert (error > 0).all() and (freedom > 0).all()
