@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from fcdiffusion.dataset import LATENT_GRID, load_image
+from fcdiffusion.evaluation.suite import METRICS, NEEDS_REFERENCE, Evaluator, Settings, evaluate_folder, markdown_table
 from fcdiffusion.frequency import CONTROL_MODES
 from fcdiffusion.image_folder import prompted_images
 from fcdiffusion.images import labelled_grid, save_image, save_png
@@ -69,6 +70,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--config",
                         help="distillation config, only for weight files that do not describe themselves")
     parser.add_argument("--out_dir", default="outputs/test_distillation", help="where the PNGs go")
+    parser.add_argument("--evaluate", nargs="+", choices=[m for m in METRICS if m not in NEEDS_REFERENCE],
+                        metavar="METRIC", help="after translating, run these evaluation metrics on the results "
+                        "(band, clip_score, dino_structure, lpips: default weight files; see evaluate.py) and "
+                        "write <out_dir>/metrics.json")
     parser.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda:1, ...")
     return parser.parse_known_args(argv)
 
@@ -151,13 +156,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = load_model(args, overrides)
         modes = list(model.modes) if args.mode in (None, "all") else [model.check_mode(args.mode)]
+        model = model.eval().to(device)
+        evaluator = Evaluator(args.evaluate, Settings(model=model, device=device)) if args.evaluate else None
+        if evaluator is not None:
+            evaluator.prepare()  # a missing weights file fails now, not after the translations
     except ModeMismatchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (FileNotFoundError, CheckpointMismatchError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    translator = Translator(model.eval().to(device))
+    translator = Translator(model)
     pairs, problems = prompted_images(args.input_dir, args.prompt)
     names, notes = output_names([path for path, _ in pairs])
     for message in problems + notes:
@@ -192,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             done += len(batch)
             progress.update(len(batch))
     print(f"translated {done} image(s) into {args.out_dir}" + (f"; skipped {skipped}" if skipped else ""))
+    if evaluator is not None and done:
+        per_mode, _ = evaluate_folder(evaluator, args.out_dir, args.input_dir, args.prompt,
+                                      batch_size=args.batch_size)
+        print(markdown_table(per_mode) + f"wrote {os.path.join(args.out_dir, 'metrics.json')}")
     return 0 if done else 1
 
 

@@ -87,3 +87,35 @@ def distilled(workdir) -> Path:
                         "distill.log_teacher_steps=2")
     assert fcdiffusion_distill.main(args) == 0
     return logdir
+
+
+@pytest.fixture(scope="session")
+def clip_file(tmp_path_factory) -> Path:
+    """A random tiny open_clip model (both towers) saved as an open_clip `.bin` state dict."""
+    import open_clip
+    import torch
+
+    from ldm.checkpoint import save_state_dict
+    from ldm.modules.encoders.modules import register_open_clip_config
+    from tests.helpers import TINY_CLIP_ARCH, TINY_CLIP_CONFIG
+
+    torch.manual_seed(0)
+    register_open_clip_config(TINY_CLIP_ARCH, TINY_CLIP_CONFIG)
+    model = open_clip.create_model(TINY_CLIP_ARCH, pretrained=None)
+    path = tmp_path_factory.mktemp("clip") / "open_clip_pytorch_model.bin"
+    save_state_dict(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dino_folder(tmp_path_factory) -> Path:
+    """A random small ViT in the transformers layout of facebook/dino-vitb8 (`save_pretrained`)."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       patch_size=8, image_size=224)
+    folder = tmp_path_factory.mktemp("dino") / "dino-vitb8"
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder

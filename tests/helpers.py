@@ -24,6 +24,8 @@ TINY_CONFIG = "configs/model_config_tiny.yaml"
 TINY_DISTILL_CONFIG = ROOT / "configs" / "distill_config_tiny.yaml"
 SD_DISTILL_CONFIG = ROOT / "configs" / "distill_config.yaml"
 DEMO_PHOTOS = ["astronaut", "chelsea", "coffee", "rocket"]
+TINY_CLIP_ARCH = "ViT-tiny-test"  # an open_clip architecture with both towers, small enough for tests
+TINY_CLIP_CONFIG = ROOT / "configs" / "open_clip" / f"{TINY_CLIP_ARCH}.json"
 PHOTOS = {"astronaut": "an astronaut", "coffee": "a cup of coffee", "chelsea": "a cat"}  # distillation tests
 
 

@@ -1,0 +1,104 @@
+"""Evaluate translations: the field's image-translation metrics plus FCDiffusion's frequency-band fidelity.
+
+    python evaluate.py --results outputs/student --input_dir my_images \\
+        --model lightning_logs/fcdiffusion_distill_checkpoint/student.safetensors
+    python evaluate.py --results outputs/student --input_dir my_images --reference outputs/teacher \\
+        --model lightning_logs/fcdiffusion_distill_checkpoint/student.safetensors --metrics band teacher_agreement
+
+RESULTS is a folder `test_distillation.py` wrote (`<name>_<mode>.png`), INPUT_DIR the folder it read (`<name>.<ext>`
+with `<name>.txt` prompts, or one --prompt). Pairs are matched by name; a result without a source, a source
+without a result, and a result missing from --reference are reported and skipped. Metrics (--metrics):
+  band               band_error / band_freedom in latent and pixel space (fcdiffusion/evaluation/band_fidelity.py);
+                     needs --model (its VAE and band edges)
+  teacher_agreement  latent MSE to --reference's image (e.g. the teacher's 50-step results); needs --model
+  clip_score         100 * max(cos(image, prompt), 0), OpenCLIP --clip_arch with --clip_weights
+  dino_structure     Tumanyan et al.'s DINO ViT-B/8 self-similarity distance to the source, --dino_weights
+  lpips              LPIPS to the source (and to --reference), --lpips_net with --lpips_weights
+  fid                FID and KID per mode against --reference, Inception --inception_weights (KID is the one that
+                     means something on small sets)
+Every weight file is local: a missing one is an error saying where to get it. Writes --out (metrics.json:
+per_image, per_mode, settings) with a Markdown table and a plot beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from fcdiffusion.evaluation.suite import METRICS, Evaluator, Settings, evaluate_folder, markdown_table
+from fcdiffusion.weights import load_student, load_teacher
+from ldm.checkpoint import CheckpointMismatchError, load_checkpoint
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", required=True, help="folder of <name>_<mode>.png results")
+    parser.add_argument("--input_dir", required=True, help="the source folder the results were translated from")
+    parser.add_argument("--prompt", help="the one prompt all images were translated with (instead of .txt files)")
+    parser.add_argument("--reference", help="another results folder (e.g. a teacher's) for agreement, LPIPS, FID/KID")
+    parser.add_argument("--model", help="student or teacher weights file: its VAE and band edges (band, agreement)")
+    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), help="metrics to compute")
+    defaults = Settings()
+    parser.add_argument("--clip_arch", default=defaults.clip_arch, help="open_clip architecture")
+    parser.add_argument("--clip_weights", default=defaults.clip_weights, help="its local open_clip weights file")
+    parser.add_argument("--clip_arch_config", help="JSON config of an architecture open_clip does not ship")
+    parser.add_argument("--dino_weights", default=defaults.dino_weights, help="DINO ViT-B/8 folder (transformers)")
+    parser.add_argument("--lpips_net", default=defaults.lpips_net, choices=["alex", "vgg"], help="LPIPS backbone")
+    parser.add_argument("--lpips_weights", help="the backbone's torchvision weights file (default: per backbone)")
+    parser.add_argument("--inception_weights", default=defaults.inception_weights, help="FID Inception weights")
+    parser.add_argument("--kid_subset_size", type=int, default=defaults.kid_subset_size)
+    parser.add_argument("--out", help="metrics.json to write (default: RESULTS/metrics.json)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def load_model(path: str) -> torch.nn.Module:
+    """The student or teacher at `path`, whichever the file says it is (reading its metadata alone is cheap for
+    safetensors; a .ckpt is read twice)."""
+    kind = load_checkpoint(path)[1].get("fcdiffusion.kind")
+    return load_teacher(path) if kind == "teacher" else load_student(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    for flag in ("results", "input_dir", "reference"):
+        if getattr(args, flag) is not None and not os.path.isdir(getattr(args, flag)):
+            print(f"error: --{flag} folder not found: {getattr(args, flag)}", file=sys.stderr)
+            return 2
+    if args.batch_size < 1:
+        print(f"error: --batch_size must be at least 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(args.model).eval().to(args.device) if args.model else None
+        settings = Settings(model=model, clip_arch=args.clip_arch, clip_weights=args.clip_weights,
+                            clip_arch_config=args.clip_arch_config, dino_weights=args.dino_weights,
+                            lpips_net=args.lpips_net, lpips_weights=args.lpips_weights,
+                            inception_weights=args.inception_weights, kid_subset_size=args.kid_subset_size,
+                            device=args.device)
+        evaluator = Evaluator(args.metrics, settings)
+        evaluator.prepare()
+    except (FileNotFoundError, CheckpointMismatchError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    out = args.out or os.path.join(args.results, "metrics.json")
+    try:
+        per_mode, problems = evaluate_folder(evaluator, args.results, args.input_dir, args.prompt, args.reference,
+                                             out, args.batch_size)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for message in problems:
+        print(message, file=sys.stderr)
+    print(markdown_table(per_mode))
+    print(f"wrote {out}" + (f"; skipped {len(problems)}" if problems else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""evaluate.py: pairs matched by name (mismatches reported), band fidelity and agreement, metrics.json, table, plot."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+import evaluate
+from fcdiffusion.evaluation.pairs import match_pairs, parse_result
+from fcdiffusion.frequency import CONTROL_MODES
+from fcdiffusion.paths import student_file
+from tests.helpers import PHOTOS, TINY_CLIP_ARCH, TINY_CLIP_CONFIG
+from tests.test_inference import load_script
+
+
+def test_result_names_parse_to_name_and_mode(tmp_path):
+    assert parse_result(tmp_path / "cat_mini_pass.png") == ("cat", "mini_pass")
+    assert parse_result(tmp_path / "x_png_high_pass.png") == ("x_png", "high_pass")
+    assert parse_result(tmp_path / "cat_mini_pass_control.png") is None
+    assert parse_result(tmp_path / "cat_grid.png") is None and parse_result(tmp_path / "low_pass.png") is None
+
+
+@pytest.fixture(scope="module")
+def translated(distilled, workdir, tmp_path_factory):
+    """The student's results for the workdir photos at 1 and at 3 steps (the latter as the reference)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    script = load_script()
+    for steps, folder in (("1", "student"), ("3", "reference")):
+        with contextlib.redirect_stderr(io.StringIO()):
+            assert script.main(["--input_dir", str(workdir / "photos"), "--student", str(student_file(distilled)),
+                                "--steps", steps, "--resolution", "128", "--out_dir", str(root / folder)]) == 0
+    return root
+
+
+def test_pairs_are_matched_by_name_and_every_mismatch_is_reported(translated, workdir, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(translated / "student", results)
+    shutil.copy(results / "coffee_low_pass.png", results / "ghost_low_pass.png")  # a result with no source
+    for mode in CONTROL_MODES:
+        (results / f"chelsea_{mode}.png").unlink()  # a source with no result
+    reference = tmp_path / "reference"
+    shutil.copytree(translated / "reference", reference)
+    (reference / "astronaut_high_pass.png").unlink()
+    pairs, problems = match_pairs(results, workdir / "photos", reference=reference)
+    assert sorted((p.name, p.mode) for p in pairs) == sorted(
+        (n, m) for n in ("astronaut", "coffee") for m in CONTROL_MODES if (n, m) != ("astronaut", "high_pass"))
+    assert any("ghost_low_pass.png: no source image named ghost" in p for p in problems)
+    assert any("no astronaut_high_pass.png in the reference folder" in p for p in problems)
+    assert any("no results for source" in p and "chelsea.png" in p for p in problems)
+    assert all(p.prompt == PHOTOS[p.name] for p in pairs)
+
+
+def test_evaluate_writes_metrics_table_and_plot(translated, workdir, distilled, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    args = ["--results", str(translated / "student"), "--input_dir", str(workdir / "photos"),
+            "--reference", str(translated / "reference"), "--model", str(student_file(distilled)),
+            "--metrics", "band", "teacher_agreement", "--out", str(out)]
+    assert evaluate.main(args) == 0
+    metrics = json.loads(out.read_text())
+    assert len(metrics["per_image"]) == len(PHOTOS) * len(CONTROL_MODES)
+    record = metrics["per_image"][0]
+    assert {"name", "mode", "band_error_latent", "band_freedom_latent", "band_error_pixel", "band_freedom_pixel",
+            "teacher_latent_mse"} == set(record)
+    assert set(metrics["per_mode"]) == set(CONTROL_MODES)
+    assert all(v["teacher_latent_mse"] > 0 and v["band_error_latent"] >= 0 for v in metrics["per_mode"].values())
+    assert metrics["settings"]["model_modes"] == list(CONTROL_MODES)
+    assert "| mini_pass |" in out.with_suffix(".md").read_text()
+    assert Image.open(out.with_suffix(".png")).size[0] > 200
+    # A result compared with itself agrees exactly.
+    args[args.index("--reference") + 1] = str(translated / "student")
+    assert evaluate.main([*args[:-1], str(tmp_path / "self.json")]) == 0
+    assert all(r["teacher_latent_mse"] == 0 for r in json.loads((tmp_path / "self.json").read_text())["per_image"])
+
+
+def test_metrics_needing_a_model_or_weights_say_so(translated, workdir, tmp_path, capsys):
+    base = ["--results", str(translated / "student"), "--input_dir", str(workdir / "photos")]
+    assert evaluate.main([*base, "--metrics", "band"]) == 1
+    assert "need the model" in capsys.readouterr().err
+    assert evaluate.main([*base, "--metrics", "fid", "--reference", str(translated / "reference"),
+                          "--inception_weights", str(tmp_path / "missing.pth")]) == 1
+    assert "missing.pth" in capsys.readouterr().err
+    assert evaluate.main([*base, "--results", str(tmp_path / "nowhere")]) == 2
+
+
+def test_evaluate_runs_clip_score_and_dino_structure_from_local_files(translated, workdir, tmp_path, clip_file,
+                                                                      dino_folder):
+    out = tmp_path / "metrics.json"
+    assert evaluate.main(["--results", str(translated / "student"), "--input_dir", str(workdir / "photos"),
+                          "--metrics", "clip_score", "dino_structure", "--clip_arch", TINY_CLIP_ARCH,
+                          "--clip_arch_config", str(TINY_CLIP_CONFIG), "--clip_weights", str(clip_file),
+                          "--dino_weights", str(dino_folder), "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert all(0 <= r["clip_score"] <= 100 and r["dino_structure"] > 0 for r in metrics["per_image"])
+    assert metrics["settings"]["weight_files"] == {"clip_score": str(clip_file), "dino_structure": str(dino_folder)}
+
+
+def test_translation_script_evaluates_its_results_in_one_flag(distilled, workdir, tmp_path, capsys):
+    script = load_script()
+    base = ["--input_dir", str(workdir / "photos"), "--student", str(student_file(distilled)), "--steps", "1",
+            "--resolution", "128", "--mode", "low_pass"]
+    out = tmp_path / "out"
+    assert script.main([*base, "--out_dir", str(out), "--evaluate", "band"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["per_mode"]) == ["low_pass"] and len(metrics["per_image"]) == len(PHOTOS)
+    assert (out / "metrics.png").is_file() and "band_error_latent" in capsys.readouterr().out
+    # A missing weights file stops the run before any translation.
+    assert script.main([*base, "--out_dir", str(tmp_path / "none"), "--evaluate", "dino_structure"]) == 1
+    assert "models/dino-vitb8" in capsys.readouterr().err and not (tmp_path / "none").exists()
