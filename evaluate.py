@@ -50,6 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lpips_net", default=defaults.lpips_net, choices=["alex", "vgg"], help="LPIPS backbone")
     parser.add_argument("--lpips_weights", help="the backbone's torchvision weights file (default: per backbone)")
     parser.add_argument("--inception_weights", default=defaults.inception_weights, help="FID Inception weights")
+    parser.add_argument("--fid_dims", type=int, default=defaults.fid_dims, choices=[64, 192, 768, 2048],
+                        help="Inception feature layer for FID/KID (2048: the one papers report)")
     parser.add_argument("--kid_subset_size", type=int, default=defaults.kid_subset_size)
     parser.add_argument("--out", help="metrics.json to write (default: RESULTS/metrics.json)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per batch")
@@ -79,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings(model=model, clip_arch=args.clip_arch, clip_weights=args.clip_weights,
                             clip_arch_config=args.clip_arch_config, dino_weights=args.dino_weights,
                             lpips_net=args.lpips_net, lpips_weights=args.lpips_weights,
-                            inception_weights=args.inception_weights, kid_subset_size=args.kid_subset_size,
+                            inception_weights=args.inception_weights, fid_dims=args.fid_dims,
+                            kid_subset_size=args.kid_subset_size,
                             device=args.device)
         evaluator = Evaluator(args.metrics, settings)
         evaluator.prepare()

@@ -119,3 +119,36 @@ def dino_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("dino") / "dino-vitb8"
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def alexnet_file(tmp_path_factory) -> Path:
+    """torchvision's AlexNet state dict with random weights, saved as torchvision's download is (LPIPS backbone)."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "alexnet-owt-7be5be79.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory) -> Path:
+    """torch-fidelity's InceptionV3 state dict with random weights (its constructor's load skipped), the convolutions
+    He-initialised so that the features keep their scale through the 47 layers."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
+        model = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("models") / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(model.state_dict(), path)
+    return path
+

@@ -110,3 +110,16 @@ def test_translation_script_evaluates_its_results_in_one_flag(distilled, workdir
     # A missing weights file stops the run before any translation.
     assert script.main([*base, "--out_dir", str(tmp_path / "none"), "--evaluate", "dino_structure"]) == 1
     assert "models/dino-vitb8" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_evaluate_runs_lpips_fid_and_kid_from_local_files(translated, workdir, tmp_path, alexnet_file,
+                                                          inception_file):
+    out = tmp_path / "metrics.json"
+    assert evaluate.main(["--results", str(translated / "student"), "--input_dir", str(workdir / "photos"),
+                          "--reference", str(translated / "reference"), "--metrics", "lpips", "fid",
+                          "--lpips_weights", str(alexnet_file), "--inception_weights", str(inception_file),
+                          "--fid_dims", "64", "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert all(r["lpips_source"] > 0 and r["lpips_reference"] >= 0 for r in metrics["per_image"])
+    assert all({"fid", "kid_mean", "kid_std"} <= set(v) for v in metrics["per_mode"].values())
+    assert metrics["settings"]["weight_files"] == {"lpips": str(alexnet_file), "fid": str(inception_file)}

@@ -39,6 +39,7 @@ class Settings:
     lpips_net: str = "alex"
     lpips_weights: str | None = None
     inception_weights: str = "models/pt_inception-2015-12-05-6726825d.pth"
+    fid_dims: int = 2048
     kid_subset_size: int = 50
     device: str = "cpu"
     files: dict[str, str] = field(default_factory=dict)
@@ -47,6 +48,11 @@ class Settings:
 def read_image(path: Path, size: int) -> torch.Tensor:
     """(3, size, size) in [-1, 1], resized and centre-cropped as the translation script prepares its inputs."""
     return torch.from_numpy(load_image(path, size)).permute(2, 0, 1)
+
+
+def _uint8(paths: Sequence[Path]) -> torch.Tensor:
+    """The PNGs at `paths` as they are, (N, 3, H, W) uint8: what FID and KID read."""
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -84,11 +90,11 @@ class Evaluator:
                 self._built[name] = DinoStructureDistance(s.dino_weights, device=s.device)
                 s.files["dino_structure"] = s.dino_weights
             elif name == "lpips":
-                from fcdiffusion.evaluation.lpips_distance import LPIPSDistance
+                from fcdiffusion.evaluation.lpips_distance import LPIPSDistance, default_backbone_weights
 
-                weights = {} if s.lpips_weights is None else {"backbone_weights": s.lpips_weights}
-                self._built[name] = LPIPSDistance(net=s.lpips_net, **weights)
-                s.files["lpips"] = str(getattr(self._built[name], "backbone_weights", s.lpips_weights))
+                weights = s.lpips_weights or default_backbone_weights(s.lpips_net)
+                self._built[name] = LPIPSDistance(net=s.lpips_net, backbone_weights=weights, device=s.device)
+                s.files["lpips"] = str(weights)
         return self._built[name]
 
     def prepare(self) -> None:
@@ -97,9 +103,10 @@ class Evaluator:
             if name in self.metrics:
                 self._metric(name)
         if "fid" in self.metrics and not os.path.isfile(self.settings.inception_weights):
-            from fcdiffusion.evaluation.fid import fid_kid  # noqa: F401  (its import names the missing file)
+            from fcdiffusion.evaluation.fid import INCEPTION_HELP
 
-            raise FileNotFoundError(f"Inception weights for FID/KID not found: {self.settings.inception_weights}")
+            raise FileNotFoundError(f"Inception weights for FID/KID not found: {self.settings.inception_weights}\n"
+                                    f"{INCEPTION_HELP}")
 
     @torch.no_grad()
     def per_image(self, pairs: Sequence[Pair], batch_size: int = 8) -> list[dict[str, Any]]:
@@ -149,14 +156,14 @@ class Evaluator:
             return {}
         from fcdiffusion.evaluation.fid import fid_kid
 
-        self.settings.files["fid"] = self.settings.inception_weights
+        s = self.settings
+        s.files["fid"] = s.inception_weights
         out = {}
         for mode in dict.fromkeys(p.mode for p in pairs):
             group = [p for p in pairs if p.mode == mode]
-            as_uint8 = lambda paths: torch.stack([torch.from_numpy(np.asarray(Image.open(x).convert("RGB")))  # noqa: E731
-                                                  .permute(2, 0, 1) for x in paths])
-            out[mode] = fid_kid(as_uint8([p.result for p in group]), as_uint8([p.reference for p in group]),
-                                self.settings.inception_weights, self.settings.kid_subset_size)
+            figures = fid_kid(_uint8([p.result for p in group]), _uint8([p.reference for p in group]),
+                              s.inception_weights, kid_subset_size=s.kid_subset_size, dims=s.fid_dims, device=s.device)
+            out[mode] = {k: float(v) for k, v in figures.items()}
         return out
 
 
