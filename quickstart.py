@@ -6,8 +6,9 @@ Runs, in order, the same scripts a GPU user runs with the real weights, on tiny 
   3. training_data_prepare.py          4. tool_add_control_sd21.py
   5-8. fcdiffusion_train.py, one teacher per control mode
   9. fcdiffusion_distill.py            10-11. test_distillation.py (teachers, then the student)
-  12. benchmarks/distillation_benchmark.py
-  13. outputs/quickstart/: grid.png, the tables and report.md
+  12. evaluate.py (band fidelity of both, the student's agreement with its teachers)
+  13. benchmarks/distillation_benchmark.py
+  14. outputs/quickstart/: grid.png, the tables, the evaluation and report.md
 Re-running reuses what exists (training resumes from its last checkpoint and stops at once when done);
 `--restart` starts over. Random weights show that the pipeline works and how fast it is, not image quality.
 """
@@ -128,6 +129,7 @@ def build_steps(layout: Layout, args: argparse.Namespace) -> list[tuple[str, Cal
         (f"run the teachers, {args.teacher_sample_steps} guided steps (test_distillation.py)",
          lambda: infer(layout, args, "teacher")),
         (f"run the student, {args.student_steps} steps (test_distillation.py)", lambda: infer(layout, args, "student")),
+        ("evaluate band fidelity and teacher agreement (evaluate.py)", lambda: evaluate(layout)),
         ("benchmark speed, fidelity and memory", lambda: benchmark(layout, args)),
         ("write grid.png and report.md", lambda: report(layout, args)),
     ]
@@ -154,6 +156,16 @@ def infer(layout: Layout, args: argparse.Namespace, which: str) -> None:
     for mode in CONTROL_MODES:
         run_script(["test_distillation.py", *common, "--teacher", layout.teacher(mode),
                     "--steps", args.teacher_sample_steps, "--out_dir", layout.out / "inference" / "teacher"])
+
+
+def evaluate(layout: Layout) -> None:
+    """The metrics that mean something without real weights: band fidelity of both, the student's agreement with
+    its teachers. Every model here shares one VAE and one set of band edges, so the student file serves for both."""
+    common = ["evaluate.py", "--input_dir", layout.photos / "00000", "--model", layout.student]
+    inference, out = layout.out / "inference", layout.out / "evaluation"
+    run_script([*common, "--results", inference / "student", "--reference", inference / "teacher",
+                "--metrics", "band", "teacher_agreement", "--out", out / "student.json"])
+    run_script([*common, "--results", inference / "teacher", "--metrics", "band", "--out", out / "teacher.json"])
 
 
 def benchmark(layout: Layout, args: argparse.Namespace) -> None:
@@ -193,9 +205,11 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
     results = json.loads((layout.out / "benchmark.json").read_text())
     tables = format_tables(results, args.teacher_sample_steps)
     atomic_write_text(layout.out / "tables.md", tables)
+    evaluation = {who: (layout.out / "evaluation" / f"{who}.md").read_text() for who in ("teacher", "student")}
     atomic_write_text(layout.out / "report.md", REPORT.format(
         photos=len(names), teacher_steps=args.teacher_steps, distill_steps=args.distill_steps,
-        sample_steps=args.teacher_sample_steps, student_steps=args.student_steps, tables=tables))
+        sample_steps=args.teacher_sample_steps, student_steps=args.student_steps, tables=tables,
+        teacher_metrics=evaluation["teacher"], student_metrics=evaluation["student"]))
 
 
 REPORT = """# Quickstart report
@@ -218,7 +232,23 @@ training grids: `lightning_logs/*/image_log/`.
 
 From [benchmark.json](benchmark.json) (also in [tables.md](tables.md)):
 
-{tables}"""
+{tables}
+## Evaluation
+
+`evaluate.py` on the results above (definitions: `fcdiffusion/evaluation/`). band_error: how far the result's
+controlled DCT band is from the source's (0: kept exactly); band_freedom: how much the other bands changed;
+in the VAE's latent space (what the control net sees) and in pixels. teacher_latent_mse: the student's result
+against the teacher's, re-encoded. CLIP score, DINO structure, LPIPS and FID/KID are left out here: with random
+stand-in networks their numbers would mean nothing (the tests check their plumbing on such networks).
+
+Teachers ({sample_steps} guided steps), [evaluation/teacher.json](evaluation/teacher.json),
+![teacher metrics](evaluation/teacher.png):
+
+{teacher_metrics}
+Student ({student_steps} steps), [evaluation/student.json](evaluation/student.json),
+![student metrics](evaluation/student.png):
+
+{student_metrics}"""
 
 
 def check_disk(path: Path, need_gb: float) -> None:

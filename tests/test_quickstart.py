@@ -59,7 +59,11 @@ def test_small_quickstart_tables_and_report(small_run):
     assert all(any(line.startswith(f"| {mode} |") for line in rows) for mode in CONTROL_MODES)
     report = (out / "report.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", report)
-    assert {"grid.png", "benchmark.json", "tables.md"} <= set(links)
+    expected = {"grid.png", "benchmark.json", "tables.md", "evaluation/student.json", "evaluation/teacher.json"}
+    assert expected <= set(links)
+    student = json.loads((out / "evaluation" / "student.json").read_text())
+    assert set(student["per_mode"]) == set(CONTROL_MODES)
+    assert all({"band_error_latent", "teacher_latent_mse"} <= set(v) for v in student["per_mode"].values())
     assert all((out / link).exists() for link in links), links
 
 
@@ -78,4 +82,4 @@ def test_quickstart_names_the_step_that_failed(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 1
     assert "reusing" in captured.out
-    assert "failed at step 4/13 (add the control net" in captured.err
+    assert "failed at step 4/14 (add the control net" in captured.err
