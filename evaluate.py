@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import torch
 
 from fcdiffusion.evaluation.suite import METRICS, Evaluator, Settings, evaluate_folder, markdown_table
-from fcdiffusion.weights import load_student, load_teacher
-from ldm.checkpoint import CheckpointMismatchError, load_checkpoint
+from fcdiffusion.weights import load_model
+from ldm.checkpoint import CheckpointMismatchError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -57,13 +57,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8, help="images per batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
-
-
-def load_model(path: str) -> torch.nn.Module:
-    """The student or teacher at `path`, whichever the file says it is (reading its metadata alone is cheap for
-    safetensors; a .ckpt is read twice)."""
-    kind = load_checkpoint(path)[1].get("fcdiffusion.kind")
-    return load_teacher(path) if kind == "teacher" else load_student(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

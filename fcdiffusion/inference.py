@@ -28,6 +28,16 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.devic
     return torch.stack(draws).to(device=device, dtype=dtype)
 
 
+@torch.no_grad()
+def encode_images(model: FrequencyControlledLDM, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> scaled latents, the VAE posterior's mean (what translation starts from).
+
+    Contiguous first: convolutions may pick other kernels (other rounding) for other strides.
+    """
+    posterior = model.encode_first_stage(images.to(model.device, torch.float32).contiguous())
+    return model.get_first_stage_encoding(posterior, sample=False)
+
+
 def batch_images(batch: Mapping[str, Any], image_key: str, prompt_key: str,
                  n: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """The first `n` images of a dataset batch (B, H, W, 3 in [-1, 1]) as (B, 3, H, W) float, and their prompts."""
@@ -65,10 +75,7 @@ class Translator:
         """Images (B, 3, H, W) in [-1, 1] and their prompts -> (latents, the posterior mean; text context)."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-        model = self.model
-        # Contiguous: convolutions may pick other kernels (other rounding) for other strides.
-        posterior = model.encode_first_stage(images.to(model.device, torch.float32).contiguous())
-        return model.get_first_stage_encoding(posterior, sample=False), model.get_learned_conditioning(prompts)
+        return encode_images(self.model, images), self.model.get_learned_conditioning(prompts)
 
     @torch.no_grad()
     def translate_latents(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str] | None = None,

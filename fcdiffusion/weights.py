@@ -213,8 +213,11 @@ def load_teacher(path: str | os.PathLike, mode: str | None = None,
 
     `config` (the teachers' `{target, params}`) is needed only for files that record none.
     """
-    source = os.fspath(path)
-    state_dict, metadata = load_checkpoint(path)
+    return _teacher(*load_checkpoint(path), os.fspath(path), mode, config)
+
+
+def _teacher(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str, mode: str | None,
+             config: Mapping[str, Any] | None) -> FCDiffusion:
     check_trained_teacher(state_dict, source)
     mode = teacher_mode(metadata, source, mode)
     config = _config(metadata, config, source)
@@ -257,9 +260,20 @@ def load_student(path: str | os.PathLike, config: Mapping[str, Any] | None = Non
     `config` (the student's `{target, params}`, see `distilled_student_config`) is needed only for files that
     record none.
     """
-    source = os.fspath(path)
-    state_dict, metadata = load_checkpoint(path)
+    return _student(*load_checkpoint(path), os.fspath(path), config)
+
+
+def _student(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str,
+             config: Mapping[str, Any] | None) -> FCDiffusionStudent:
     _check_kind(metadata, "student", source)
     student = build_on_meta(_config(metadata, config, source))
     adopt_student(student, state_dict, source)
     return student
+
+
+def load_model(path: str | os.PathLike) -> FCDiffusion | FCDiffusionStudent:
+    """The teacher or student at `path`, whichever its metadata says it is (the file is read once)."""
+    state_dict, metadata = load_checkpoint(path)
+    if metadata.get("fcdiffusion.kind") == "teacher":
+        return _teacher(state_dict, metadata, os.fspath(path), None, None)
+    return _student(state_dict, metadata, os.fspath(path), None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from fcdiffusion.frequency import band_limits, band_mask, dct_2d, index_sum, scale_thresholds
+from fcdiffusion.inference import encode_images
 
 
 def _level_energies(spectrum: torch.Tensor) -> torch.Tensor:
@@ -63,8 +64,5 @@ def latent_band_scores(model: torch.nn.Module, sources: torch.Tensor, outputs: t
                        mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`band_scores` in the space the control net sees: images (N, 3, H, W) in [-1, 1] encoded by the model's VAE
     (posterior mean, scaled), with the model's own band edges."""
-    def encode(images: torch.Tensor) -> torch.Tensor:
-        posterior = model.encode_first_stage(images.to(model.device, torch.float32).contiguous())
-        return model.get_first_stage_encoding(posterior, sample=False)
-
-    return band_scores(encode(sources), encode(outputs), mode, **model.frequency_thresholds)
+    return band_scores(encode_images(model, sources), encode_images(model, outputs), mode,
+                       **model.frequency_thresholds)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from fcdiffusion.dataset import load_image
 from fcdiffusion.evaluation.band_fidelity import band_scores, latent_band_scores, pixel_thresholds
 from fcdiffusion.evaluation.pairs import Pair, match_pairs
+from fcdiffusion.inference import encode_images
 from ldm.util import atomic_path, atomic_write_text
 
 METRICS = ("band", "teacher_agreement", "clip_score", "dino_structure", "lpips", "fid")
@@ -140,11 +141,8 @@ class Evaluator:
         if all(r is not None for r in references):
             refs = torch.stack([read_image(r, size) for r in references])
             if "teacher_agreement" in self.metrics:
-                def encode(x: torch.Tensor) -> torch.Tensor:
-                    posterior = model.encode_first_stage(x.to(model.device).contiguous())
-                    return model.get_first_stage_encoding(posterior, sample=False)
-
-                values["teacher_latent_mse"] = (encode(results) - encode(refs)).pow(2).mean((1, 2, 3))
+                agreement = encode_images(model, results) - encode_images(model, refs)
+                values["teacher_latent_mse"] = agreement.pow(2).mean((1, 2, 3)).cpu()
             if "lpips" in self.metrics:
                 values["lpips_reference"] = self._metric("lpips")(results, refs)
         return [{"name": p.name, "mode": mode, **{k: float(v[i]) for k, v in values.items()}}
