@@ -17,10 +17,13 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
@@ -44,12 +47,56 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def prepare_image(image: Image.Image, resolution: int) -> np.ndarray:
-    """RGB image (`to_rgb`) resized (Lanczos) so its shorter side is `resolution`, centre-cropped to a square.
+@dataclass(frozen=True)
+class Augment:
+    """Random square crops and horizontal flips, for training on few images (the quickstart's photos).
+
+    A crop's side is a uniform fraction in `crop_scale` of the image's shorter side, at a uniform position; it is
+    then resized to the training resolution. Draws come from torch's global generator, which Lightning seeds per
+    run and per data-loader worker (`seed_everything(..., workers=True)`).
+    """
+
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    hflip: bool = False
+
+    def __post_init__(self) -> None:
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {list(self.crop_scale)}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> Augment | None:
+        """An `Augment` from a `train.augment` entry ({crop_scale: [low, high], hflip: bool}), or None."""
+        if not config:
+            return None
+        unknown = set(config) - {"crop_scale", "hflip"}
+        if unknown:
+            raise ValueError(f"unknown augment entries {sorted(unknown)}; valid: crop_scale, hflip")
+        scale: Sequence[float] = config.get("crop_scale", (1.0, 1.0))
+        return cls(crop_scale=(float(scale[0]), float(scale[1])), hflip=bool(config.get("hflip", False)))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        low, high = self.crop_scale
+        side = max(1, round(min(width, height) * (low + (high - low) * torch.rand(()).item())))
+        left = int(torch.randint(0, width - side + 1, ()).item())
+        top = int(torch.randint(0, height - side + 1, ()).item())
+        image = image.crop((left, top, left + side, top + side))
+        if self.hflip and torch.rand(()).item() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+
+def prepare_image(image: Image.Image, resolution: int, augment: Augment | None = None) -> np.ndarray:
+    """RGB image (`to_rgb`) resized (Lanczos) so its shorter side is `resolution`, centre-cropped to a square;
+    with `augment`, a random crop (and flip) of it resized to `resolution` instead.
 
     Returns float32 (resolution, resolution, 3) in [-1, 1].
     """
     image = to_rgb(image)
+    if augment is not None:
+        image = augment(image).resize((resolution, resolution), Image.Resampling.LANCZOS)
+        return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -59,10 +106,10 @@ def prepare_image(image: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
 
 
-def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
+def load_image(path: str | os.PathLike, resolution: int, augment: Augment | None = None) -> np.ndarray:
     """`prepare_image` of the file at `path`, after applying its EXIF orientation."""
     with Image.open(path) as image:
-        return prepare_image(ImageOps.exif_transpose(image), resolution)
+        return prepare_image(ImageOps.exif_transpose(image), resolution, augment)
 
 
 def read_index(json_path: str | os.PathLike) -> list[dict[str, str]]:
@@ -88,15 +135,17 @@ class FCDiffusionDataset(Dataset):
     "path" names the image actually returned (a replacement after a failure). After `max_retries`
     consecutive failures from one index a RuntimeError says the data is broken rather than looping.
     `failures` counts failed loads per path and `skipped` is their total (per process, see module doc).
+    `augment` (random crops and flips) is for small datasets; SD and FCDiffusion train on centre crops.
     """
 
-    def __init__(self, json_path: str | os.PathLike, resolution: int = 512, max_retries: int = 32) -> None:
+    def __init__(self, json_path: str | os.PathLike, resolution: int = 512, max_retries: int = 32,
+                 augment: Augment | None = None) -> None:
         self.records = read_index(json_path)
         if not self.records:
             raise ValueError(f"no samples in {json_path}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        self.resolution = resolution
+        self.resolution, self.augment = resolution, augment
         self.max_retries = max_retries
         self.failures: Counter[str] = Counter()
 
@@ -115,7 +164,7 @@ class FCDiffusionDataset(Dataset):
             record = self.records[(idx + offset) % len(self.records)]
             path = record["img_path"]
             try:
-                image = load_image(path, self.resolution)
+                image = load_image(path, self.resolution, self.augment)
             except Exception as error:  # any decode failure (OSError, SyntaxError, DecompressionBombError, ...)
                 self.failures[path] += 1
                 logger.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)

@@ -30,7 +30,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
-from fcdiffusion.dataset import LATENT_GRID, FCDiffusionDataset
+from fcdiffusion.dataset import LATENT_GRID, Augment, FCDiffusionDataset
 from fcdiffusion.image_logger import ImageLogger
 from fcdiffusion.paths import LAST_CHECKPOINT
 
@@ -127,13 +127,15 @@ def check_train_section(train: DictConfig) -> None:
         raise ValueError(f"--resolution must be a multiple of {LATENT_GRID} (the latent grid), got {train.resolution}")
     if not float(train.learning_rate) > 0:
         raise ValueError(f"--learning_rate must be positive, got {train.learning_rate}")
+    Augment.from_config(train.get("augment"))
 
 
 def load_dataset(train: DictConfig) -> FCDiffusionDataset:
     """The training data named by `train.data`, read before any model is built so a bad index fails at once."""
     if not os.path.isfile(train.data):
         raise FileNotFoundError(f"training data index not found: {train.data} (write it with training_data_prepare.py)")
-    return FCDiffusionDataset(train.data, resolution=train.resolution)
+    augment = Augment.from_config(train.get("augment"))
+    return FCDiffusionDataset(train.data, resolution=train.resolution, augment=augment)
 
 
 class RunFolderError(RuntimeError):

@@ -1,8 +1,10 @@
-"""SD's KL-regularised autoencoder (`first_stage_model`), inference only.
+"""SD's KL-regularised autoencoder (`first_stage_model`), with a Lightning training step.
 
-The VAE is never trained here, so the training-only arguments of SD's class (the loss, EMA, monitor, ...)
-are accepted for config compatibility and ignored; in particular `lossconfig` builds nothing, which keeps
-LPIPS/discriminator weights (and their downloads) out of the model and its state dict.
+SD 2.x inference configs set `lossconfig` to `torch.nn.Identity`; a training config names a loss such as
+`ldm.modules.losses.ReconstructionKLLoss` (see there why SD's LPIPS + discriminator loss is not offered). Losses
+hold no parameters, so the state dict keeps SD's layout either way. `monitor`, `colorize_nlabels` and
+`learn_logvar` configure parts of SD's training code this codebase does not use and are accepted for config
+compatibility; EMA is refused rather than ignored.
 """
 from __future__ import annotations
 
@@ -10,16 +12,23 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from ldm.checkpoint import check_state_dict, load_state_dict
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
 
 
-class AutoencoderKL(nn.Module):
-    """Image <-> latent. Keys: `encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*` (SD's layout)."""
+class AutoencoderKL(pl.LightningModule):
+    """Image <-> latent. Keys: `encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*` (SD's layout).
+
+    Trains on batches of images (B, H, W, 3) in [-1, 1] under `image_key`, through a posterior sample, with Adam
+    and SD's betas (0.5, 0.9).
+    """
 
     def __init__(
         self,
@@ -33,11 +42,16 @@ class AutoencoderKL(nn.Module):
         monitor: str | None = None,
         ema_decay: float | None = None,
         learn_logvar: bool = False,
+        learning_rate: float = 4.5e-6,
     ):
         super().__init__()
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z=True: the encoder must output mean and logvar")
+        if ema_decay is not None:
+            raise ValueError("ema_decay is not supported for the autoencoder")
         self.image_key = image_key
+        self.learning_rate = learning_rate
+        self.loss = instantiate_from_config(lossconfig) if lossconfig is not None else nn.Identity()
         self.embed_dim = embed_dim
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
@@ -69,3 +83,43 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample() if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+    @torch.no_grad()
+    def rescale_latents(self, factor: float) -> None:
+        """Make the latents `factor` times larger without changing any reconstruction (an exact reparametrisation).
+
+        The posterior's mean and standard deviation are scaled by `factor` (the mean's rows of `quant_conv` times
+        `factor`, the log-variance's bias plus 2 log `factor`) and `post_quant_conv` divides its input by it. Used
+        to give a freshly trained VAE latents of SD's scale, so SD's fixed `scale_factor` makes them unit-variance.
+        """
+        if not factor > 0:
+            raise ValueError(f"factor must be positive, got {factor}")
+        c = self.embed_dim
+        self.quant_conv.weight[:c] *= factor
+        self.quant_conv.bias[:c] *= factor
+        self.quant_conv.bias[c:] += 2 * torch.log(torch.tensor(float(factor)))
+        self.post_quant_conv.weight /= factor
+
+    def get_input(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The batch's images (B, H, W, 3) as (B, 3, H, W) float on this module's device."""
+        images = torch.as_tensor(batch[self.image_key])
+        return rearrange(images, "b h w c -> b c h w").to(self.device, memory_format=torch.contiguous_format).float()
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        if isinstance(self.loss, nn.Identity):
+            raise ValueError("this autoencoder has no training loss: set first_stage lossconfig to a loss, e.g. "
+                             "ldm.modules.losses.ReconstructionKLLoss")
+        images = self.get_input(batch)
+        reconstructions, posterior = self(images)
+        loss, logs = self.loss(images, reconstructions, posterior)
+        self.log_dict(logs, prog_bar=True, on_step=True, batch_size=images.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 4) -> dict[str, torch.Tensor]:
+        """Sources and their reconstructions (posterior mean), for the image logger."""
+        images = self.get_input(batch)[:N]
+        return {"source": images, "reconstruction": self.decode(self.encode(images).mode()).clamp(-1, 1)}

@@ -218,6 +218,19 @@ class LatentDiffusion(pl.LightningModule):
             steps, batch_size, shape, cond, eta=eta, x_T=x_T, unconditional_guidance_scale=guidance_scale,
             unconditional_conditioning=uncond, verbose=verbose, generator=generator, **sampler_kwargs)
 
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 4, steps: int = 25, guidance_scale: float = 5.0,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+        """Images in [-1, 1] for grids: the sources, their reconstructions, and text-to-image samples of their
+        prompts (guided DDIM from seeded noise, so grids of successive steps compare)."""
+        z, context = self.get_input(batch, bs=N, sample_posterior=False)
+        uncond = self.get_learned_conditioning([""] * z.shape[0])
+        x_T = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
+        samples = self.sample_ddim(context, z.shape[0], steps, guidance_scale, uncond, x_T=x_T)
+        x = torch.as_tensor(np.asarray(batch[self.first_stage_key]))[:N]
+        return {"source": rearrange(x, "b h w c -> b c h w").float(), "reconstruction": self.decode_first_stage(z),
+                "samples": self.decode_first_stage(samples).clamp(-1, 1)}
+
     def describe(self) -> str:
         """One line with parameter counts, for logs."""
         return (f"{type(self).__name__}: {count_params(self) / 1e6:.2f}M parameters, "

@@ -1,0 +1,123 @@
+"""Train Stable Diffusion's own parts from a config: its autoencoder, or its text-to-image UNet.
+
+    python train_sd.py --config configs/autoencoder_tiny.yaml --data datasets/quickstart/training_data.json \
+        --export models/autoencoder_tiny.safetensors
+    python train_sd.py --config configs/sd21_tiny.yaml --data datasets/quickstart/training_data.json \
+        --autoencoder models/autoencoder_tiny.safetensors --export models/v2-1_tiny.ckpt
+
+Only the quickstart needs this: SD 2.1-base comes trained, while the tiny stand-ins must learn from photos before
+the FCDiffusion steps mean anything. The config's `model:` is an `AutoencoderKL` (trained on pixels) or a
+`LatentDiffusion` (its UNet trained on the frozen autoencoder's latents, with the frozen text encoder); its
+`train:` section and the flags are those of fcdiffusion_train.py, plus `augment:` (random crops and flips, for few
+photos). Checkpoints go to `<logdir>/<config name>_checkpoint/` and the same command resumes. When training is
+done, `--export FILE` writes the weights in SD's layout; an autoencoder's latents are first rescaled so that SD's
+scale_factor (0.18215) gives the training photos unit-variance latents, as it does for SD's own VAE.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from fcdiffusion.dataset import FCDiffusionDataset
+from fcdiffusion.paths import LAST_CHECKPOINT
+from fcdiffusion.pretraining import SD_SCALE_FACTOR, export_weights, normalise_latents, reconstruction_psnr
+from fcdiffusion.training import (
+    RUN_FLAGS,
+    add_flags,
+    apply_flags,
+    build_trainer,
+    check_train_section,
+    fit,
+    locked_run,
+    resolve_command_line,
+    resume_checkpoint,
+)
+from ldm.checkpoint import CheckpointMismatchError
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.util import instantiate_from_config, load_config
+
+log = logging.getLogger("train_sd")
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="an AutoencoderKL or LatentDiffusion config with train:")
+    parser.add_argument("--autoencoder", help="trained autoencoder weights for a LatentDiffusion config "
+                        "(sets model.params.first_stage_config.params.ckpt_path)")
+    parser.add_argument("--export", help="when training is done, write the weights here (.ckpt or .safetensors)")
+    add_flags(parser, RUN_FLAGS)
+    return parser.parse_known_args(argv)
+
+
+def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig:
+    config = load_config(args.config, overrides)
+    if "train" not in config:
+        raise ValueError(f"{args.config} has no train: section")
+    apply_flags(config.train, args, RUN_FLAGS)
+    if args.autoencoder is not None:
+        config.model.params.first_stage_config.params.ckpt_path = args.autoencoder
+    config.model.params.learning_rate = config.train.learning_rate
+    config.name = Path(args.config).stem
+    config.export = args.export
+    check_train_section(config.train)
+    return config
+
+
+def checkpoint_folder(config: DictConfig) -> str:
+    return os.path.join(config.train.logdir, f"{config.name}_checkpoint")
+
+
+def run(config: DictConfig, dataset: FCDiffusionDataset) -> int:
+    train, folder = config.train, checkpoint_folder(config)
+    pl.seed_everything(train.seed, workers=True)
+    try:
+        module = instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
+    except (FileNotFoundError, CheckpointMismatchError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if not hasattr(module, "training_step"):
+        print(f"error: {config.model.target} has no training step", file=sys.stderr)
+        return 2
+    resume = resume_checkpoint(folder)
+    if resume:
+        log.info("resuming from %s", resume[0])
+    trainer = build_trainer(train, folder, config.name)
+    status = fit(module, dataset, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))
+    if status == 0 and config.export and trainer.is_global_zero:
+        export(module, config, trainer.global_step)
+    return status
+
+
+def export(module: pl.LightningModule, config: DictConfig, step: int) -> None:
+    """Write the trained weights to `config.export`, with what made them as metadata."""
+    metadata = {"train_sd.config": json.dumps(OmegaConf.to_container(config.model, resolve=True)),
+                "train_sd.step": str(step)}
+    if isinstance(module, AutoencoderKL):
+        plain = FCDiffusionDataset(config.train.data, resolution=config.train.resolution)
+        images = [plain[i]["jpg"] for i in range(len(plain))]
+        factor = normalise_latents(module, images, SD_SCALE_FACTOR)
+        scores = reconstruction_psnr(module, images)
+        metadata["train_sd.latent_rescale"] = f"{factor:.6g}"
+        log.info("latents rescaled by %.4g for scale_factor %g; training photos reconstruct at %.2f dB PSNR (mean)",
+                 factor, SD_SCALE_FACTOR, sum(scores) / len(scores))
+    export_weights(module.cpu(), config.export, metadata)
+    print(f"wrote {config.export}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = resolve_command_line(argv, parse_args, resolve_config)
+    if config is None:
+        return 2
+    return locked_run(config.train, checkpoint_folder(config), lambda dataset: run(config, dataset))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
