@@ -7,7 +7,7 @@ import skimage.data
 import torch
 from scipy.fft import dctn
 
-from fcdiffusion.evaluation.band_fidelity import band_scores, latent_band_scores, pixel_thresholds
+from fcdiffusion.evaluation.band_fidelity import band_retrieval, band_scores, latent_band_scores, pixel_thresholds
 from fcdiffusion.frequency import CONTROL_MODES, band_limits, band_mask, dct_2d, filter_dct, idct_2d
 from tests.helpers import teacher_paths
 
@@ -88,3 +88,16 @@ def test_pixel_thresholds_scale_with_the_image_and_latent_scores_use_the_model(w
     assert error.shape == (2,) and not error.any() and not freedom.any()
     error, freedom = latent_band_scores(teacher, images, images.flip(0), "low_pass")
     assert (error > 0).all() and (freedom > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["low_pass", "mid_pass", "high_pass"])
+def test_band_retrieval_finds_the_source_whose_band_was_kept(mode):
+    generator = torch.Generator().manual_seed(2)
+    sources = torch.randn(5, 4, 16, 16, generator=generator, dtype=torch.float64)
+    noise = torch.randn(sources.shape, generator=generator, dtype=torch.float64)
+    kept = band_part(sources, mode) + (noise - band_part(noise, mode))  # own band, anything elsewhere
+    assert band_retrieval(sources, kept, mode, **THRESHOLDS).all()
+    swapped = kept.roll(1, dims=0)  # result i keeps source i-1's band
+    assert not band_retrieval(sources, swapped, mode, **THRESHOLDS).any()
+    with pytest.raises(ValueError, match="differ in shape"):
+        band_retrieval(sources, kept[:3], mode, **THRESHOLDS)

@@ -58,9 +58,11 @@ def test_evaluate_writes_metrics_table_and_plot(translated, workdir, distilled, 
     out = tmp_path / "metrics.json"
     args = ["--results", str(translated / "student"), "--input_dir", str(workdir / "photos"),
             "--reference", str(translated / "reference"), "--model", str(student_file(distilled)),
-            "--metrics", "band", "teacher_agreement", "--out", str(out)]
+            "--metrics", "band", "band_retrieval", "teacher_agreement", "--out", str(out)]
     assert evaluate.main(args) == 0
     metrics = json.loads(out.read_text())
+    for figures in metrics["per_mode"].values():
+        assert 0 <= figures["band_retrieval_latent"] <= 1 and figures["band_retrieval_chance"] == 1 / len(PHOTOS)
     assert len(metrics["per_image"]) == len(PHOTOS) * len(CONTROL_MODES)
     record = metrics["per_image"][0]
     assert {"name", "mode", "band_error_latent", "band_freedom_latent", "band_error_pixel", "band_freedom_pixel",
@@ -70,10 +72,31 @@ def test_evaluate_writes_metrics_table_and_plot(translated, workdir, distilled, 
     assert metrics["settings"]["model_modes"] == list(CONTROL_MODES)
     assert "| mini_pass |" in out.with_suffix(".md").read_text()
     assert Image.open(out.with_suffix(".png")).size[0] > 200
+    # Sources as their own results: every band is retrieved.
+    identity_results = make_self_results(workdir, tmp_path)
+    assert evaluate.main(["--results", str(identity_results), "--input_dir", str(workdir / "photos"),
+                          "--model", str(student_file(distilled)), "--metrics", "band_retrieval",
+                          "--out", str(tmp_path / "identity.json")]) == 0
+    identity = json.loads((tmp_path / "identity.json").read_text())["per_mode"]
+    assert all(figures["band_retrieval_latent"] == 1 for figures in identity.values())
     # A result compared with itself agrees exactly.
     args[args.index("--reference") + 1] = str(translated / "student")
     assert evaluate.main([*args[:-1], str(tmp_path / "self.json")]) == 0
     assert all(r["teacher_latent_mse"] == 0 for r in json.loads((tmp_path / "self.json").read_text())["per_image"])
+
+
+def make_self_results(workdir, tmp_path):
+    """The source photos saved as results of every mode (128 px, as the translations are)."""
+    from fcdiffusion.dataset import load_image
+
+    folder = tmp_path / "identity"
+    folder.mkdir()
+    for name in PHOTOS:
+        pixels = (load_image(workdir / "photos" / f"{name}.png", 128) + 1) * 127.5
+        image = Image.fromarray(pixels.round().astype("uint8"))
+        for mode in CONTROL_MODES:
+            image.save(folder / f"{name}_{mode}.png")
+    return folder
 
 
 def test_metrics_needing_a_model_or_weights_say_so(translated, workdir, tmp_path, capsys):

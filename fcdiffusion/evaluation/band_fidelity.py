@@ -11,6 +11,11 @@ summed over channels and the band's coefficients, per image. mini_pass shuffles 
 anti-diagonal i + j = n, so for it the comparison is of the energies per anti-diagonal, which the shuffle keeps:
 the numerator of band_error becomes sum_{n in B} (sqrt(E_Y(n)) - sqrt(E_S(n)))^2 with E(n) = sum_{i+j=n} X^2.
 
+Band retrieval (a set-level figure): among N sources and their N translations in one mode, translation i is
+retrieved when its band_error against its own source is smaller than against every other source; the accuracy
+is the fraction retrieved (1/N by chance). It asks whether a translation keeps *its own* source's band, not just
+some band of the right energy: a model that ignores its control signal scores near chance.
+
 Two spaces: `latent` (the model's VAE latents, the model's own thresholds: the space the control net sees) and
 `pixel` (the images themselves, the thresholds scaled by pixel size / latent size, so a band keeps the same share
 of the spectrum).
@@ -66,3 +71,13 @@ def latent_band_scores(model: torch.nn.Module, sources: torch.Tensor, outputs: t
     (posterior mean, scaled), with the model's own band edges."""
     return band_scores(encode_images(model, sources), encode_images(model, outputs), mode,
                        **model.frequency_thresholds)
+
+
+def band_retrieval(sources: torch.Tensor, outputs: torch.Tensor, mode: str, **thresholds: int) -> torch.Tensor:
+    """(N,) bool: whether output i's band_error is smallest against source i among all N sources (N, C, H, W)."""
+    if sources.shape != outputs.shape:
+        raise ValueError(f"sources {tuple(sources.shape)} and outputs {tuple(outputs.shape)} differ in shape")
+    n = sources.shape[0]
+    errors = torch.stack([band_scores(sources[j].expand_as(outputs), outputs, mode, **thresholds)[0]
+                          for j in range(n)], dim=1)
+    return errors.argmin(1) == torch.arange(n, device=errors.device)

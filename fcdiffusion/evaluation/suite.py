@@ -19,13 +19,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from fcdiffusion.dataset import load_image
-from fcdiffusion.evaluation.band_fidelity import band_scores, latent_band_scores, pixel_thresholds
+from fcdiffusion.evaluation.band_fidelity import band_retrieval, band_scores, latent_band_scores, pixel_thresholds
 from fcdiffusion.evaluation.pairs import Pair, match_pairs
 from fcdiffusion.inference import encode_images
 from ldm.util import atomic_path, atomic_write_text
 
-METRICS = ("band", "teacher_agreement", "clip_score", "dino_structure", "lpips", "fid")
+METRICS = ("band", "band_retrieval", "teacher_agreement", "clip_score", "dino_structure", "lpips", "fid")
 NEEDS_REFERENCE = ("teacher_agreement", "fid")  # compare with another results folder (evaluate.py --reference)
+SET_LEVEL = ("band_retrieval", "fid")  # one figure per mode from all of its images
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Evaluator:
         unknown = sorted(set(metrics) - set(METRICS))
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; valid: {', '.join(METRICS)}")
-        needs_model = {"band", "teacher_agreement"} & set(metrics)
+        needs_model = {"band", "band_retrieval", "teacher_agreement"} & set(metrics)
         if needs_model and settings.model is None:
             raise ValueError(f"{', '.join(sorted(needs_model))} need the model whose VAE and band edges they use "
                              "(--model: a student or teacher weights file)")
@@ -149,20 +150,33 @@ class Evaluator:
                 for i, p in enumerate(group)]
 
     def set_level(self, pairs: Sequence[Pair]) -> dict[str, dict[str, float]]:
-        """FID and KID per mode between the results and the reference folder (set-level metrics)."""
-        if "fid" not in self.metrics or not pairs or pairs[0].reference is None:
-            return {}
-        from fcdiffusion.evaluation.fid import fid_kid
-
-        s = self.settings
-        s.files["fid"] = s.inception_weights
-        out = {}
+        """Per mode, the figures computed from all of its images: band retrieval accuracy (in the latent space) and
+        FID and KID between the results and the reference folder."""
+        out: dict[str, dict[str, float]] = defaultdict(dict)
         for mode in dict.fromkeys(p.mode for p in pairs):
             group = [p for p in pairs if p.mode == mode]
-            figures = fid_kid(_uint8([p.result for p in group]), _uint8([p.reference for p in group]),
-                              s.inception_weights, kid_subset_size=s.kid_subset_size, dims=s.fid_dims, device=s.device)
-            out[mode] = {k: float(v) for k, v in figures.items()}
-        return out
+            if "band_retrieval" in self.metrics and len(group) > 1:
+                out[mode].update(self._retrieval(group, mode))
+            if "fid" in self.metrics and group[0].reference is not None:
+                from fcdiffusion.evaluation.fid import fid_kid
+
+                s = self.settings
+                s.files["fid"] = s.inception_weights
+                figures = fid_kid(_uint8([p.result for p in group]), _uint8([p.reference for p in group]),
+                                  s.inception_weights, kid_subset_size=s.kid_subset_size, dims=s.fid_dims,
+                                  device=s.device)
+                out[mode].update({k: float(v) for k, v in figures.items()})
+        return dict(out)
+
+    @torch.no_grad()
+    def _retrieval(self, group: Sequence[Pair], mode: str) -> dict[str, float]:
+        """Band retrieval accuracy of a mode's results among their sources, and chance (1 / number of sources)."""
+        model = self.settings.model
+        size = Image.open(group[0].result).size[0]
+        sources = encode_images(model, torch.stack([read_image(p.source, size) for p in group]))
+        results = encode_images(model, torch.stack([read_image(p.result, size) for p in group]))
+        hits = band_retrieval(sources, results, mode, **model.frequency_thresholds)
+        return {"band_retrieval_latent": hits.float().mean().item(), "band_retrieval_chance": 1.0 / len(group)}
 
 
 def per_mode_means(records: Sequence[dict[str, Any]], set_level: dict[str, dict[str, float]]) -> dict[str, dict]:
