@@ -8,7 +8,7 @@ Runs, in order, the same scripts a GPU user runs with the real weights, on tiny 
   9. fcdiffusion_distill.py            10-11. test_distillation.py (teachers, then the student)
   12. evaluate.py (band fidelity of both, the student's agreement with its teachers)
   13. benchmarks/distillation_benchmark.py
-  14. outputs/quickstart/: grid.png, the tables, the evaluation and report.md
+  14. outputs/quickstart/: grid.png, losses.png, the tables, the evaluation and report.md
 Re-running reuses what exists (training resumes from its last checkpoint and stops at once when done);
 `--restart` starts over. Random weights show that the pipeline works and how fast it is, not image quality.
 """
@@ -131,7 +131,7 @@ def build_steps(layout: Layout, args: argparse.Namespace) -> list[tuple[str, Cal
         (f"run the student, {args.student_steps} steps (test_distillation.py)", lambda: infer(layout, args, "student")),
         ("evaluate band fidelity and teacher agreement (evaluate.py)", lambda: evaluate(layout)),
         ("benchmark speed, fidelity and memory", lambda: benchmark(layout, args)),
-        ("write grid.png and report.md", lambda: report(layout, args)),
+        ("write grid.png, losses.png and report.md", lambda: report(layout, args)),
     ]
     return steps
 
@@ -176,12 +176,14 @@ def benchmark(layout: Layout, args: argparse.Namespace) -> None:
 
 
 def report(layout: Layout, args: argparse.Namespace) -> None:
-    """grid.png (a row per photo: source, then control / teacher / student per mode), tables.md and report.md."""
+    """grid.png (a row per photo: source, then control / teacher / student per mode), losses.png (the training
+    losses of the teachers and the distiller), tables.md and report.md."""
     import torch
 
     from fcdiffusion.benchmark import format_tables
     from fcdiffusion.dataset import load_image
     from fcdiffusion.images import labelled_grid, save_png
+    from fcdiffusion.loss_curves import plot_losses, read_losses
     from ldm.util import atomic_write_text
 
     inference = layout.out / "inference"
@@ -202,6 +204,8 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
                                 (f"{mode} student", inference / "student" / f"{name}_{mode}.png")):
                 columns.setdefault(label, []).append(read(path))
     save_png(labelled_grid({k: torch.stack(v) for k, v in columns.items()}, row_labels=names), layout.out / "grid.png")
+    runs = {f"{mode} teacher": f"fcdiffusion_{mode}" for mode in CONTROL_MODES} | {"distiller": "fcdiffusion_distill"}
+    plot_losses({label: read_losses(layout.logdir / run) for label, run in runs.items()}, layout.out / "losses.png")
     results = json.loads((layout.out / "benchmark.json").read_text())
     tables = format_tables(results, args.teacher_sample_steps)
     atomic_write_text(layout.out / "tables.md", tables)
@@ -227,6 +231,11 @@ Per-image outputs: [inference/teacher/](inference/teacher/) and [inference/stude
 training grids: `lightning_logs/*/image_log/`.
 
 ![grid](grid.png)
+
+Training losses (per step, and a 10-step moving average), from the runs' CSV logs:
+[losses.png](losses.png)
+
+![losses](losses.png)
 
 ## Figures
 

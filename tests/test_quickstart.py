@@ -59,7 +59,8 @@ def test_small_quickstart_tables_and_report(small_run):
     assert all(any(line.startswith(f"| {mode} |") for line in rows) for mode in CONTROL_MODES)
     report = (out / "report.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", report)
-    expected = {"grid.png", "benchmark.json", "tables.md", "evaluation/student.json", "evaluation/teacher.json"}
+    expected = {"grid.png", "losses.png", "benchmark.json", "tables.md", "evaluation/student.json",
+                "evaluation/teacher.json"}
     assert expected <= set(links)
     student = json.loads((out / "evaluation" / "student.json").read_text())
     assert set(student["per_mode"]) == set(CONTROL_MODES)
