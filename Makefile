@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv quickstart test lint clean-quickstart
+.PHONY: venv quickstart demo test lint clean-quickstart
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ venv: $(STAMP)
 
 quickstart: $(STAMP)
 	$(PY) quickstart.py $(ARGS)
+
+demo: $(STAMP)
+	$(PY) app.py $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)

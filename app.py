@@ -1,0 +1,72 @@
+"""The interactive FCDiffusion demo: upload or pick a photo, type a prompt, see the control modes side by side.
+
+    python app.py                                  # the quickstart's tiny student (run `make quickstart` first)
+    python app.py --teacher_dir                    # the quickstart's tiny teachers instead
+    python app.py --student run/fcdiffusion_distill_checkpoint/student.safetensors --teacher_dir run   # both
+    python app.py --port 8000 --host 0.0.0.0       # reachable from other machines
+
+Open the printed URL. With both a student and teachers the page has a model picker. The weights are loaded once,
+at start-up; missing files are reported with what to run or pass instead, and the command exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from fcdiffusion.demo_app import (
+    DEFAULT_LOGDIR,
+    MAX_PIXELS,
+    MissingWeightsError,
+    build_app,
+    launch,
+    load_demo,
+    weight_files,
+)
+from fcdiffusion.frequency import CONTROL_MODES
+from ldm.checkpoint import CheckpointMismatchError
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", help="distilled student: student.safetensors or a distiller checkpoint "
+                        f"(default, when no teacher is named: the quickstart's, under {DEFAULT_LOGDIR})")
+    parser.add_argument("--teacher_dir", nargs="?", const=str(DEFAULT_LOGDIR), metavar="LOGDIR",
+                        help="serve the teachers fcdiffusion_train.py wrote under LOGDIR "
+                        f"(fcdiffusion_<mode>_checkpoint/last.ckpt; without LOGDIR: {DEFAULT_LOGDIR})")
+    for mode in CONTROL_MODES:
+        parser.add_argument(f"--teacher_{mode}", metavar="FILE", help=f"the {mode} teacher's checkpoint")
+    parser.add_argument("--resolution", type=int,
+                        help="square size photos are resized and cropped to (default: the model's own, 128 px for "
+                        "the tiny models, 512 for SD 2.1)")
+    parser.add_argument("--max_pixels", type=int, default=MAX_PIXELS,
+                        help="larger photos are refused with a message (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda:1, ...")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on")
+    parser.add_argument("--share", action="store_true", help="also create a temporary public link (gradio.live)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        student, teachers = weight_files(args.student, args.teacher_dir,
+                                         {m: getattr(args, f"teacher_{m}") for m in CONTROL_MODES})
+        demo = load_demo(student, teachers, device, args.resolution, args.max_pixels)
+    except (MissingWeightsError, CheckpointMismatchError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        launch(build_app(demo), args.host, args.port, args.share)
+    except OSError as error:
+        print(f"error: cannot serve on {args.host}:{args.port} ({error}); pick another --port", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

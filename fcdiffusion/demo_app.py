@@ -1,0 +1,385 @@
+"""The interactive demo behind `app.py`: upload or pick a photo, type a prompt, see the control modes side by side.
+
+`load_demo` loads the weights once, at start-up: the distilled student (every mode, a few guidance-free steps)
+and/or the four teachers (one mode each, guided DDIM). `Demo.translate` checks one request and runs it through
+`fcdiffusion.inference.Translator`, the pipeline `test_distillation.py` uses, so the page shows what the script
+would write for the same photo, prompt, steps and seed. `build_app` wraps that in a Gradio page in which a bad
+request (no photo, an unreadable or huge file, an empty prompt, ...) becomes a message while the server keeps
+serving; `launch` starts it.
+"""
+from __future__ import annotations
+
+import html
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fcdiffusion.benchmark import synchronize
+from fcdiffusion.dataset import LATENT_GRID, prepare_image
+from fcdiffusion.demo_data import CAPTIONS, load_photo
+from fcdiffusion.frequency import CONTROL_MODES
+from fcdiffusion.images import to_uint8
+from fcdiffusion.inference import Translator
+from fcdiffusion.model import FrequencyControlledLDM
+from fcdiffusion.paths import DOWNLOAD_HELP, student_file, teacher_checkpoint
+from fcdiffusion.weights import load_student, load_teacher
+
+# What `make quickstart` writes: tiny models that run on a CPU.
+DEFAULT_LOGDIR = Path("outputs/quickstart/lightning_logs")
+# Uploads with more pixels than this are refused from their header, before decoding (a 40 MP RGB photo already
+# takes 120 MB decoded; it is resized to the model's 128 or 512 px anyway).
+MAX_PIXELS = 40_000_000
+MAX_UPLOAD = "50mb"  # Gradio refuses larger uploads itself
+STUDENT, TEACHERS = "student", "teachers"
+MODE_TASKS = {"mini_pass": "style-guided content creation", "low_pass": "semantic manipulation",
+              "mid_pass": "scene translation", "high_pass": "style translation"}
+EXAMPLES = ("chelsea", "astronaut", "coffee", "rocket", "motorcycle_left", "camera", "hubble_deep_field", "coins")
+# The results' gallery grows to show every mode's row (no scrolling), the tiny models' 128 px pictures enlarged sharply.
+CSS = (".result-gallery .fixed-height, .result-gallery .grid-wrap { max-height: none !important; "
+       "height: auto !important; } .result-gallery img { image-rendering: pixelated; }")
+
+
+class DemoInputError(ValueError):
+    """A request the demo refuses; the message is what the page shows."""
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Weight files the demo was asked to serve are not there; the message says how to get them."""
+
+
+# ---- the models ------------------------------------------------------------------------------------------------
+def model_resolution(model: FrequencyControlledLDM) -> int:
+    """The image size the model was built for: its latent size times the VAE's downsampling."""
+    return model.image_size * 2 ** (len(model.first_stage_model.encoder.down) - 1)
+
+
+@dataclass
+class ServedModel:
+    """One choice of the page's model picker: a translator per control mode and the sampling defaults."""
+
+    name: str
+    translators: dict[str, Translator]
+    steps: int
+    guidance_scale: float | None  # None: the student, which samples without guidance
+    resolution: int
+    files: dict[str, Path]
+
+    @property
+    def modes(self) -> list[str]:
+        return [m for m in CONTROL_MODES if m in self.translators]
+
+    def describe(self) -> str:
+        """One line for the page: what is served, from which files, with which defaults."""
+        files = sorted({os.fspath(p) for p in self.files.values()})
+        where = files[0] if len(files) == 1 else f"{os.path.commonpath(files)}/..."
+        guidance = "no guidance" if self.guidance_scale is None else f"guidance {self.guidance_scale:g}"
+        return (f"**{self.name}** ({', '.join(self.modes)}): {self.steps} steps by default, {guidance}, "
+                f"{self.resolution} px; from `{where}`")
+
+
+def missing_weights_message(missing: Sequence[Path]) -> str:
+    """What to do when weight files are missing: build the tiny ones, or pass the real ones."""
+    listed = "\n".join(f"  - {p}" for p in missing)
+    return (f"the demo's weight files are missing:\n{listed}\n"
+            "To try the demo on the tiny CPU models, run `make quickstart` first (it writes them under "
+            f"{DEFAULT_LOGDIR}).\n"
+            "To serve real models, pass their files: --student <logdir>/fcdiffusion_distill_checkpoint/"
+            "student.safetensors (written by fcdiffusion_distill.py) and/or --teacher_dir <logdir> or "
+            "--teacher_<mode> <file> (fcdiffusion_train.py's checkpoints).\n" + DOWNLOAD_HELP)
+
+
+def weight_files(student: str | os.PathLike | None, teacher_dir: str | os.PathLike | None,
+                 teachers: Mapping[str, str | os.PathLike | None]) -> tuple[Path | None, dict[str, Path]]:
+    """The student file and the teacher file per mode to serve: what was named, or the quickstart's student.
+
+    `teacher_dir` gives each mode whose `fcdiffusion_<mode>_checkpoint/last.ckpt` exists there; `teachers`
+    (mode -> file) adds or replaces modes. With no teacher named the student is served, by default the
+    quickstart's. Raises `MissingWeightsError` for a named file that is not there, or a teacher folder without
+    any teacher.
+    """
+    chosen = {m: Path(p) for m, p in teachers.items() if p is not None}
+    if teacher_dir is not None:
+        found = {m: teacher_checkpoint(teacher_dir, m) for m in CONTROL_MODES if m not in chosen}
+        present = {m: p for m, p in found.items() if p.is_file()}
+        if not present and not chosen:
+            raise MissingWeightsError(missing_weights_message(list(found.values())))
+        chosen.update(present)
+    if student is None and not chosen:
+        student = student_file(DEFAULT_LOGDIR)
+    student = None if student is None else Path(student)
+    missing = [p for p in [student, *chosen.values()] if p is not None and not p.is_file()]
+    if missing:
+        raise MissingWeightsError(missing_weights_message(missing))
+    return student, {m: chosen[m] for m in CONTROL_MODES if m in chosen}
+
+
+def serve_student(path: Path, device: torch.device) -> ServedModel:
+    """The distilled student at `path`, on `device`, serving every mode it learned."""
+    model = load_student(path).eval().to(device)
+    translator = Translator(model)
+    return ServedModel(STUDENT, {m: translator for m in model.modes}, model.student_steps, None,
+                       model_resolution(model), {m: path for m in model.modes})
+
+
+def serve_teachers(paths: Mapping[str, Path], device: torch.device) -> ServedModel:
+    """The teachers `paths` (mode -> file), on `device`, each checked to be the teacher of its mode."""
+    models = {mode: load_teacher(path, mode).eval().to(device) for mode, path in paths.items()}
+    first = next(iter(models.values()))
+    for mode, model in models.items():
+        if model_resolution(model) != model_resolution(first):
+            raise ValueError(f"the {mode} teacher {paths[mode]} works at {model_resolution(model)} px, the "
+                             f"{first.control_mode} teacher at {model_resolution(first)} px: serve teachers of "
+                             "one size")
+    return ServedModel(TEACHERS, {m: Translator(model) for m, model in models.items()}, first.ddim_steps,
+                       first.guidance_scale, model_resolution(first), dict(paths))
+
+
+# ---- one request -----------------------------------------------------------------------------------------------
+def read_photo(path: str | os.PathLike, resolution: int, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """The image file at `path` prepared like `test_distillation.py` prepares its inputs (EXIF orientation,
+    shorter side resized to `resolution`, centre square): float32 (resolution, resolution, 3) in [-1, 1], and a
+    note when the photo had to be enlarged (else "").
+
+    Raises `DemoInputError` for a file that is not a readable image or has more than `max_pixels` pixels; the
+    size is read from the header, so a huge image is refused before it is decoded.
+    """
+    name = Path(path).name
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise DemoInputError(too_large(width, height, max_pixels))
+            image.load()
+            prepared = prepare_image(ImageOps.exif_transpose(image), resolution)
+    except Image.DecompressionBombError as error:  # PIL's own limit, larger than ours: the header was absurd
+        raise DemoInputError(f"{name} is too large to open ({error}); the demo takes photos of at most "
+                             f"{max_pixels / 1e6:g} megapixels") from error
+    except DemoInputError:
+        raise
+    except UnidentifiedImageError as error:
+        raise DemoInputError(f"{name} is not an image file the demo can read (PNG, JPEG, WebP, BMP, TIFF, ...)") \
+            from error
+    except Exception as error:  # a truncated or corrupt file fails while decoding: OSError, SyntaxError, ...
+        raise DemoInputError(f"could not read {name} as an image: it looks damaged ({error})") from error
+    note = "" if min(width, height) >= resolution else (
+        f"the photo ({width}x{height}) is smaller than the model's {resolution} px: it was enlarged")
+    return prepared, note
+
+
+def too_large(width: int, height: int, max_pixels: int) -> str:
+    return (f"the photo is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the demo's limit of "
+            f"{max_pixels / 1e6:g} megapixels; downscale it first (it is resized to the model's size anyway)")
+
+
+@dataclass
+class Panel:
+    """One picture of the result grid: uint8 (H, W, 3) and its caption."""
+
+    image: np.ndarray
+    caption: str
+
+
+@dataclass
+class DemoResult:
+    """A request's pictures (source | decoded control | result per mode), notes, and the seconds taken: encoding
+    the photo and prompt, then per mode sampling and decoding (result and control), and in total."""
+
+    panels: list[Panel]
+    seconds: dict[str, float]
+    summary: str
+    notes: list[str] = field(default_factory=list)
+
+
+def as_int(value: Any, name: str, low: int, high: int) -> int:
+    """`value` as an integer in [low, high], else `DemoInputError` naming the field."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DemoInputError(f"{name} must be a whole number, got {value!r}") from None
+    if not number.is_integer() or not low <= number <= high:
+        raise DemoInputError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    return int(number)
+
+
+class Demo:
+    """The served models and the request checks; `translate` answers one request."""
+
+    def __init__(self, served: Sequence[ServedModel], device: torch.device, resolution: int | None = None,
+                 max_pixels: int = MAX_PIXELS):
+        if not served:
+            raise ValueError("the demo needs a student or at least one teacher")
+        if resolution is not None and (resolution < LATENT_GRID or resolution % LATENT_GRID):
+            raise ValueError(f"resolution must be a positive multiple of {LATENT_GRID}, got {resolution}")
+        self.served = {s.name: s for s in served}
+        self.device, self.resolution, self.max_pixels = device, resolution, max_pixels
+
+    def resolution_of(self, served: ServedModel) -> int:
+        return self.resolution or served.resolution
+
+    def check(self, image: str | os.PathLike | None, prompt: str | None, modes: Sequence[str] | None, model: str,
+              steps: Any, guidance_scale: Any, seed: Any) -> tuple[ServedModel, list[str], int, float | None, int]:
+        """Every field of a request checked (the photo is read later): (served model, modes, steps, guidance,
+        seed), or `DemoInputError` saying what to change."""
+        if image is None:
+            raise DemoInputError("no photo: upload one (or paste it, or pick an example below) first")
+        if not prompt or not prompt.strip():
+            raise DemoInputError("the prompt is empty: describe the picture you want, e.g. "
+                                 "'a watercolor painting of a cat'")
+        served = self.served.get(model)
+        if served is None:
+            raise DemoInputError(f"unknown model {model!r}; this demo serves {', '.join(self.served)}")
+        if not modes:
+            raise DemoInputError("no control mode picked: tick at least one")
+        unserved = [m for m in modes if m not in served.translators]
+        if unserved:
+            raise DemoInputError(f"the {served.name} serve(s) mode(s) {', '.join(served.modes)}, not "
+                                 f"{', '.join(map(str, unserved))}")
+        top = next(iter(served.translators.values())).model.num_timesteps
+        steps = served.steps if steps is None else as_int(steps, "steps", 1, top)
+        seed = as_int(seed, "seed", 0, 2**63 - 1)
+        if served.guidance_scale is None:
+            if guidance_scale not in (None, 1.0):
+                raise DemoInputError(f"guidance scale {guidance_scale} applies to teachers only: the student learned "
+                                     "the guided teachers' results and samples without guidance (use 1)")
+            guidance_scale = None
+        else:
+            try:
+                guidance_scale = float(served.guidance_scale if guidance_scale is None else guidance_scale)
+            except (TypeError, ValueError):
+                raise DemoInputError(f"guidance scale must be a number, got {guidance_scale!r}") from None
+            if not math.isfinite(guidance_scale) or guidance_scale < 0:
+                raise DemoInputError(f"guidance scale must be a number >= 0 (1: no guidance), got {guidance_scale}")
+        return served, [m for m in CONTROL_MODES if m in modes], steps, guidance_scale, seed
+
+    def translate(self, image: str | os.PathLike | None, prompt: str | None, modes: Sequence[str] | None,
+                  model: str = STUDENT, steps: Any = None, guidance_scale: Any = None, seed: Any = 0) -> DemoResult:
+        """Translate the photo file `image` with `prompt` in each of `modes` by the served `model`.
+
+        `steps` and `guidance_scale` default to the model's own. Image 0 of `test_distillation.py --seed S` gets
+        the same noise and mini_pass shuffle, so the results match the script's.
+        """
+        served, modes, steps, guidance_scale, seed = self.check(image, prompt, modes, model, steps, guidance_scale,
+                                                                seed)
+        resolution = self.resolution_of(served)
+        photo, note = read_photo(image, resolution, self.max_pixels)
+        source = torch.from_numpy(photo).permute(2, 0, 1)[None]
+        start = time.perf_counter()
+        encoded, panels, seconds = {}, [], {"encode": 0.0}
+        for mode in modes:
+            translator = served.translators[mode]
+            if id(translator) not in encoded:  # the student encodes once for every mode, each teacher for its own
+                encode_start = time.perf_counter()
+                encoded[id(translator)] = translator.encode(source, [prompt.strip()])
+                synchronize(self.device)
+                seconds["encode"] += time.perf_counter() - encode_start
+            mode_start = time.perf_counter()
+            result = translator.translate_latents(*encoded[id(translator)], [mode], seed=[seed], control_seed=seed,
+                                                  steps=steps, guidance_scale=guidance_scale)[mode]
+            synchronize(self.device)
+            seconds[mode] = time.perf_counter() - mode_start
+            panels += [Panel(to_uint8(source[0]), f"{mode}: source"),
+                       Panel(to_uint8(result.control[0]), f"{mode}: decoded control"),
+                       Panel(to_uint8(result.image[0]), f"{mode}: result ({seconds[mode]:.2f} s)")]
+        seconds["total"] = time.perf_counter() - start
+        guidance = "" if guidance_scale is None else f", guidance {guidance_scale:g}"
+        timings = " · ".join(f"{name} {seconds[name]:.2f} s" for name in ["encode", *modes])
+        summary = (f"**{served.name}**, {steps} steps{guidance}, seed {seed}, {resolution} px on "
+                   f"{self.device.type}: {timings} · **total {seconds['total']:.2f} s**")
+        return DemoResult(panels, seconds, summary, [note] if note else [])
+
+
+def load_demo(student: Path | None, teachers: Mapping[str, Path], device: torch.device,
+              resolution: int | None = None, max_pixels: int = MAX_PIXELS) -> Demo:
+    """Load the weight files once (see `weight_files`) and wrap them in a `Demo`; the student comes first."""
+    served = []
+    if student is not None:
+        print(f"loading the student {student}", flush=True)
+        served.append(serve_student(student, device))
+    if teachers:
+        print(f"loading the teachers {', '.join(map(str, teachers.values()))}", flush=True)
+        served.append(serve_teachers(teachers, device))
+    return Demo(served, device, resolution, max_pixels)
+
+
+# ---- the page --------------------------------------------------------------------------------------------------
+def build_app(demo: Demo) -> Any:
+    """The Gradio page (a `gr.Blocks`) serving `demo`; its translation endpoint is `/translate`.
+
+    The photo reaches `translate` as the uploaded file (the event skips Gradio's preprocessing), so an
+    unreadable file is reported by `read_photo` like any other bad input, as a `gr.Error` in the page.
+    """
+    import gradio as gr
+
+    first = next(iter(demo.served.values()))
+
+    def run(image: Mapping[str, Any] | None, prompt: str | None, modes: list[str] | None, model: str,
+            steps: Any, guidance_scale: Any, seed: Any) -> tuple[list[tuple[np.ndarray, str]], str]:
+        path = image.get("path") if isinstance(image, Mapping) else image
+        if image is not None and path is None:
+            raise gr.Error("could not read the photo: it did not arrive as a file; upload it again",
+                           print_exception=False)
+        try:
+            result = demo.translate(path, prompt, modes, model, steps, guidance_scale, seed)
+        except DemoInputError as error:
+            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from error
+        for note in result.notes:
+            gr.Warning(note)
+        return [(p.image, p.caption) for p in result.panels], result.summary
+
+    def pick_model(name: str) -> tuple[Any, Any, Any]:
+        served = demo.served[name]
+        teacher = served.guidance_scale is not None
+        return (gr.CheckboxGroup(choices=served.modes, value=served.modes),
+                gr.Slider(value=served.steps),
+                gr.Slider(value=served.guidance_scale if teacher else 1.0, interactive=teacher))
+
+    with gr.Blocks(title="FCDiffusion demo", analytics_enabled=False) as app:
+        gr.Markdown("## FCDiffusion: frequency-controlled image-to-image translation\n"
+                    "Upload a photo or pick an example, describe the picture you want and press **Translate**. Each "
+                    "control mode keeps one frequency band of the photo (the *decoded control*) and lets the prompt "
+                    "redraw the rest: " + "; ".join(f"`{m}` {task}" for m, task in MODE_TASKS.items()) + ".  \n"
+                    + "  \n".join(s.describe() for s in demo.served.values())
+                    + f"  \nPhotos are centre-cropped to a square; at most {demo.max_pixels / 1e6:g} megapixels.")
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(label="photo", type="filepath", format="png", sources=["upload", "clipboard"],
+                                 height=240)
+                prompt = gr.Textbox(label="prompt", lines=2, placeholder="e.g. a watercolor painting of a cat")
+                model = gr.Radio(list(demo.served), value=first.name, label="model", visible=len(demo.served) > 1)
+                modes = gr.CheckboxGroup(first.modes, value=first.modes, label="control modes")
+                with gr.Row():
+                    steps = gr.Slider(1, max(100, *(s.steps for s in demo.served.values())), value=first.steps,
+                                      step=1, label="sampling steps")
+                    guidance = gr.Slider(1.0, 20.0, value=first.guidance_scale or 1.0, step=0.5,
+                                         interactive=first.guidance_scale is not None, label="guidance scale",
+                                         info="teachers only")
+                seed = gr.Number(0, precision=0, minimum=0, label="seed")
+                button = gr.Button("Translate", variant="primary")
+                gr.Examples([[Image.fromarray(load_photo(n)), CAPTIONS[n]] for n in EXAMPLES], [image, prompt],
+                            label="example photos (scikit-image)", examples_per_page=4)
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="source | decoded control | result, per mode", columns=3, format="png",
+                                     object_fit="contain", elem_classes="result-gallery")
+                timing = gr.Markdown(label="time taken")
+        model.change(pick_model, model, [modes, steps, guidance], api_visibility="private")
+        button.click(run, [image, prompt, modes, model, steps, guidance, seed], [gallery, timing],
+                     api_name="translate", preprocess=False)
+    return app
+
+
+def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True) -> str:
+    """Serve `app` on host:port (and a public link with `share`); returns the local URL. `block=False` returns
+    at once, leaving the server running until `app.close()`."""
+    app.queue(default_concurrency_limit=1)  # one translation at a time: the models are shared
+    _, url, _ = app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                           show_error=True, max_file_size=MAX_UPLOAD, ssr_mode=False, css=CSS,
+                           footer_links=["api"])
+    return url
