@@ -10,14 +10,17 @@ with `<name>.txt` prompts, or one --prompt). Pairs are matched by name; a result
 without a result, and a result missing from --reference are reported and skipped. Metrics (--metrics):
   band               band_error / band_freedom in latent and pixel space (fcdiffusion/evaluation/band_fidelity.py);
                      needs --model (its VAE and band edges)
+  band_retrieval     per mode, the fraction of results whose band is closest to their own source among all the
+                     sources (chance: 1 / number of sources); latent space, needs --model
   teacher_agreement  latent MSE to --reference's image (e.g. the teacher's 50-step results); needs --model
   clip_score         100 * max(cos(image, prompt), 0), OpenCLIP --clip_arch with --clip_weights
   dino_structure     Tumanyan et al.'s DINO ViT-B/8 self-similarity distance to the source, --dino_weights
   lpips              LPIPS to the source (and to --reference), --lpips_net with --lpips_weights
   fid                FID and KID per mode against --reference, Inception --inception_weights (KID is the one that
                      means something on small sets)
-Every weight file is local: a missing one is an error saying where to get it. Writes --out (metrics.json:
-per_image, per_mode, settings) with a Markdown table and a plot beside it.
+--precision bf16 runs --model's VAE in bf16 (fp16 keeps it float32: SD's VAE overflows fp16); a delta weights
+file loads over --base. Every weight file is local: a missing one is an error saying where to get it. Writes
+--out (metrics.json: per_image, per_mode, settings) with a Markdown table and a plot beside it.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from collections.abc import Sequence
 import torch
 
 from fcdiffusion.evaluation.suite import METRICS, Evaluator, Settings, evaluate_folder, markdown_table
+from fcdiffusion.paths import SD_CHECKPOINT
+from fcdiffusion.precision import PRECISIONS, prepare_for_inference
 from fcdiffusion.weights import load_model
 from ldm.checkpoint import CheckpointMismatchError
 
@@ -56,6 +61,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", help="metrics.json to write (default: RESULTS/metrics.json)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="dtype of --model's weights")
+    parser.add_argument("--base", default=SD_CHECKPOINT, help="SD 2.1-base checkpoint a delta --model applies over")
     return parser.parse_args(argv)
 
 
@@ -70,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --batch_size must be at least 1, got {args.batch_size}", file=sys.stderr)
         return 2
     try:
-        model = load_model(args.model).eval().to(args.device) if args.model else None
+        model = (prepare_for_inference(load_model(args.model, args.base), args.device, args.precision)
+                 if args.model else None)
         settings = Settings(model=model, clip_arch=args.clip_arch, clip_weights=args.clip_weights,
                             clip_arch_config=args.clip_arch_config, dino_weights=args.dino_weights,
                             lpips_net=args.lpips_net, lpips_weights=args.lpips_weights,

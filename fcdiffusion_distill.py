@@ -4,6 +4,7 @@
     python fcdiffusion_distill.py --config configs/distill_config_tiny.yaml --max_steps 50
     python fcdiffusion_distill.py --devices 8 --strategy ddp --num_nodes 2 --precision bf16-mixed
     python fcdiffusion_distill.py --trainable control_net lora --teacher_substeps 4 --guidance_scale 7.5
+    python fcdiffusion_distill.py --teacher_dtype bf16 --precision bf16-mixed   # teachers in half the memory
 
 Settings come from the config; flags override it, and `key.sub=value` arguments override any entry (e.g.
 `distill.band_weights.high_pass.f50_up=4`, `model.params.guidance_scale=7.5`). Checkpoints (the student and its
@@ -55,6 +56,8 @@ DISTILL_FLAGS = {
     "distill_weight": (float, "weight of the frequency-weighted distillation loss"),
     "denoise_weight": (float, "weight of the plain x0 loss against the true latent"),
     "control_weight": (float, "weight of the control-net output matching loss"),
+    "teacher_dtype": (str, "dtype of the teachers' tensors and the shared frozen base: fp32, bf16 or fp16 (the "
+                           "student's trained tensors stay float32)"),
 }
 
 

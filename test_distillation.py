@@ -17,6 +17,11 @@ that cannot be read or has no prompt, and any other file that is not a caption, 
 Weight files describe themselves: the student samples with the steps it was distilled for and serves the
 modes it learned, a teacher serves the mode it was trained for (another --mode is an error naming both). Files
 written before they carried that metadata need `--config` (the distillation config; `key.sub=value` overrides).
+A delta file (export_delta.py) loads over the SD 2.1-base checkpoint given with `--base`.
+
+`--precision fp16|bf16` runs the networks and the text encoder in that dtype (half the memory and, on GPUs,
+about half the time); the sampler's arithmetic stays float32, and with fp16 the VAE stays float32 (SD's VAE
+overflows fp16). `--compile` compiles the UNet and the control net with torch.compile (the first batch pays it).
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ from fcdiffusion.image_folder import prompted_images
 from fcdiffusion.images import labelled_grid, save_image, save_png
 from fcdiffusion.inference import Translator
 from fcdiffusion.model import FrequencyControlledLDM
+from fcdiffusion.paths import SD_CHECKPOINT
+from fcdiffusion.precision import PRECISIONS, prepare_for_inference
 from fcdiffusion.weights import (
     ModeMismatchError,
     distilled_student_config,
@@ -75,6 +82,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         "(band, clip_score, dino_structure, lpips: default weight files; see evaluate.py) and "
                         "write <out_dir>/metrics.json")
     parser.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda:1, ...")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="dtype of the networks and the text encoder (the VAE: fp32 with fp16, see above)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the control net")
+    parser.add_argument("--base", default=SD_CHECKPOINT,
+                        help="SD 2.1-base checkpoint that a delta weights file applies over (full files ignore it)")
     return parser.parse_known_args(argv)
 
 
@@ -140,9 +152,9 @@ def load_model(args: argparse.Namespace, overrides: list[str]) -> FrequencyContr
     """The student or teacher the flags name; its own metadata describes it unless --config is given."""
     config = load_config(args.config, overrides) if args.config else None
     if args.student:
-        return load_student(args.student, distilled_student_config(config) if config else None)
+        return load_student(args.student, distilled_student_config(config) if config else None, args.base)
     mode = None if args.mode in (None, "all") else args.mode
-    return load_teacher(args.teacher, mode, teacher_model_config(config) if config else None)
+    return load_teacher(args.teacher, mode, teacher_model_config(config) if config else None, args.base)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = load_model(args, overrides)
         modes = list(model.modes) if args.mode in (None, "all") else [model.check_mode(args.mode)]
-        model = model.eval().to(device)
+        model = prepare_for_inference(model, device, args.precision, args.compile)
         evaluator = Evaluator(args.evaluate, Settings(model=model, device=device)) if args.evaluate else None
         if evaluator is not None:
             evaluator.prepare()  # a missing weights file fails now, not after the translations

@@ -2,8 +2,11 @@
 
     python benchmarks/distillation_benchmark.py --out outputs/benchmark.json
 
+    python benchmarks/distillation_benchmark.py --precision fp16 --compile --repeats 5 --out outputs/fp16.json
+
 What each figure means: `fcdiffusion/benchmark.py`. Prints tables; `--out FILE` writes the same figures as JSON.
 Fidelity needs trained tiny teachers and a student (the quickstart makes them) and is skipped without them.
+On CUDA the SD 2.1-base architecture is timed at 512 px by default (warm-up, synchronised repeats, peak memory).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from omegaconf import OmegaConf
 from fcdiffusion.benchmark import device_name, fidelity, format_tables, memory, speed
 from fcdiffusion.frequency import CONTROL_MODES
 from fcdiffusion.paths import teacher_checkpoint
+from fcdiffusion.precision import PRECISIONS, vae_dtype
 from ldm.util import atomic_write_text, load_config
 
 
@@ -33,7 +37,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--sd_config", default="configs/model_config.yaml")
     parser.add_argument("--sd", action=argparse.BooleanOptionalAction, default=True,
                         help="time the SD 2.1-base architecture too (random weights)")
-    parser.add_argument("--sd_resolution", type=int, default=256, help="image size for the SD-architecture timing")
+    parser.add_argument("--sd_resolution", type=int,
+                        help="image size for the SD-architecture timing (default: 512 on CUDA, 256 otherwise)")
     parser.add_argument("--teachers_dir", default="lightning_logs",
                         help="log folder with fcdiffusion_<mode>_checkpoint/last.ckpt (trained tiny teachers)")
     parser.add_argument("--student", default="lightning_logs/fcdiffusion_distill_checkpoint/student.safetensors",
@@ -45,6 +50,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--teacher_steps", type=int, default=50)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="dtype of the timed models' weights (the VAE stays float32 with fp16)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and control net when timing")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     return parser.parse_known_args(argv)
 
@@ -53,16 +61,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     device = torch.device(args.device)
     tiny = model_node(args.tiny_config, overrides)
-    results: dict[str, Any] = {"hardware": {"device": device_name(device), "torch": torch.__version__}, "speed": {}}
+    sd_resolution = args.sd_resolution or (512 if device.type == "cuda" else 256)
+    results: dict[str, Any] = {
+        "hardware": {"device": device_name(device), "torch": torch.__version__},
+        "precision": {"precision": args.precision, "compile": args.compile,
+                      "vae_dtype": str(vae_dtype(PRECISIONS[args.precision])).removeprefix("torch.")},
+        "speed": {}}
 
     tiny_resolution = 8 * tiny["params"]["image_size"]
     print(f"timing the tiny config at {tiny_resolution} px ...", flush=True)
-    results["speed"]["tiny"] = speed(tiny, tiny_resolution, args.images, args.repeats, args.teacher_steps, device)
+    results["speed"]["tiny"] = speed(tiny, tiny_resolution, args.images, args.repeats, args.teacher_steps, device,
+                                     args.precision, args.compile)
     if args.sd:
-        print(f"timing the SD 2.1-base architecture at {args.sd_resolution} px (random weights) ...", flush=True)
-        results["speed"][f"sd21_base_{args.sd_resolution}px"] = speed(
-            model_node(args.sd_config), args.sd_resolution, max(1, args.images // 2), args.repeats,
-            args.teacher_steps, device)
+        print(f"timing the SD 2.1-base architecture at {sd_resolution} px (random weights) ...", flush=True)
+        results["speed"][f"sd21_base_{sd_resolution}px"] = speed(
+            model_node(args.sd_config), sd_resolution, max(1, args.images // 2), args.repeats,
+            args.teacher_steps, device, args.precision, args.compile)
 
     teachers = {m: teacher_checkpoint(args.teachers_dir, m) for m in CONTROL_MODES}
     missing = [os.fspath(p) for p in [*teachers.values(), args.student] if not os.path.isfile(p)]

@@ -6,16 +6,25 @@
 - fidelity (with trained teachers and student): per mode, the latent-space MSE between the student's k-step
   result and the teacher's 50-step result (same image, prompt, control and initial noise), beside the
   teacher's own k-step DDIM result.
-- memory: parameters held by the distiller (four teachers + student, shared tensors once) against five
-  independent full models, built on the meta device.
+- memory: parameters and bytes held by the distiller (four teachers + student, shared tensors once; teachers in
+  float32 and in bf16, `teacher_dtype`) against five independent float32 models, and the bytes of the full and the
+  delta weights files of a student and a teacher (tensor data, from shapes and dtypes), all at the SD 2.1-base
+  config built on the meta device.
+
+Speed runs in the chosen precision (`fcdiffusion.precision`; fidelity stays float32). On CUDA each configuration
+is warmed up first, then timed over `repeats` passes with device synchronisation (min and median), and its peak
+GPU memory is recorded. The floor of a k-step student is what no pipeline can avoid: one text encoding, one VAE
+encode, one VAE decode and k network evaluations (control net + UNet), each timed alone; the end-to-end time
+over the floor says how much the pipeline adds.
 """
 from __future__ import annotations
 
 import copy
 import os
 import platform
+import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,10 +35,11 @@ from fcdiffusion.dataset import prepare_image
 from fcdiffusion.demo_data import CAPTIONS, load_photo
 from fcdiffusion.distiller import FrequencyDistiller
 from fcdiffusion.frequency import CONTROL_MODES, scale_thresholds
-from fcdiffusion.inference import Translation, Translator
+from fcdiffusion.inference import Translation, Translator, encode_images
 from fcdiffusion.model import FCDiffusion
+from fcdiffusion.precision import prepare_for_inference
 from fcdiffusion.student import FCDiffusionStudent, student_config
-from fcdiffusion.weights import adopt_student, build_on_meta, load_student, load_teacher
+from fcdiffusion.weights import CONTROL_PREFIX, adopt_student, build_on_meta, delta_keys, load_student, load_teacher
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
 STUDENT_STEPS = (1, 2, 4)
@@ -74,14 +84,47 @@ def end_to_end(translator: Translator, image: torch.Tensor, prompt: str, mode: s
 def time_per_image(translator: Translator, images: torch.Tensor, prompts: Sequence[str], steps: int,
                    repeats: int) -> float:
     """Mean seconds per image over `repeats` passes of the images, one image at a time."""
-    device = translator.model.device
-    synchronize(device)
-    start = time.perf_counter()
+    return statistics.fmean(pass_times(translator, images, prompts, steps, repeats))
+
+
+def pass_times(translator: Translator, images: torch.Tensor, prompts: Sequence[str], steps: int,
+               repeats: int) -> list[float]:
+    """Seconds per image of each of `repeats` passes over the images (one image at a time), synchronised."""
+    return timed(lambda: [end_to_end(translator, image, prompt, SPEED_MODE, steps=steps)
+                          for image, prompt in zip(images, prompts)], translator.model.device, repeats,
+                 per=len(prompts))
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, per: int = 1) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn` (divided by `per`), the device synchronised around each."""
+    times = []
     for _ in range(repeats):
-        for image, prompt in zip(images, prompts):
-            end_to_end(translator, image, prompt, SPEED_MODE, steps=steps)
-    synchronize(device)
-    return (time.perf_counter() - start) / (repeats * len(prompts))
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / per)
+    return times
+
+
+@torch.no_grad()
+def floor(translator: Translator, image: torch.Tensor, prompt: str, repeats: int) -> dict[str, float]:
+    """Seconds of each part a k-step student cannot skip, each timed alone (min over `repeats`), and the floor
+    of k = 1, 2, 4 steps: text encoder + VAE encode + VAE decode + k network evaluations."""
+    model, device = translator.model, translator.model.device
+    images = image[None].to(device)
+    z, context = translator.encode(images, [prompt])
+    cond = model.condition(z, context, SPEED_MODE, generator=torch.Generator().manual_seed(0))
+    t = torch.full((1,), model.num_timesteps - 1, device=device, dtype=torch.long)
+    parts = {"text_encoder_s": lambda: model.get_learned_conditioning([prompt]),
+             "vae_encode_s": lambda: encode_images(model, images),
+             "vae_decode_s": lambda: model.decode_first_stage(z),
+             "network_s": lambda: model.apply_model(z, t, cond)}
+    figures = {name: min(timed(fn, device, repeats)) for name, fn in parts.items()}
+    fixed = figures["text_encoder_s"] + figures["vae_encode_s"] + figures["vae_decode_s"]
+    for k in STUDENT_STEPS:
+        figures[f"floor_{k}_s"] = fixed + k * figures["network_s"]
+    return figures
 
 
 def resized_config(config: Mapping[str, Any], resolution: int) -> dict[str, Any]:
@@ -109,15 +152,35 @@ def random_pair(config: Mapping[str, Any], resolution: int,
 
 
 def speed(config: Mapping[str, Any], resolution: int, n_images: int, repeats: int, teacher_steps: int,
-          device: torch.device) -> dict[str, float]:
-    """Seconds per image of the guided teacher and of the student at 1, 2 and 4 steps (random weights)."""
-    teacher, student = (Translator(m) for m in random_pair(config, resolution, device))
+          device: torch.device, precision: str = "fp32", compile: bool = False) -> dict[str, Any]:
+    """Seconds per image of the guided teacher and of the student at 1, 2 and 4 steps (random weights), in
+    `precision` (optionally compiled), with the student's floor (`floor`).
+
+    `<config>_s` is the mean over the passes on a CPU and the median on CUDA, where every configuration is first
+    warmed up and also gets `<config>_min_s`, `<config>_median_s` and `<config>_peak_bytes` (peak GPU memory).
+    """
+    teacher, student = (Translator(prepare_for_inference(m, device, precision, compile))
+                        for m in random_pair(config, resolution, device))
     images, prompts = demo_images(n_images, resolution)
-    end_to_end(student, images[0], prompts[0], SPEED_MODE, steps=1)  # warm-up
-    figures = {f"teacher_{teacher_steps}_cfg_s": time_per_image(teacher, images, prompts, teacher_steps, repeats)}
-    for k in STUDENT_STEPS:
-        figures[f"student_{k}_s"] = time_per_image(student, images, prompts, k, repeats)
+    runs = {f"teacher_{teacher_steps}_cfg": (teacher, teacher_steps), **{f"student_{k}": (student, k)
+                                                                          for k in STUDENT_STEPS}}
+    figures: dict[str, Any] = {}
+    if device.type != "cuda":
+        end_to_end(student, images[0], prompts[0], SPEED_MODE, steps=1)  # warm-up
+        for name, (translator, steps) in runs.items():
+            figures[f"{name}_s"] = time_per_image(translator, images, prompts, steps, repeats)
+    else:
+        for name, (translator, steps) in runs.items():
+            end_to_end(translator, images[0], prompts[0], SPEED_MODE, steps=steps)  # warm-up (and compilation)
+            torch.cuda.reset_peak_memory_stats(device)
+            times = pass_times(translator, images, prompts, steps, repeats)
+            figures.update({f"{name}_s": statistics.median(times), f"{name}_min_s": min(times),
+                            f"{name}_median_s": statistics.median(times),
+                            f"{name}_peak_bytes": torch.cuda.max_memory_allocated(device)})
     figures["speedup_4"] = figures[f"teacher_{teacher_steps}_cfg_s"] / figures["student_4_s"]
+    parts = floor(student, images[0], prompts[0], repeats)
+    figures["floor"] = {**parts, **{f"end_to_end_over_floor_{k}": figures[f"student_{k}_s"] / parts[f"floor_{k}_s"]
+                                    for k in STUDENT_STEPS}}
     return figures
 
 
@@ -147,23 +210,69 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
     return out
 
 
-def memory(sd_config: Mapping[str, Any], student_options: Mapping[str, Any]) -> dict[str, float]:
-    """Parameters the distiller holds at the SD 2.1-base config vs five independent full models (meta device)."""
-    counts = FrequencyDistiller(sd_config, student=student_options).parameter_counts()
+def memory(sd_config: Mapping[str, Any], student_options: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameters and bytes the distiller holds at the SD 2.1-base config (teachers in float32 and in bf16) vs
+    five independent float32 models, and the full vs delta weights-file bytes (all on the meta device)."""
+    distiller = FrequencyDistiller(sd_config, student=student_options)
+    counts = distiller.parameter_counts()
+    half = FrequencyDistiller(sd_config, student=student_options, distill={"teacher_dtype": "bf16"}).parameter_counts()
     return {"distiller_params": counts["resident"], "five_full_models_params": counts["independent"],
-            "ratio": counts["resident"] / counts["independent"]}
+            "ratio": counts["resident"] / counts["independent"],
+            "distiller_bytes": counts["resident_bytes"], "distiller_bytes_teacher_bf16": half["resident_bytes"],
+            "five_full_models_bytes": counts["independent_bytes"],
+            "bytes_ratio": counts["resident_bytes"] / counts["independent_bytes"],
+            "bytes_ratio_teacher_bf16": half["resident_bytes"] / counts["independent_bytes"],
+            "teacher_bytes": counts["teacher_bytes"], "teacher_bytes_bf16": half["teacher_bytes"],
+            "files": weight_file_bytes(distiller)}
+
+
+def weight_file_bytes(distiller: FrequencyDistiller) -> dict[str, int]:
+    """Tensor bytes of the full and the delta weights files of the distiller's student and first teacher, from
+    shapes and dtypes (a file adds a JSON header of some kilobytes). The SD base holds the teacher's keys but
+    the control net's, as `tool_add_control_sd21.py` reads it."""
+    teacher = next(iter(distiller.teachers.values()))
+    base_keys = [k for k in teacher.state_dict() if not k.startswith(CONTROL_PREFIX)]
+    sizes: dict[str, int] = {}
+    for name, model in (("student", distiller.student), ("teacher", teacher)):
+        state = model.state_dict()
+        sizes[f"{name}_full_bytes"] = sum(v.numel() * v.element_size() for v in state.values())
+        sizes[f"{name}_delta_bytes"] = sum(state[k].numel() * state[k].element_size()
+                                           for k in delta_keys(model, base_keys))
+    return sizes
 
 
 def format_tables(results: dict[str, Any], teacher_steps: int = 50) -> str:
     """The benchmark's figures as Markdown tables."""
     key = f"teacher_{teacher_steps}_cfg_s"
     hardware = results["hardware"]
-    lines = [f"Speed, seconds per image end to end ({hardware['device']}, torch {hardware['torch']})", "",
+    precision = results.get("precision", {})
+    how = f", {precision['precision']}{' compiled' if precision.get('compile') else ''}" if precision else ""
+    lines = [f"Speed, seconds per image end to end ({hardware['device']}, torch {hardware['torch']}{how})", "",
              f"| config | teacher {teacher_steps} steps + CFG | student 1 | student 2 | student 4 | speed-up at 4 |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, s in results["speed"].items():
         lines.append(f"| {name} | {s[key]:.3f} | {s['student_1_s']:.3f} | {s['student_2_s']:.3f} "
                      f"| {s['student_4_s']:.3f} | {s['speedup_4']:.1f}x |")
+    peaks = {name: s for name, s in results["speed"].items() if f"{key[:-2]}_peak_bytes" in s}
+    if peaks:
+        lines += ["", "Peak GPU memory (torch.cuda.max_memory_allocated), GB, and min / median seconds per image", "",
+                  f"| config | teacher {teacher_steps} steps + CFG | student 1 | student 2 | student 4 |",
+                  "| --- | --- | --- | --- | --- |"]
+        for name, s in peaks.items():
+            cells = [f"{s[f'{run}_peak_bytes'] / 1e9:.2f} ({s[f'{run}_min_s']:.3f} / {s[f'{run}_median_s']:.3f} s)"
+                     for run in (key[:-2], *(f"student_{k}" for k in STUDENT_STEPS))]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    floors = {name: s["floor"] for name, s in results["speed"].items() if "floor" in s}
+    if floors:
+        lines += ["", "Floor of the k-step student: text encoder + VAE encode + VAE decode + k network evaluations, "
+                      "each timed alone (seconds); end to end / floor in brackets", "",
+                  "| config | text encoder | VAE encode | VAE decode | network | floor 1 | floor 2 | floor 4 |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, f in floors.items():
+            cells = " | ".join(f"{f[f'floor_{k}_s']:.3f} ({f[f'end_to_end_over_floor_{k}']:.2f}x)"
+                               for k in STUDENT_STEPS)
+            lines.append(f"| {name} | {f['text_encoder_s']:.3f} | {f['vae_encode_s']:.3f} | {f['vae_decode_s']:.3f} "
+                         f"| {f['network_s']:.3f} | {cells} |")
     if results.get("fidelity"):
         lines += ["", f"Fidelity: latent MSE to the teacher's {teacher_steps}-step guided result (lower is better)", "",
                   "| mode | student k=1 | teacher k=1 | student k=2 | teacher k=2 | student k=4 | teacher k=4 |",
@@ -177,4 +286,18 @@ def format_tables(results: dict[str, Any], teacher_steps: int = 50) -> str:
                       f"{m['distiller_params'] / 1e9:.3f}B parameters, five full models "
                       f"{m['five_full_models_params'] / 1e9:.3f}B "
                       f"({100 * m['ratio']:.1f}%)"]
+        if "distiller_bytes" in m:
+            lines += ["", f"Resident bytes: {m['distiller_bytes'] / 1e9:.2f} GB with float32 teachers, "
+                          f"{m['distiller_bytes_teacher_bf16'] / 1e9:.2f} GB with teacher_dtype bf16, against "
+                          f"{m['five_full_models_bytes'] / 1e9:.2f} GB for five independent float32 models "
+                          f"({100 * m['bytes_ratio']:.1f}% / {100 * m['bytes_ratio_teacher_bf16']:.1f}%); the "
+                          f"teachers (with the shared frozen base) {m['teacher_bytes'] / 1e9:.2f} GB -> "
+                          f"{m['teacher_bytes_bf16'] / 1e9:.2f} GB"]
+        if m.get("files"):
+            f = m["files"]
+            lines += ["", "Weights files at the SD 2.1-base config (tensor bytes): student "
+                          f"{f['student_full_bytes'] / 1e9:.3f} GB full, {f['student_delta_bytes'] / 1e9:.3f} GB delta "
+                          f"({100 * f['student_delta_bytes'] / f['student_full_bytes']:.1f}%); teacher "
+                          f"{f['teacher_full_bytes'] / 1e9:.3f} GB full, {f['teacher_delta_bytes'] / 1e9:.3f} GB delta "
+                          f"({100 * f['teacher_delta_bytes'] / f['teacher_full_bytes']:.1f}%)"]
     return "\n".join(lines) + "\n"

@@ -9,7 +9,10 @@ weighting up the band its teacher controls.
 
 Memory: teachers and student are built on the meta device and adopt their checkpoints' tensors, every frozen
 tensor held once (`fcdiffusion.weights`). Teachers are not submodules: they stay out of the distiller's
-checkpoints (which hold only the student) but follow `.to()` / `.half()` through `_apply`.
+checkpoints (which hold only the student) but follow `.to()` / `.half()` through `_apply`. `distill.teacher_dtype`
+(bf16/fp16) holds the teachers' tensors and the frozen base they share with the student in that dtype, while the
+student's trained tensors stay float32 (train in fp32 or mixed precision): layers cast their inputs to their
+own weights' dtype (`fcdiffusion.precision.follow_weight_dtype`), and the noise-schedule buffers stay float32.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from fcdiffusion.frequency import CONTROL_MODES, band_mask, check_control_mode, dct_2d
 from fcdiffusion.inference import Translator, batch_images
 from fcdiffusion.model import Cond, FCDiffusion
+from fcdiffusion.precision import cast_parameters, follow_weight_dtype, precision_dtype, resident_bytes
 from fcdiffusion.student import STUDENT_OPTIONS, student_config
 from fcdiffusion.weights import (
     WeightAdopter,
@@ -73,6 +77,7 @@ class DistillOptions:
     bands: dict[str, int] = field(default_factory=lambda: {"all": 0})
     band_weights: dict[str, dict[str, float]] = field(default_factory=dict)
     log_teacher_steps: int = 0
+    teacher_dtype: str = "fp32"
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> DistillOptions:
@@ -86,6 +91,7 @@ class DistillOptions:
     def __post_init__(self) -> None:
         if min(self.student_steps, self.teacher_substeps, self.modes_per_step) < 1:
             raise ValueError("student_steps, teacher_substeps and modes_per_step must be >= 1")
+        precision_dtype(self.teacher_dtype)
         starts = list(self.bands.values())
         if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
             raise ValueError(f"bands maps names to the first i+j of each band, from 0 and increasing; got {self.bands}")
@@ -144,6 +150,10 @@ class FrequencyDistiller(pl.LightningModule):
             raise ValueError(f"unknown student options {unknown}; valid: {', '.join(STUDENT_OPTIONS)}")
         self.student = build_on_meta(student_config(model_config, **dict(student or {}), modes=self.modes,
                                                     student_steps=self.options.student_steps))
+        # Frozen tensors take `teacher_dtype` before any weights arrive, so the adopter converts, compares and
+        # shares them in that dtype (a resumed student's stored bf16 base is then shared with the teachers' too).
+        dtype = precision_dtype(self.options.teacher_dtype)
+        cast_parameters([*teacher_models.values(), self.student], dtype, skip=self.student.trainable_parameters())
         adopter = WeightAdopter()
         if teachers is None:
             for model in [*teacher_models.values(), self.student]:
@@ -164,14 +174,20 @@ class FrequencyDistiller(pl.LightningModule):
         for teacher in teacher_models.values():
             freeze(teacher)
         self._teachers = teacher_models  # a plain dict: not submodules, so not in state_dict / checkpoints
+        if dtype != torch.float32:
+            for model in self.models():
+                follow_weight_dtype(model)
         self.band_limits = self.options.band_limits()
         self.band_names = list(self.options.bands)
         self.register_buffer("band_weights", self.options.weight_matrix(), persistent=False)
+        timesteps = trailing_timesteps(self.options.student_steps, self.student.num_timesteps)
+        self.register_buffer("student_timesteps", torch.as_tensor(timesteps, device="cpu"), persistent=False)
         counts = self.parameter_counts()
         log.info("distiller: %d teachers (%s) + student; resident parameters %.2fM (unique tensors) vs %.2fM for "
-                 "independent models (%.1f%%); student trains %.2fM", len(self.modes), ", ".join(self.modes),
-                 counts["resident"] / 1e6, counts["independent"] / 1e6,
-                 100 * counts["resident"] / counts["independent"], counts["trainable"] / 1e6)
+                 "independent models (%.1f%%), %.1f MB resident (teachers in %s); student trains %.2fM",
+                 len(self.modes), ", ".join(self.modes), counts["resident"] / 1e6, counts["independent"] / 1e6,
+                 100 * counts["resident"] / counts["independent"], counts["resident_bytes"] / 1e6,
+                 self.options.teacher_dtype, counts["trainable"] / 1e6)
 
     # ---- models and memory --------------------------------------------------------------------------------
     @property
@@ -182,12 +198,22 @@ class FrequencyDistiller(pl.LightningModule):
         return [*self._teachers.values(), self.student]
 
     def parameter_counts(self) -> dict[str, int]:
-        """'resident': elements of the unique parameter tensors of all models; 'independent': each model counted
-        on its own (what separate copies would hold); 'trainable': the student's trained elements."""
+        """Parameter elements and tensor bytes the models hold.
+
+        'resident': elements of the unique parameter tensors of all models; 'independent': each model counted
+        on its own (what separate copies would hold); 'trainable': the student's trained elements.
+        'resident_bytes': bytes of the unique parameters and buffers of all models, in their current dtypes;
+        'teacher_bytes': the same for the teachers alone (with the frozen base they share with the student);
+        'independent_bytes': each model on its own with every floating tensor in float32 (five fp32 models).
+        """
         unique = {id(p): p.numel() for m in self.models() for p in m.parameters()}
         independent = sum(sum(p.numel() for p in m.parameters()) for m in self.models())
         trainable = sum(p.numel() for p in self.student.trainable_parameters())
-        return {"resident": sum(unique.values()), "independent": independent, "trainable": trainable}
+        independent_bytes = sum(t.numel() * (4 if t.is_floating_point() else t.element_size())
+                                for m in self.models() for t in [*m.parameters(), *m.buffers()])
+        return {"resident": sum(unique.values()), "independent": independent, "trainable": trainable,
+                "resident_bytes": resident_bytes(self.models()),
+                "teacher_bytes": resident_bytes(self._teachers.values()), "independent_bytes": independent_bytes}
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FrequencyDistiller:
         """Move/cast the teachers with the student (shared Parameters are updated in place, so stay shared)."""
@@ -214,8 +240,7 @@ class FrequencyDistiller(pl.LightningModule):
 
     def student_schedule(self, step_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(t_i, t_{i-1}) of the student's trailing schedule for step indices i (t_{-1} = -1, alpha 1)."""
-        timesteps = torch.as_tensor(trailing_timesteps(self.options.student_steps, self.student.num_timesteps),
-                                    device=step_index.device)
+        timesteps = self.student_timesteps.to(step_index.device)  # a buffer: already there after `.to(device)`
         t = timesteps[step_index]
         return t, torch.where(step_index > 0, timesteps[(step_index - 1).clamp(min=0)], torch.full_like(t, -1))
 
@@ -253,8 +278,9 @@ class FrequencyDistiller(pl.LightningModule):
         """(per-sample band-weighted x0 error (N,), per-sample band energies (N, bands)); samples mode-major."""
         energies = band_energies(x0 - target, self.band_limits)
         b = x0.shape[0] // len(modes)
-        mode_index = torch.tensor([CONTROL_MODES.index(m) for m in modes], device=x0.device).repeat_interleave(b)
-        return (energies * self.band_weights.to(energies)[mode_index]).sum(1), energies
+        weights = self.band_weights.to(energies)  # rows picked by Python ints below: views, no host-to-device copy
+        per_sample = torch.cat([weights[CONTROL_MODES.index(m)].expand(b, -1) for m in modes])
+        return (energies * per_sample).sum(1), energies
 
     def control_loss(self, x_t: torch.Tensor, t: torch.Tensor, modes: Sequence[str], conds: Sequence[Cond],
                      student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -318,8 +344,20 @@ class FrequencyDistiller(pl.LightningModule):
         z, context = self.student.get_input(batch)
         loss, logs = self.distillation_loss(z, context, self.sample_modes())
         self.log_dict(logs, on_step=True, batch_size=z.shape[0])
-        self.log("loss", logs["train/loss"], prog_bar=True, logger=False, batch_size=z.shape[0])
+        if self.logs_this_step():
+            # The progress bar turns its values into numbers at every step, a device sync for a GPU tensor; a
+            # host copy made only when the logger writes anyway (every log_every_n_steps) costs no extra sync.
+            self.log("loss", logs["train/loss"].cpu(), prog_bar=True, logger=False, batch_size=z.shape[0])
         return loss
+
+    def logs_this_step(self) -> bool:
+        """Whether the trainer writes logs at this step (every `log_every_n_steps`, counted as Lightning's logger
+        connector counts them; always without a trainer)."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        every = trainer.log_every_n_steps
+        return every > 0 and (trainer.global_step + 1) % every == 0
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.student.trainable_parameters(), lr=self.learning_rate)

@@ -32,10 +32,11 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.devic
 def encode_images(model: FrequencyControlledLDM, images: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> scaled latents, the VAE posterior's mean (what translation starts from).
 
-    Contiguous first: convolutions may pick other kernels (other rounding) for other strides.
+    Contiguous first: convolutions may pick other kernels (other rounding) for other strides. The latents are
+    float32 whatever the VAE's precision: the DCT bands and the sampler's arithmetic work on them.
     """
     posterior = model.encode_first_stage(images.to(model.device, torch.float32).contiguous())
-    return model.get_first_stage_encoding(posterior, sample=False)
+    return model.get_first_stage_encoding(posterior, sample=False).float()
 
 
 def batch_images(batch: Mapping[str, Any], image_key: str, prompt_key: str,
@@ -96,8 +97,9 @@ class Translator:
             cond = self.model.condition(z, context, mode, generator=torch.Generator().manual_seed(control_seed))
             # 4. Sample, and decode the result (and the control signal, to show it).
             latents = self.model.sample(cond, x_T, steps=steps, guidance_scale=guidance_scale)
-            control = self.model.decode_first_stage(cond["c_concat"][0]) if decode_control else None
-            results[mode] = Translation(image=self.model.decode_first_stage(latents), latents=latents, control=control)
+            control = self.model.decode_first_stage(cond["c_concat"][0]).float() if decode_control else None
+            results[mode] = Translation(image=self.model.decode_first_stage(latents).float(), latents=latents,
+                                        control=control)
         return results
 
     @torch.no_grad()

@@ -116,8 +116,24 @@ class FrequencyControlledLDM(LatentDiffusion):
     def unconditional_conditioning(self, cond: Cond) -> Cond:
         """Classifier-free guidance's negative branch: the empty prompt, the same control signal."""
         context = cond["c_crossattn"][0]
-        empty = self.get_learned_conditioning([""]).to(context).expand_as(context)
+        empty = self.empty_context().to(context).expand_as(context)
         return {**cond, "c_crossattn": [empty]}
+
+    def empty_context(self) -> torch.Tensor:
+        """The empty prompt's text context (1, 77, width), encoded once per device and dtype of the text encoder.
+
+        Guidance needs it at every sampled image and distillation step; it depends only on the frozen text
+        encoder's weights (where they live, their dtype, their storage), which form the cache key. Encoded outside
+        autocast and inference mode, so one cached tensor serves training and inference alike.
+        """
+        weight = next(self.cond_stage_model.parameters())
+        key = (weight.device, weight.dtype, weight.data_ptr())
+        cache = self.__dict__.setdefault("_empty_context", {})
+        if key not in cache:
+            cache.clear()
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+                cache[key] = self.get_learned_conditioning([""])
+        return cache[key]
 
     # ---- the network ----------------------------------------------------------------------------------------
     def control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> list[ControlPair]:
@@ -132,7 +148,8 @@ class FrequencyControlledLDM(LatentDiffusion):
             raise TypeError(f"{type(self).__name__} expects the conditioning of condition(), got {type(cond).__name__}")
         pairs = self.control(x_noisy, t, cond)
         context = torch.cat(cond["c_crossattn"], 1)
-        return self.model.diffusion_model(x=x_noisy, timesteps=t, context=context, control=pairs), pairs
+        eps = self.model.diffusion_model(x=x_noisy, timesteps=t, context=context, control=pairs)
+        return eps.to(x_noisy.dtype), pairs  # a low-precision network's eps in the sampler's (float32) dtype
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.eps_and_control(x_noisy, t, cond)[0]

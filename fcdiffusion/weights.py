@@ -4,9 +4,16 @@ loading, and the metadata that makes a weights file describe itself.
 A teacher's checkpoint and `student.safetensors` record what they are (`fcdiffusion.kind`), the modes they
 serve (`fcdiffusion.modes`) and the config that rebuilds them (`fcdiffusion.config`), so `load_teacher` and
 `load_student` need no config file. Files from before this metadata load with an explicit config.
+
+A delta file (`export_delta`) holds only what a model adds to the SD 2.1-base checkpoint: the control net, and
+for a student its mode embedding, LoRA adapters and any other trained tensor. It names the base file and records
+its SHA-256 (`fcdiffusion.delta.*`); the loaders apply it over that base (`base=`), strictly: another base file
+or a key either side lacks is an error.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -20,13 +27,16 @@ from omegaconf import OmegaConf
 
 from fcdiffusion.frequency import check_control_mode
 from fcdiffusion.model import FCDiffusion
+from fcdiffusion.precision import cast_parameters, precision_dtype
 from fcdiffusion.student import MODE_LABEL_KEY, FCDiffusionStudent, student_config
-from ldm.checkpoint import check_state_dict, load_checkpoint
+from ldm.checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint, save_state_dict
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
 log = logging.getLogger(__name__)
 
 STUDENT_PREFIX = "student."
+CONTROL_PREFIX = "control_model."
+DELTA_BASE, DELTA_BASE_SHA256 = "fcdiffusion.delta.base", "fcdiffusion.delta.base_sha256"
 LEGACY_STUDENT_KEYS = {"mode_embedding.weight": MODE_LABEL_KEY}  # the mode embedding's name before it was label_emb
 
 
@@ -207,13 +217,14 @@ def _config(metadata: Mapping[str, str], config: Mapping[str, Any] | None, sourc
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
-def load_teacher(path: str | os.PathLike, mode: str | None = None,
-                 config: Mapping[str, Any] | None = None) -> FCDiffusion:
+def load_teacher(path: str | os.PathLike, mode: str | None = None, config: Mapping[str, Any] | None = None,
+                 base: str | os.PathLike | None = None) -> FCDiffusion:
     """The teacher at `path`, loaded strictly and checked to be trained and the teacher of `mode` (if given).
 
-    `config` (the teachers' `{target, params}`) is needed only for files that record none.
+    `config` (the teachers' `{target, params}`) is needed only for files that record none; `base` (the SD
+    2.1-base checkpoint) only for delta files.
     """
-    return _teacher(*load_checkpoint(path), os.fspath(path), mode, config)
+    return _teacher(*read_weights(path, base), os.fspath(path), mode, config)
 
 
 def _teacher(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str, mode: str | None,
@@ -254,26 +265,117 @@ def adopt_student(student: FCDiffusionStudent, state_dict: Mapping[str, torch.Te
     finish_loading(student, source)
 
 
-def load_student(path: str | os.PathLike, config: Mapping[str, Any] | None = None) -> FCDiffusionStudent:
-    """The student at `path` (`student.safetensors` or a distiller checkpoint), loaded strictly.
+def load_student(path: str | os.PathLike, config: Mapping[str, Any] | None = None,
+                 base: str | os.PathLike | None = None) -> FCDiffusionStudent:
+    """The student at `path` (`student.safetensors`, its delta file or a distiller checkpoint), loaded strictly.
 
     `config` (the student's `{target, params}`, see `distilled_student_config`) is needed only for files that
-    record none.
+    record none; `base` (the SD 2.1-base checkpoint) only for delta files.
     """
-    return _student(*load_checkpoint(path), os.fspath(path), config)
+    return _student(*read_weights(path, base), os.fspath(path), config)
 
 
 def _student(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str,
              config: Mapping[str, Any] | None) -> FCDiffusionStudent:
     _check_kind(metadata, "student", source)
     student = build_on_meta(_config(metadata, config, source))
+    low = frozen_dtype(metadata)
+    if low is not None:
+        # Round the frozen tensors through the dtype the student was distilled with, as its full file stores
+        # them, so a delta over the float32 base gives the full file's values; then hold them in float32.
+        cast_parameters([student], low, skip=student.trainable_parameters())
     adopt_student(student, state_dict, source)
+    if low is not None:
+        cast_parameters([student], torch.float32)
     return student
 
 
-def load_model(path: str | os.PathLike) -> FCDiffusion | FCDiffusionStudent:
-    """The teacher or student at `path`, whichever its metadata says it is (the file is read once)."""
-    state_dict, metadata = load_checkpoint(path)
+def frozen_dtype(metadata: Mapping[str, str]) -> torch.dtype | None:
+    """The dtype a student's frozen tensors were held in while it was distilled (`distill.teacher_dtype`), or
+    None for float32 (and for files that record no distillation)."""
+    dtype = precision_dtype((recorded(metadata, "distill") or {}).get("teacher_dtype", "fp32"))
+    return None if dtype == torch.float32 else dtype
+
+
+def load_model(path: str | os.PathLike, base: str | os.PathLike | None = None) -> FCDiffusion | FCDiffusionStudent:
+    """The teacher or student at `path`, whichever its metadata says it is (the file is read once); `base` is
+    the SD 2.1-base checkpoint a delta file applies over."""
+    return read_model(path, base)[0]
+
+
+def read_model(path: str | os.PathLike, base: str | os.PathLike | None = None
+               ) -> tuple[FCDiffusion | FCDiffusionStudent, dict[str, str]]:
+    """`load_model` and the file's metadata (all of it, e.g. a student's `fcdiffusion.distill`)."""
+    state_dict, metadata = read_weights(path, base)
     if metadata.get("fcdiffusion.kind") == "teacher":
-        return _teacher(state_dict, metadata, os.fspath(path), None, None)
-    return _student(state_dict, metadata, os.fspath(path), None)
+        return _teacher(state_dict, metadata, os.fspath(path), None, None), metadata
+    return _student(state_dict, metadata, os.fspath(path), None), metadata
+
+
+# ---- delta files ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), remembered while the file keeps its size and modification time."""
+    stat = os.stat(path)
+    return _sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+def delta_keys(model: nn.Module, base_keys: Iterable[str]) -> set[str]:
+    """The state-dict keys a delta file of `model` holds: those the base lacks (control net, mode embedding,
+    LoRA adapters) and those the model trains (`trained_keys`: e.g. a student's unlocked UNet decoder)."""
+    return (set(model.state_dict()) - set(base_keys)) | trained_keys(model)
+
+
+def export_delta(model: nn.Module, path: str | os.PathLike, base: str | os.PathLike,
+                 metadata: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Write `model`'s tensors that are not the base's to `path` (atomically), with metadata naming `base`.
+
+    `metadata` defaults to `model.weights_metadata()`. Every other tensor must equal the base's bit for bit
+    (a model trained from that base); otherwise a ValueError names the tensors that differ, since the delta
+    could not reproduce the model. Returns the delta's and the full model's tensor bytes.
+    """
+    base_state, _ = load_checkpoint(base)
+    full = model.state_dict()
+    keys = delta_keys(model, base_state)
+    check_state_dict(full, {**base_state, **{k: full[k] for k in keys}}, f"{os.fspath(base)} with the delta")
+    info = {**(dict(metadata) if metadata is not None else model.weights_metadata()),
+            DELTA_BASE: os.path.basename(os.fspath(base)), DELTA_BASE_SHA256: file_sha256(base)}
+    low, parameters = frozen_dtype(info), dict(model.named_parameters())
+
+    def expected(key: str) -> torch.Tensor:  # the base's tensor as the model holds it (see `_student`)
+        value = base_state[key].to(low) if low is not None and key in parameters else base_state[key]
+        return value.to(full[key].device, full[key].dtype)
+
+    differ = sorted(k for k in set(full) - keys if not torch.equal(expected(k), full[k]))
+    if differ:
+        raise ValueError(f"{len(differ)} tensors of the model are not those of {os.fspath(base)} (e.g. {differ[:5]}): "
+                         "it was not trained from this base; export the full weights file instead")
+    save_state_dict({k: full[k] for k in sorted(keys)}, path, info)
+    return {"delta_bytes": sum(full[k].numel() * full[k].element_size() for k in keys),
+            "full_bytes": sum(v.numel() * v.element_size() for v in full.values())}
+
+
+def read_weights(path: str | os.PathLike, base: str | os.PathLike | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of a weights file; a delta file is applied over `base`, which must be the file it
+    names (same SHA-256). The loaders then check the keys strictly, as for any file."""
+    state_dict, metadata = load_checkpoint(path)
+    recorded_hash = metadata.get(DELTA_BASE_SHA256)
+    if recorded_hash is None:
+        return state_dict, metadata
+    source, name = os.fspath(path), metadata.get(DELTA_BASE, "its base checkpoint")
+    if base is None:
+        raise ValueError(f"{source} is a delta file over {name}: pass that checkpoint as the base (--base)")
+    if file_sha256(base) != recorded_hash:
+        raise CheckpointMismatchError(f"{source} applies over {name} (SHA-256 {recorded_hash[:12]}...), but "
+                                      f"{os.fspath(base)} is another file (SHA-256 {file_sha256(base)[:12]}...)")
+    base_state, _ = load_checkpoint(base)
+    return {**base_state, **state_dict}, metadata

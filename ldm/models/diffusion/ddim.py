@@ -69,8 +69,12 @@ def ddim_step(
     sigma: torch.Tensor | float = 0.0,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM update from cumulative alpha `a_t` to `a_prev`; returns (x_prev, predicted x0)."""
-    a_t, a_prev, sigma = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (a_t, a_prev, sigma))
+    """One DDIM update from cumulative alpha `a_t` to `a_prev`; returns (x_prev, predicted x0).
+
+    Give the alphas as tensors on `x`'s device (or floats): a float becomes a device tensor here, a host-to-device
+    copy. `sigma` may stay a float (0 for deterministic DDIM): it only enters as a scalar operand.
+    """
+    a_t, a_prev = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (a_t, a_prev))
     pred_x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     x_prev = a_prev.sqrt() * pred_x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
     if noise is not None:
@@ -137,12 +141,16 @@ class DDIMSampler:
         self.make_schedule(S, eta, timesteps, final_alpha_cumprod)
         device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
         x = torch.randn((batch_size, *shape), generator=generator, device=device) if x_T is None else x_T
+        # The schedule goes to the device once per call, and whether a step adds noise is decided on the host:
+        # no host-to-device copy or device sync inside the loop.
+        alphas, alphas_prev, sigmas = (v.to(device=x.device, dtype=x.dtype)
+                                       for v in (self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas))
+        noisy = (self.ddim_sigmas > 0).tolist()
         order = list(range(len(self.ddim_timesteps)))[::-1]
         for index in tqdm(order, desc=f"DDIM ({len(order)} steps)", disable=not verbose, leave=False):
             t = torch.full((x.shape[0],), int(self.ddim_timesteps[index]), device=x.device, dtype=torch.long)
             eps = guided_eps(self.model.apply_model, x, t, conditioning, unconditional_conditioning,
                              unconditional_guidance_scale)
-            sigma = self.ddim_sigmas[index]
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if sigma > 0 else None
-            x, _ = ddim_step(x, eps, self.ddim_alphas[index], self.ddim_alphas_prev[index], sigma, noise)
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noisy[index] else None
+            x, _ = ddim_step(x, eps, alphas[index], alphas_prev[index], sigmas[index], noise)
         return x
