@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fcdiffusion.dataset import FCDiffusionDataset
 from fcdiffusion.paths import LAST_CHECKPOINT
-from fcdiffusion.pretraining import SD_SCALE_FACTOR, export_weights, normalise_latents, reconstruction_psnr
+from fcdiffusion.pretraining import SD_SCALE_FACTOR, normalise_latents, reconstruction_psnr
 from fcdiffusion.training import (
     RUN_FLAGS,
     add_flags,
@@ -40,7 +40,7 @@ from fcdiffusion.training import (
     resolve_command_line,
     resume_checkpoint,
 )
-from ldm.checkpoint import CheckpointMismatchError
+from ldm.checkpoint import CheckpointMismatchError, save_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.util import instantiate_from_config, load_config
 
@@ -108,7 +108,7 @@ def export(module: pl.LightningModule, config: DictConfig, step: int) -> None:
         metadata["train_sd.latent_rescale"] = f"{factor:.6g}"
         log.info("latents rescaled by %.4g for scale_factor %g; training photos reconstruct at %.2f dB PSNR (mean)",
                  factor, SD_SCALE_FACTOR, sum(scores) / len(scores))
-    export_weights(module.cpu(), config.export, metadata)
+    save_state_dict(module.state_dict(), config.export, metadata)
     print(f"wrote {config.export}")
 
 

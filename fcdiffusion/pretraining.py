@@ -2,19 +2,16 @@
 
 Users of the real weights never need this (SD 2.1-base comes trained); the quickstart does, so that its tiny
 models learn from real photos and their pictures mean something. `train_sd.py` runs it; what is here is what
-happens after training: the weights leave the Lightning checkpoint as the files the FCDiffusion scripts read.
+happens after training, before the weights are written as the files the FCDiffusion scripts read.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from einops import rearrange
 
-from ldm.checkpoint import save_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.losses import psnr
 
@@ -62,8 +59,3 @@ def reconstruction_psnr(vae: AutoencoderKL, images: Iterable[np.ndarray]) -> lis
         batch = batch.to(vae.device)
         values += psnr(vae.decode(vae.encode(batch).mode()), batch).tolist()
     return values
-
-
-def export_weights(module: pl.LightningModule, path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write `module`'s state dict in SD's layout (`.ckpt`: {'state_dict': ...}, or `.safetensors`), atomically."""
-    save_state_dict(module.state_dict(), path, metadata)
