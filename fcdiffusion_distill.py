@@ -5,6 +5,8 @@
     python fcdiffusion_distill.py --devices 8 --strategy ddp --num_nodes 2 --precision bf16-mixed
     python fcdiffusion_distill.py --trainable control_net lora --teacher_substeps 4 --guidance_scale 7.5
     python fcdiffusion_distill.py --teacher_dtype bf16 --precision bf16-mixed   # teachers in half the memory
+    python fcdiffusion_distill.py --val_data datasets/training_data_val.json --val_every 500 --ema_decay 0.999
+    python fcdiffusion_distill.py --guidance_range 2 14 --teacher_sampler dpmpp_2m   # w chosen at inference
 
 Settings come from the config; flags override it, and `key.sub=value` arguments override any entry (e.g.
 `distill.band_weights.high_pass.f50_up=4`, `model.params.guidance_scale=7.5`). Checkpoints (the student and its
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from fcdiffusion.dataset import FCDiffusionDataset
+from fcdiffusion.data_module import RunData
 from fcdiffusion.distiller import FrequencyDistiller, StudentExport
 from fcdiffusion.frequency import CONTROL_MODES
 from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, distill_checkpoint_dir, student_file, teacher_checkpoint
@@ -47,7 +49,7 @@ from ldm.util import load_config
 log = logging.getLogger("fcdiffusion_distill")
 
 # What a resumed distillation must share with its checkpoint (the optimizer state and the sampler depend on them).
-RESUME_FIXED = ("trainable", "lora_rank", "lora_alpha", "student_steps")
+RESUME_FIXED = ("trainable", "lora_rank", "lora_alpha", "student_steps", "guidance_range")
 DISTILL_FLAGS = {
     "student_steps": (int, "student sampling steps k (trailing schedule)"),
     "teacher_substeps": (int, "guided teacher DDIM steps per student step"),
@@ -58,6 +60,7 @@ DISTILL_FLAGS = {
     "control_weight": (float, "weight of the control-net output matching loss"),
     "teacher_dtype": (str, "dtype of the teachers' tensors and the shared frozen base: fp32, bf16 or fp16 (the "
                            "student's trained tensors stay float32)"),
+    "teacher_sampler": (str, "the teachers' sub-step solver: ddim or dpmpp_2m (DPM-Solver++(2M))"),
 }
 
 
@@ -70,6 +73,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--student_init", help="student initialisation: a teacher or tool_add_control checkpoint")
     parser.add_argument("--trainable", nargs="+", choices=TRAINABLE_PARTS, help="what the student trains")
     parser.add_argument("--lora_rank", type=int, help="LoRA rank (with --trainable lora)")
+    parser.add_argument("--guidance_range", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="distil a guidance-conditioned student: w drawn per example from [LO, HI]")
     add_flags(parser, {**DISTILL_FLAGS, **RUN_FLAGS})
     return parser.parse_known_args(argv)
 
@@ -79,6 +84,8 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig
     config = load_config(args.config, overrides)
     apply_flags(config.train, args, RUN_FLAGS)
     apply_flags(config.distill, args, DISTILL_FLAGS)
+    if args.guidance_range is not None:
+        config.distill.guidance_range = args.guidance_range
     for mode in CONTROL_MODES:
         if getattr(args, f"teacher_{mode}") is not None:
             config.teachers[mode] = getattr(args, f"teacher_{mode}")
@@ -123,7 +130,7 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callbac
     config = resolve_command_line(argv, parse_args, resolve_config)
     if config is None:
         return 2
-    return locked_run(config.train, checkpoint_folder(config), lambda dataset: run(config, dataset, extra_callbacks))
+    return locked_run(config.train, checkpoint_folder(config), lambda data: run(config, data, extra_callbacks))
 
 
 def checkpoint_folder(config: DictConfig) -> str:
@@ -132,7 +139,7 @@ def checkpoint_folder(config: DictConfig) -> str:
     return os.fspath(distill_checkpoint_dir(train.logdir))
 
 
-def run(config: DictConfig, dataset: FCDiffusionDataset, extra_callbacks: Sequence[pl.Callback]) -> int:
+def run(config: DictConfig, data: RunData, extra_callbacks: Sequence[pl.Callback]) -> int:
     """The run itself, in a locked checkpoint folder: resume or initialise, then fit; the exit status."""
     train, folder = config.train, Path(checkpoint_folder(config))
     resume = resume_checkpoint(folder)
@@ -157,7 +164,7 @@ def run(config: DictConfig, dataset: FCDiffusionDataset, extra_callbacks: Sequen
         log.info("resuming from %s", resume[0])
     trainer = build_trainer(train, os.fspath(folder), "fcdiffusion_distill",
                             [StudentExport(student_file(train.logdir)), *extra_callbacks])
-    return fit(distiller, dataset, train, trainer, resume[0] if resume else None, folder / LAST_CHECKPOINT)
+    return fit(distiller, data, train, trainer, resume[0] if resume else None, folder / LAST_CHECKPOINT)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python fcdiffusion_train.py                                   # control_mode from configs/model_config.yaml
     python fcdiffusion_train.py --control_mode high_pass --devices 8 --strategy ddp --num_nodes 2
+    python fcdiffusion_train.py --data 'shards/{00000..00123}.tar' --val_data datasets/training_data_val.json
+    python fcdiffusion_train.py --ema_decay 0.9999 --warmup_steps 500 --lr_schedule cosine --gradient_clip_val 1.0
 
 Settings come from the config's `train:` section; flags override them, and `key.sub=value` arguments override
 any config entry (e.g. `model.params.frequency_thresholds.low_threshold=20`). Checkpoints go to
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from fcdiffusion.dataset import FCDiffusionDataset
+from fcdiffusion.data_module import RunData
 from fcdiffusion.frequency import check_control_mode
 from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, teacher_checkpoint_dir
 from fcdiffusion.training import (
@@ -74,7 +76,7 @@ def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callbac
     config = resolve_command_line(argv, parse_args, resolve_config)
     if config is None:
         return 2
-    return locked_run(config.train, checkpoint_folder(config), lambda dataset: run(config, dataset, extra_callbacks))
+    return locked_run(config.train, checkpoint_folder(config), lambda data: run(config, data, extra_callbacks))
 
 
 def checkpoint_folder(config: DictConfig) -> str:
@@ -83,7 +85,7 @@ def checkpoint_folder(config: DictConfig) -> str:
     return os.fspath(os.fspath(teacher_checkpoint_dir(train.logdir, config.model.params.control_mode)))
 
 
-def run(config: DictConfig, dataset: FCDiffusionDataset, extra_callbacks: Sequence[pl.Callback]) -> int:
+def run(config: DictConfig, data: RunData, extra_callbacks: Sequence[pl.Callback]) -> int:
     """The run itself, in a locked checkpoint folder: resume or initialise, then fit; the exit status."""
     train, mode, folder = config.train, config.model.params.control_mode, checkpoint_folder(config)
     pl.seed_everything(train.seed, workers=True)
@@ -111,7 +113,7 @@ def run(config: DictConfig, dataset: FCDiffusionDataset, extra_callbacks: Sequen
         return 2
     log.info("%s; control mode %s", model.describe(), model.control_mode)
     trainer = build_trainer(train, folder, f"fcdiffusion_{mode}", extra_callbacks)
-    return fit(model, dataset, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))
+    return fit(model, data, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,13 @@ Images without a caption, empty captions, undecodable captions and files PIL can
 skipped and counted. Symlinked folders are followed (each real folder once). Lines are sorted by path and
 the file is replaced atomically, so a re-run writes a byte-identical file rather than appending duplicates.
 
+``--val_fraction F`` holds out about F of the pairs into a second index (``--val_output``, by default the output
+with ``_val`` before the suffix) for the trainers' ``--val_data``. Which side a pair falls on is decided by a hash
+of its path under the data root alone, so the split is the same on every run and machine, the two indexes never
+share a pair, and a pair never changes sides as the crawl grows.
+
 An existing index is never replaced by one with fewer records (an empty scan of a mistyped or unmounted
-data root, a lost shard) unless ``--force`` is given: the run fails and leaves the old file as it was.
+data root, a lost shard) unless ``--force`` is given: the run fails and leaves the old files as they were.
 """
 from __future__ import annotations
 
@@ -43,23 +48,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="threads verifying images")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing index even with fewer records (or none)")
+    parser.add_argument("--val_fraction", type=float, default=0.0,
+                        help="hold out this fraction of the pairs (by a hash of each path) for validation")
+    parser.add_argument("--val_output", help="the held-out index (default: the output with _val before the suffix)")
     args = parser.parse_args(argv)
 
     if not os.path.isdir(args.data_root):
         print(f"error: data root {args.data_root!r} is not a directory", file=sys.stderr)
         return 1
+    if not 0.0 <= args.val_fraction < 1.0:
+        print(f"error: --val_fraction must be in [0, 1), got {args.val_fraction}", file=sys.stderr)
+        return 2
     output = Path(args.output)
-    records, skipped = collect_pairs(args.data_root, output.parent, args.workers)
-    print(f"found {len(records) + sum(skipped.values())} images under {args.data_root}")
+    records, held, skipped = collect_pairs(args.data_root, output.parent, args.workers, args.val_fraction)
+    print(f"found {len(records) + len(held) + sum(skipped.values())} images under {args.data_root}")
     for reason in SKIP_REASONS:
         print(f"skipped {reason}: {skipped[reason]}")
-    existing = count_records(output)
-    if existing is not None and len(records) < existing and not args.force:
-        print(f"error: refusing to replace {output} ({existing} records) with {len(records)} records found under "
-              f"{args.data_root}; left it unchanged (pass --force to replace it anyway)", file=sys.stderr)
-        return 1
-    atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    print(f"wrote {len(records)} pairs to {output}")
+    outputs = {output: records}
+    if args.val_fraction > 0:
+        val_output = Path(args.val_output or output.with_name(f"{output.stem}_val{output.suffix}"))
+        if val_output.resolve() == output.resolve():
+            print("error: --val_output must differ from --output", file=sys.stderr)
+            return 2
+        outputs[val_output] = held
+    for path, lines in outputs.items():
+        existing = count_records(path)
+        if existing is not None and len(lines) < existing and not args.force:
+            print(f"error: refusing to replace {path} ({existing} records) with {len(lines)} records found under "
+                  f"{args.data_root}; left it unchanged (pass --force to replace it anyway)", file=sys.stderr)
+            return 1
+    for path, lines in outputs.items():
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+        print(f"wrote {len(lines)} pairs to {path}")
     return 0 if records else 1
 
 

@@ -5,7 +5,8 @@ resolved against the directory of that file (the convention the script writes), 
 directory.
 
 A sample that fails to load (missing, truncated or corrupt file) is logged, counted and replaced by the
-next index, so one bad file in a large crawl never stops training. Counts live on the dataset object:
+next index, so one bad file in a large crawl never stops training; the shard stream (`fcdiffusion.shards`) skips
+and counts bad members the same way (`SkipsUnreadable`). Counts live on the dataset object:
 each DataLoader worker process holds its own copy, so with ``num_workers > 0`` the counters of the
 dataset in the main process stay at zero and each worker's copy counts what that worker saw (they
 persist across epochs only with ``persistent_workers=True``); the warnings in the log are the
@@ -20,7 +21,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -106,8 +107,8 @@ def prepare_image(image: Image.Image, resolution: int, augment: Augment | None =
     return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
 
 
-def load_image(path: str | os.PathLike, resolution: int, augment: Augment | None = None) -> np.ndarray:
-    """`prepare_image` of the file at `path`, after applying its EXIF orientation."""
+def load_image(path: str | os.PathLike | BinaryIO, resolution: int, augment: Augment | None = None) -> np.ndarray:
+    """`prepare_image` of the file at `path` (or an open binary file), after applying its EXIF orientation."""
     with Image.open(path) as image:
         return prepare_image(ImageOps.exif_transpose(image), resolution, augment)
 
@@ -128,7 +129,24 @@ def read_index(json_path: str | os.PathLike) -> list[dict[str, str]]:
     return records
 
 
-class FCDiffusionDataset(Dataset):
+class SkipsUnreadable:
+    """Counts and logs the samples a dataset could not read: `failures` per name, `skipped` their total."""
+
+    def __init__(self) -> None:
+        self.failures: Counter[str] = Counter()
+
+    @property
+    def skipped(self) -> int:
+        """Number of failed image loads (each replaced by another sample) in this process."""
+        return sum(self.failures.values())
+
+    def skip(self, name: str, error: BaseException) -> None:
+        """Record one failed load of `name` and say why in the log."""
+        self.failures[name] += 1
+        logger.warning("skipping unreadable image %s (%s: %s)", name, type(error).__name__, error)
+
+
+class FCDiffusionDataset(SkipsUnreadable, Dataset):
     """Training pairs from a ``training_data.json`` index, robust to unreadable images.
 
     Items are ``{"jpg": float32 (resolution, resolution, 3) in [-1, 1], "txt": prompt, "path": file}``;
@@ -140,6 +158,7 @@ class FCDiffusionDataset(Dataset):
 
     def __init__(self, json_path: str | os.PathLike, resolution: int = 512, max_retries: int = 32,
                  augment: Augment | None = None) -> None:
+        super().__init__()
         self.records = read_index(json_path)
         if not self.records:
             raise ValueError(f"no samples in {json_path}")
@@ -147,12 +166,6 @@ class FCDiffusionDataset(Dataset):
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.resolution, self.augment = resolution, augment
         self.max_retries = max_retries
-        self.failures: Counter[str] = Counter()
-
-    @property
-    def skipped(self) -> int:
-        """Number of failed image loads (each replaced by another sample) in this process."""
-        return sum(self.failures.values())
 
     def __len__(self) -> int:
         return len(self.records)
@@ -166,8 +179,7 @@ class FCDiffusionDataset(Dataset):
             try:
                 image = load_image(path, self.resolution, self.augment)
             except Exception as error:  # any decode failure (OSError, SyntaxError, DecompressionBombError, ...)
-                self.failures[path] += 1
-                logger.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)
+                self.skip(path, error)
                 continue
             return {"jpg": image, "txt": record["prompt"], "path": path}
         raise RuntimeError(

@@ -7,6 +7,12 @@ to t_{i-1}; the student's x0 target is the x0 for which ONE guidance-free DDIM s
 the teacher's x_{t_{i-1}} (`ddim_x0_target`). The x0 error is weighted per DCT band of i + j, each mode
 weighting up the band its teacher controls.
 
+Options beyond that (`DistillOptions`): the teacher's sub-steps may be DPM-Solver++(2M) (`teacher_sampler`); a
+guidance-conditioned student (`guidance_range`, Meng et al. 2023; CoDi samples w the same way) draws w per
+example uniformly from the range and the teacher's sub-steps use that w; feature terms (`feature_weights`,
+`fcdiffusion.feature_distill`) compare the student's intermediate features and cross-attention maps with the
+teacher's conditional forward at (x_t, t); and `loss_stages` changes the terms' weights from a given step on.
+
 Memory: teachers and student are built on the meta device and adopt their checkpoints' tensors, every frozen
 tensor held once (`fcdiffusion.weights`). Teachers are not submodules: they stay out of the distiller's
 checkpoints (which hold only the student) but follow `.to()` / `.half()` through `_apply`. `distill.teacher_dtype`
@@ -16,6 +22,7 @@ own weights' dtype (`fcdiffusion.precision.follow_weight_dtype`), and the noise-
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -30,11 +37,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fcdiffusion.ema import averaged_weights
+from fcdiffusion.feature_distill import FeatureTap, check_feature_name, feature_term
 from fcdiffusion.frequency import CONTROL_MODES, band_mask, check_control_mode, dct_2d
 from fcdiffusion.inference import Translator, batch_images
+from fcdiffusion.lr_schedule import LRSchedule
 from fcdiffusion.model import Cond, FCDiffusion
 from fcdiffusion.precision import cast_parameters, follow_weight_dtype, precision_dtype, resident_bytes
 from fcdiffusion.student import STUDENT_OPTIONS, student_config
+from fcdiffusion.validation import agreement_metrics, seeded
 from fcdiffusion.weights import (
     WeightAdopter,
     adopt_student,
@@ -44,8 +55,16 @@ from fcdiffusion.weights import (
     teacher_mode,
 )
 from ldm.checkpoint import load_checkpoint, save_state_dict
-from ldm.models.diffusion.ddim import cat_cond, ddim_step, ddim_x0_target, guided_eps, trailing_timesteps
-from ldm.models.diffusion.ddpm import freeze
+from ldm.models.diffusion.ddim import (
+    cat_cond,
+    ddim_step,
+    ddim_x0_target,
+    guided_eps,
+    predicted_x0,
+    trailing_timesteps,
+)
+from ldm.models.diffusion.ddpm import SAMPLERS, freeze
+from ldm.models.diffusion.dpm_solver import dpmpp_2m_step
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +82,9 @@ def band_energies(diff: torch.Tensor, bands: Sequence[tuple[int, int | None]]) -
         return torch.einsum("nhw,bhw->nb", spectrum, masks) / (h * w)
 
 
+BASE_TERMS = ("distill", "denoise", "control")  # loss terms besides the feature terms, as loss_stages names them
+
+
 @dataclass
 class DistillOptions:
     """What the `distill:` config section sets (see configs/distill_config.yaml)."""
@@ -78,6 +100,10 @@ class DistillOptions:
     band_weights: dict[str, dict[str, float]] = field(default_factory=dict)
     log_teacher_steps: int = 0
     teacher_dtype: str = "fp32"
+    teacher_sampler: str = "ddim"
+    guidance_range: list[float] | None = None
+    feature_weights: dict[str, float] = field(default_factory=dict)
+    loss_stages: list[list[Any]] = field(default_factory=list)
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> DistillOptions:
@@ -100,6 +126,42 @@ class DistillOptions:
             unknown = sorted(set(weights) - set(self.bands))
             if unknown:
                 raise ValueError(f"band_weights.{mode} names unknown bands {unknown}; bands: {list(self.bands)}")
+        if self.teacher_sampler not in SAMPLERS:
+            raise ValueError(f"teacher_sampler must be one of {', '.join(SAMPLERS)}, got {self.teacher_sampler!r}")
+        if self.guidance_range is not None and (len(self.guidance_range) != 2
+                                                or not 0 <= self.guidance_range[0] <= self.guidance_range[1]):
+            raise ValueError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {self.guidance_range}")
+        for name in self.feature_weights:
+            check_feature_name(name)
+        for stage in self.loss_stages:
+            if len(stage) != 2 or not isinstance(stage[0], int) or stage[0] < 0 or not isinstance(stage[1], Mapping):
+                raise ValueError(f"each of loss_stages is [first step, {{term: weight}}], got {stage}")
+            for name in stage[1]:
+                if name not in BASE_TERMS:
+                    check_feature_name(name)
+        if any(b[0] <= a[0] for a, b in zip(self.loss_stages, self.loss_stages[1:])):
+            raise ValueError(f"loss_stages must start at increasing steps, got {[s[0] for s in self.loss_stages]}")
+
+    def loss_weights(self, step: int) -> dict[str, float]:
+        """Every term's weight at global step `step`: the base weights (`distill`, `denoise`, `control`,
+        `feature_weights`) with the entries of the latest of `loss_stages` that has started over them."""
+        started = [stage for start, stage in self.loss_stages if start <= step]
+        weights = {"distill": self.distill_weight, "denoise": self.denoise_weight, "control": self.control_weight,
+                   **{name: 0.0 for name in self.feature_names()}, **self.feature_weights,
+                   **(started[-1] if started else {})}
+        return {name: float(weight) for name, weight in weights.items()}
+
+    def feature_names(self) -> list[str]:
+        """The feature terms any stage weighs (the hooks to install), in order of first mention."""
+        names = [*self.feature_weights, *(name for _, stage in self.loss_stages for name in stage)]
+        return list(dict.fromkeys(name for name in names if name not in BASE_TERMS))
+
+    def measured_terms(self) -> set[str]:
+        """The optional terms (`control` and the feature terms) that some stage weighs: the loss computes and logs
+        them at every step, also while weighted 0, so every logged step shows their current value (a logger
+        repeats the last value of a metric that is not logged)."""
+        weighed = any(self.loss_weights(step)["control"] for step in [0, *(start for start, _ in self.loss_stages)])
+        return {*self.feature_names(), *(["control"] if weighed else [])}
 
     def band_limits(self) -> list[tuple[int, int | None]]:
         """Inclusive (low, high) per band; the last is open-ended."""
@@ -149,7 +211,9 @@ class FrequencyDistiller(pl.LightningModule):
         if unknown:
             raise ValueError(f"unknown student options {unknown}; valid: {', '.join(STUDENT_OPTIONS)}")
         self.student = build_on_meta(student_config(model_config, **dict(student or {}), modes=self.modes,
-                                                    student_steps=self.options.student_steps))
+                                                    student_steps=self.options.student_steps,
+                                                    guidance_scale=self.options.guidance_scale,
+                                                    guidance_range=self.options.guidance_range))
         # Frozen tensors take `teacher_dtype` before any weights arrive, so the adopter converts, compares and
         # shares them in that dtype (a resumed student's stored bf16 base is then shared with the teachers' too).
         dtype = precision_dtype(self.options.teacher_dtype)
@@ -174,6 +238,9 @@ class FrequencyDistiller(pl.LightningModule):
         for teacher in teacher_models.values():
             freeze(teacher)
         self._teachers = teacher_models  # a plain dict: not submodules, so not in state_dict / checkpoints
+        names = self.options.feature_names()  # hooks of the feature terms, installed only while a loss records
+        self._taps = {name: FeatureTap(model, names)
+                      for name, model in [*teacher_models.items(), ("student", self.student)]}
         if dtype != torch.float32:
             for model in self.models():
                 follow_weight_dtype(model)
@@ -246,21 +313,33 @@ class FrequencyDistiller(pl.LightningModule):
 
     @staticmethod
     def teacher_condition(cond: Cond) -> Cond:
-        """A student's conditioning as a teacher takes it: the same prompt and control signal, no mode label."""
-        return {k: v for k, v in cond.items() if k != "y"}
+        """A student's conditioning as a teacher takes it: the same prompt and control signal, no mode label and
+        no guidance scale."""
+        return {k: v for k, v in cond.items() if k not in ("y", "w")}
 
     @torch.no_grad()
     def teacher_solve(self, mode: str, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
                       cond: Cond) -> torch.Tensor:
-        """The teacher of `mode` from x at t to t_prev: n guided DDIM sub-steps on integer timesteps in between."""
+        """The teacher of `mode` from x at t to t_prev: n guided sub-steps on integer timesteps in between, DDIM
+        or DPM-Solver++(2M) (`teacher_sampler`; its first sub-step is first order, i.e. DDIM), at each sample's
+        w (`cond["w"]`) for a guidance-conditioned student, else at the one distillation scale."""
         teacher, n = self._teachers[mode], self.options.teacher_substeps
+        scale = cond.get("w")
+        if scale is None:
+            scale = teacher.guidance_scale if self.options.guidance_scale is None else self.options.guidance_scale
         cond = self.teacher_condition(cond)
-        scale = teacher.guidance_scale if self.options.guidance_scale is None else self.options.guidance_scale
         uncond = teacher.unconditional_conditioning(cond)
         grid = [torch.round(t + (t_prev - t) * (j / n)).long() for j in range(n + 1)]
+        x0_prev = h_prev = None
         for s, s_next in zip(grid[:-1], grid[1:]):
             eps = guided_eps(teacher.apply_model, x, s.clamp(min=0), cond, uncond, scale)
-            x, _ = ddim_step(x, eps, self.alpha_at(s), self.alpha_at(s_next))
+            a_s, a_next = self.alpha_at(s), self.alpha_at(s_next)
+            if self.options.teacher_sampler == "ddim":
+                x, _ = ddim_step(x, eps, a_s, a_next)
+            else:
+                x0 = predicted_x0(x, eps, a_s)
+                x, h_prev = dpmpp_2m_step(x, x0, a_s, a_next, x0_prev, h_prev)
+                x0_prev = x0
         return x
 
     @torch.no_grad()
@@ -294,13 +373,28 @@ class FrequencyDistiller(pl.LightningModule):
         student = [tensor for pair in student_pairs for tensor in pair]
         return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
 
+    @torch.no_grad()
+    def teacher_features(self, x_t: torch.Tensor, t: torch.Tensor, modes: Sequence[str], conds: Sequence[Cond],
+                         names: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+        """Per feature term, each sample's teacher's features from its conditional forward at (x_t, t),
+        concatenated over the mode chunks (mode-major, as the student's batch)."""
+        b = x_t.shape[0] // len(modes)
+        per_mode = []
+        for i, (mode, cond) in enumerate(zip(modes, conds)):
+            with self._taps[mode].recording(names) as features:
+                self._teachers[mode].apply_model(x_t[i * b:(i + 1) * b], t[i * b:(i + 1) * b],
+                                                 self.teacher_condition(cond))
+            per_mode.append(features)
+        return {name: [torch.cat(parts) for parts in zip(*(f[name] for f in per_mode))] for name in names}
+
     def distillation_loss(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str],
-                          step_index: torch.Tensor | None = None, noise: torch.Tensor | None = None
-                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                          step_index: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                          guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and logs for latents z (B, C, H, W) with text context, trained on every mode in `modes`.
 
-        Samples are ordered mode-major (B per mode); `step_index` (B * len(modes),) picks each one's student step
-        and `noise` its x_t, both random when None (give them for a reproducible loss).
+        Samples are ordered mode-major (B per mode); `step_index` (B * len(modes),) picks each one's student step,
+        `noise` its x_t and, for a guidance-conditioned student, `guidance` its w, all random when None (give them
+        for a reproducible loss). The terms' weights are those of the current global step (`loss_stages`).
         """
         b, m = z.shape[0], len(modes)
         if step_index is None:
@@ -308,22 +402,36 @@ class FrequencyDistiller(pl.LightningModule):
         noise = torch.randn((b * m, *z.shape[1:]), device=z.device, dtype=z.dtype) if noise is None else noise
         t, t_prev = self.student_schedule(step_index.to(z.device))
         conds = [self.student.condition(z, context, mode) for mode in modes]
+        if self.student.guidance_conditioned:
+            low, high = self.student.guidance_range
+            w = torch.empty(b * m, device=z.device).uniform_(low, high) if guidance is None else guidance.to(z.device)
+            conds = [{**cond, "w": w[i * b:(i + 1) * b]} for i, cond in enumerate(conds)]
         z0 = z.repeat(m, 1, 1, 1)
         x_t = self.student.q_sample(z0, t, noise)
         target = self.teacher_targets(x_t, t, t_prev, modes, conds)
-        eps, pairs = self.student.eps_and_control(x_t, t, functools.reduce(cat_cond, conds))
+        weights, measured = self.options.loss_weights(self.global_step), self.options.measured_terms()
+        features = self.options.feature_names()
+        recording = self._taps["student"].recording(features) if features else contextlib.nullcontext({})
+        with recording as student_features:
+            eps, pairs = self.student.eps_and_control(x_t, t, functools.reduce(cat_cond, conds))
         a_t = self.alpha_at(t)
         x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
 
         weighted, energies = self.band_loss(x0, target, modes)
         loss_distill = weighted.mean()
         loss_denoise = F.mse_loss(x0.float(), z0.float())
-        loss = self.options.distill_weight * loss_distill + self.options.denoise_weight * loss_denoise
+        loss = weights["distill"] * loss_distill + weights["denoise"] * loss_denoise
         logs = {"train/loss_distill": loss_distill.detach(), "train/loss_denoise": loss_denoise.detach()}
-        if self.options.control_weight:
+        if "control" in measured:
             loss_control = self.control_loss(x_t, t, modes, conds, pairs)
-            loss = loss + self.options.control_weight * loss_control
+            loss = loss + weights["control"] * loss_control
             logs["train/loss_control"] = loss_control.detach()
+        if features:
+            teacher_features = self.teacher_features(x_t, t, modes, conds, features)
+            for name in features:
+                value = feature_term(name, student_features[name], teacher_features[name])
+                loss = loss + weights[name] * value
+                logs[f"train/feat_{name}"] = value.detach()
         for name, value in zip(self.band_names, energies.detach().mean(0)):
             logs[f"train/band_{name}"] = value
         for i, mode in enumerate(modes):
@@ -359,8 +467,24 @@ class FrequencyDistiller(pl.LightningModule):
         every = trainer.log_every_n_steps
         return every > 0 and (trainer.global_step + 1) % every == 0
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.student.trainable_parameters(), lr=self.learning_rate)
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """`val/loss` and its parts (the training logs, renamed) over every mode and evenly over the student's steps,
+        with noise and every other draw seeded by the batch's position; on the first (fixed) batch also the
+        student's agreement with its teachers and its band fidelity (`fcdiffusion.validation.agreement_metrics`)."""
+        with seeded(batch_idx, self.device):
+            z, context = self.student.get_input(batch)
+            step_index = torch.arange(z.shape[0] * len(self.modes), device=z.device) % self.options.student_steps
+            _, logs = self.distillation_loss(z, context, list(self.modes), step_index=step_index)
+        logs = {f"val/{name.split('/', 1)[-1]}": value for name, value in logs.items()}
+        if batch_idx == 0:
+            logs.update(agreement_metrics(self, batch))
+        self.log_dict(logs, batch_size=z.shape[0], sync_dist=True)
+
+    lr_schedule = LRSchedule()  # `fcdiffusion.training.fit` sets the run's
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW on the student's trained parameters, its learning rate following `lr_schedule` step by step."""
+        return self.lr_schedule.attach(torch.optim.AdamW(self.student.trainable_parameters(), lr=self.learning_rate))
 
     def student_metadata(self) -> dict[str, str]:
         """The student's self-description plus how it was distilled."""
@@ -370,8 +494,10 @@ class FrequencyDistiller(pl.LightningModule):
         checkpoint["metadata"] = self.student_metadata()
 
     def export_student(self, path: str | os.PathLike) -> None:
-        """Write the student's weights alone with their metadata (atomically): `load_student(path)` rebuilds it."""
-        save_state_dict(self.student.state_dict(), path, self.student_metadata())
+        """Write the student's weights alone with their metadata (atomically): `load_student(path)` rebuilds it.
+        With EMA on (`fcdiffusion.ema`), the averaged weights."""
+        with averaged_weights(self):
+            save_state_dict(self.student.state_dict(), path, self.student_metadata())
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,10 +1,11 @@
 """Folders of images with same-named `.txt` captions: the one home of the image suffixes and caption reading.
 
-`training_data_prepare.py` indexes such a folder (recursively, img2dataset's `files` layout) and
-`test_distillation.py` translates one (its captions are the prompts).
+`training_data_prepare.py` indexes such a folder (recursively, img2dataset's `files` layout, optionally holding out
+a fixed fraction for validation) and `test_distillation.py` translates one (its captions are the prompts).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -81,27 +82,41 @@ def relative_to(path: Path, base: Path) -> str:
         return path.as_posix()
 
 
+def held_out(relative_path: Path, fraction: float) -> bool:
+    """Whether the image at `relative_path` (from the data root) belongs to the held-out `fraction`.
+
+    Decided by the SHA-256 of the path alone, so an image stays on its side whatever else the crawl gains or
+    loses, on every machine and Python version.
+    """
+    digest = hashlib.sha256(relative_path.as_posix().encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
 def collect_pairs(
-    data_root: str | os.PathLike, base_dir: str | os.PathLike, workers: int = 4
-) -> tuple[list[dict[str, str]], Counter]:
-    """Records for every usable image under `data_root` (paths relative to `base_dir`) and skip counts.
+    data_root: str | os.PathLike, base_dir: str | os.PathLike, workers: int = 4, val_fraction: float = 0.0
+) -> tuple[list[dict[str, str]], list[dict[str, str]], Counter]:
+    """Records for every usable image under `data_root` (paths relative to `base_dir`): (training records,
+    held-out records, skip counts); `val_fraction` of the images (by `held_out`) go to the second list.
 
     The root and `base_dir` are resolved; links inside the root are kept, so an image in a linked shard is
     recorded through the link and the folder and its index still move together.
     """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in [0, 1), got {val_fraction}")
     root = Path(data_root)
     real_root = root.resolve()
     images = find_images(root)
-    records, skipped = [], Counter()
+    records, held, skipped = [], [], Counter()
     with ThreadPoolExecutor(max(1, workers)) as pool:
         checks = pool.map(check_pair, images)
         for image, (reason, caption) in tqdm(zip(images, checks), total=len(images), desc="checking", unit="img"):
             if reason:
                 skipped[reason] += 1
             else:
-                path = real_root / image.relative_to(root)
-                records.append({"img_path": relative_to(path, Path(base_dir)), "prompt": caption})
-    return records, skipped
+                inside = image.relative_to(root)
+                record = {"img_path": relative_to(real_root / inside, Path(base_dir)), "prompt": caption}
+                (held if held_out(inside, val_fraction) else records).append(record)
+    return records, held, skipped
 
 
 def prompted_images(input_dir: str | os.PathLike, prompt: str | None = None

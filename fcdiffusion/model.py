@@ -24,7 +24,9 @@ from omegaconf import OmegaConf
 
 from fcdiffusion.control_net import ControlPair
 from fcdiffusion.frequency import CONTROL_MODES, check_band, check_control_mode, frequency_control
-from fcdiffusion.inference import Translator, batch_images
+from fcdiffusion.inference import Translator, batch_images, seeded_noise
+from fcdiffusion.lr_schedule import LRSchedule
+from fcdiffusion.validation import validation_timesteps
 from ldm.models.diffusion.ddpm import LatentDiffusion, freeze
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
@@ -39,6 +41,7 @@ class FrequencyControlledLDM(LatentDiffusion):
     """
 
     kind = "model"  # what `weights_metadata` calls this model: "teacher" or "student"
+    lr_schedule = LRSchedule()  # `fcdiffusion.training.fit` sets the run's
 
     def __init__(
         self,
@@ -79,6 +82,10 @@ class FrequencyControlledLDM(LatentDiffusion):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.control_model.parameters(), *self.unlocked_unet_parameters()]
 
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW on the trained parameters, its learning rate following `lr_schedule` step by step."""
+        return self.lr_schedule.attach(torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate))
+
     def train(self, mode: bool = True) -> FrequencyControlledLDM:
         """Keep the frozen UNet encoder in eval while training (its dropout off, like the rest of SD)."""
         super().train(mode)
@@ -109,8 +116,10 @@ class FrequencyControlledLDM(LatentDiffusion):
         return {"c_crossattn": [context], "c_concat": [control]}
 
     def sample(self, cond: Cond, x_T: torch.Tensor, steps: int | None = None,
-               guidance_scale: float | None = None, verbose: bool = False) -> torch.Tensor:
-        """Latents for `cond` from the initial noise `x_T`; `steps`/`guidance_scale` default to the model's own."""
+               guidance_scale: float | None = None, verbose: bool = False, sampler: str | None = None,
+               spacing: str | None = None) -> torch.Tensor:
+        """Latents for `cond` from the initial noise `x_T`; `steps`/`guidance_scale` and the sampler (`ddim`,
+        `dpmpp_2m`) and its timestep `spacing` (`uniform`, `trailing`) default to the model's own."""
         raise NotImplementedError
 
     def unconditional_conditioning(self, cond: Cond) -> Cond:
@@ -139,7 +148,8 @@ class FrequencyControlledLDM(LatentDiffusion):
     def control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> list[ControlPair]:
         """The control net's scaled (add, mul) pairs."""
         pairs = self.control_model(x=x_noisy, hint=torch.cat(cond["c_concat"], 1), timesteps=t,
-                                   context=torch.cat(cond["c_crossattn"], 1), y=cond.get("y"))
+                                   context=torch.cat(cond["c_crossattn"], 1), y=cond.get("y"),
+                                   guidance=cond.get("w"))
         return [(add * s, mul * s) for (add, mul), s in zip(pairs, self.control_scales)]
 
     def eps_and_control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, list]:
@@ -200,14 +210,31 @@ class FCDiffusion(FrequencyControlledLDM):
         z, context = super().get_input(batch, k, bs, sample_posterior)
         return z, self.condition(z, context, self.control_mode)
 
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """`val/loss`: the diffusion loss at fixed timesteps (`val/loss_tNNN` each, `validation_timesteps`) on the
+        sources' posterior means, with noise and mini_pass shuffles seeded by the batch's position."""
+        z, context = super().get_input(batch, sample_posterior=False)
+        cond = self.condition(z, context, self.control_mode, generator=torch.Generator().manual_seed(batch_idx))
+        n = z.shape[0]
+        noise = seeded_noise(z.shape[1:], range(batch_idx * n, (batch_idx + 1) * n), z.device, z.dtype)
+        logs = {}
+        for t in validation_timesteps(self.num_timesteps):
+            loss, _ = self.p_losses(z, cond, torch.full((n,), t, device=z.device, dtype=torch.long), noise)
+            logs[f"val/loss_t{t:03d}"] = loss
+        logs["val/loss"] = torch.stack(list(logs.values())).mean()
+        self.log_dict(logs, batch_size=n, sync_dist=True)
+
     @torch.no_grad()
     def sample(self, cond: Cond, x_T: torch.Tensor, steps: int | None = None,
-               guidance_scale: float | None = None, verbose: bool = False) -> torch.Tensor:
-        """Guided DDIM on SD's uniform timesteps (`ddim_steps`, `guidance_scale` by default)."""
+               guidance_scale: float | None = None, verbose: bool = False, sampler: str | None = None,
+               spacing: str | None = None) -> torch.Tensor:
+        """Guided sampling, by default DDIM on SD's uniform timesteps (`ddim_steps`, `guidance_scale` by default);
+        `sampler="dpmpp_2m"` is DPM-Solver++(2M), `spacing="trailing"` starts at t = T-1."""
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         uncond = self.unconditional_conditioning(cond) if scale != 1.0 else None
-        return self.sample_ddim(cond, x_T.shape[0], self.ddim_steps if steps is None else steps, scale, uncond,
-                                x_T=x_T, verbose=verbose)
+        return self.sample_latents(cond, x_T.shape[0], self.ddim_steps if steps is None else steps, scale, uncond,
+                                   x_T=x_T, sampler=sampler or "ddim", spacing=spacing or "uniform",
+                                   verbose=verbose)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -5,6 +5,13 @@ saves `last.ckpt` and exits with 128 + the signal number, so a scheduler sees th
 same command resumes it. Resume takes `last.ckpt`, or the newest intact `step-*.ckpt` when `last.ckpt` is
 missing or unreadable. A log folder in use by another run is refused, a non-finite loss stops the run with an
 error, and a learning rate changed between runs is applied (and said).
+
+What a long run adds, all through Lightning: validation every `val_every` optimizer steps on `val_data` with the
+best `keep_best` checkpoints kept by `val/loss` (`best-*.ckpt`, beside `step-*.ckpt` and `last.ckpt`); an EMA of
+the trained weights (`fcdiffusion.ema`); a learning-rate warm-up and schedule (`fcdiffusion.lr_schedule`),
+gradient clipping and accumulation (Trainer arguments); metrics and image grids in TensorBoard event files
+beside the CSV ones; and tar shards as training data (`fcdiffusion.shards`). A checkpoint holds the step count,
+the optimizer, the scheduler, the EMA and the best-k bookkeeping, so a resumed run continues all of them.
 """
 from __future__ import annotations
 
@@ -25,20 +32,33 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader
 
-from fcdiffusion.dataset import LATENT_GRID, Augment, FCDiffusionDataset
+from fcdiffusion.data_module import RunData
+from fcdiffusion.dataset import LATENT_GRID, Augment
+from fcdiffusion.ema import EMACallback, shards_parameters
 from fcdiffusion.image_logger import ImageLogger
+from fcdiffusion.lr_schedule import LRSchedule
 from fcdiffusion.paths import LAST_CHECKPOINT
 
 log = logging.getLogger(__name__)
 
 # Flags that override `train:` entries of a config; None means "take the config's value".
 RUN_FLAGS = {
-    "data": (str, "training_data.json written by training_data_prepare.py"),
+    "data": (str, "training data: the index written by training_data_prepare.py, or WebDataset tar shards such as "
+                  "'shards/{00000..00123}.tar' (img2dataset's layout)"),
+    "val_data": (str, "validation index (training_data_prepare.py --val_fraction); empty: no validation"),
+    "val_every": (int, "validate every N optimizer steps"),
+    "val_batches": (int, "validation batches per device at each validation (0: the whole index)"),
+    "keep_best": (int, "keep the K checkpoints with the lowest val/loss (best-*.ckpt)"),
+    "ema_decay": (float, "keep an EMA of the trained weights with this decay, e.g. 0.999 (0: off)"),
+    "lr_schedule": (str, "learning rate after the warm-up: constant, or cosine (to 0 at max_steps)"),
+    "warmup_steps": (int, "linear learning-rate warm-up over the first N optimizer steps (0: none)"),
+    "gradient_clip_val": (float, "clip the gradient norm to this value (0: no clipping)"),
+    "accumulate_grad_batches": (int, "batches per optimizer step (effective batch: batch_size x devices x N)"),
     "max_steps": (int, "total optimizer steps (a resumed run continues up to this)"),
     "batch_size": (int, "images per device per step"),
     "learning_rate": (float, "AdamW learning rate"),
@@ -54,6 +74,11 @@ RUN_FLAGS = {
     "logdir": (str, "root folder of logs and checkpoints"),
     "seed": (int, "random seed"),
 }
+
+
+# `train:` entries a config may leave out, with the values that keep a run as it was before they existed.
+RUN_DEFAULTS = {"val_data": None, "val_every": 1000, "val_batches": 0, "keep_best": 5, "ema_decay": 0.0,
+                "lr_schedule": "constant", "warmup_steps": 0, "gradient_clip_val": 0.0, "accumulate_grad_batches": 1}
 
 
 def resolve_command_line(argv: Sequence[str] | None, parse_args: Callable, resolve_config: Callable
@@ -96,63 +121,81 @@ def devices_arg(value: Any) -> Any:
 
 
 def build_trainer(train: DictConfig, ckpt_dir: str, run_name: str, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
-    """A Trainer that checkpoints to `ckpt_dir` every N steps (and `last.ckpt`), logs CSV metrics and image grids,
-    and guards the run (`RunGuard`)."""
+    """A Trainer that checkpoints to `ckpt_dir` every N steps (and `last.ckpt`), logs metrics (CSV and TensorBoard)
+    and image grids, guards the run (`RunGuard`) and, as `train` asks, validates and keeps the best checkpoints,
+    keeps an EMA of the weights, clips and accumulates gradients."""
+    validating = bool(train.val_data)
+    batches_per_step = int(train.accumulate_grad_batches)
     callbacks = [
+        *([EMACallback(float(train.ema_decay))] if train.ema_decay else []),  # first: checkpoints see the update
         RunGuard(os.path.join(ckpt_dir, LAST_CHECKPOINT)),
         ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=train.checkpoint_every,
                         save_top_k=-1, save_last=True, auto_insert_metric_name=False),
         ImageLogger(every_n_steps=train.log_images_every, max_images=min(4, train.batch_size),
                     out_dir=os.path.join(ckpt_dir, "image_log")),
+        LearningRateMonitor(logging_interval="step"),
         *callbacks,
     ]
+    if validating:  # last.ckpt stays with the periodic callback above: a second one would write last-v1.ckpt
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step:06d}", monitor="val/loss", mode="min",
+                                         save_top_k=int(train.keep_best), auto_insert_metric_name=False))
+    csv = CSVLogger(train.logdir, name=run_name)
+    tensorboard = TensorBoardLogger(train.logdir, name=run_name, version=csv.version, default_hp_metric=False)
     return pl.Trainer(
         max_steps=train.max_steps, accelerator=train.accelerator, devices=devices_arg(train.devices),
         strategy=train.strategy, num_nodes=train.num_nodes, precision=train.precision, callbacks=callbacks,
-        logger=CSVLogger(train.logdir, name=run_name), default_root_dir=train.logdir,
+        logger=[csv, tensorboard], default_root_dir=train.logdir,
         log_every_n_steps=train.get("log_every", 50), enable_model_summary=False,
+        gradient_clip_val=float(train.gradient_clip_val) or None, accumulate_grad_batches=batches_per_step,
+        # Validation counts training batches: N optimizer steps are N x accumulate batches, across epochs.
+        val_check_interval=int(train.val_every) * batches_per_step if validating else None,
+        check_val_every_n_epoch=None if validating else 1,
+        limit_val_batches=(int(train.val_batches) or 1.0) if validating else 0,
+        num_sanity_val_steps=1 if validating else 0,
     )
 
 
 def check_train_section(train: DictConfig) -> None:
-    """Raise a ValueError naming the first `train:` entry that would fail later (or train forever)."""
-    positive = ("max_steps", "batch_size", "checkpoint_every", "resolution", "num_nodes")
+    """Fill in the entries of `RUN_DEFAULTS` a config leaves out, then raise a ValueError naming the first `train:`
+    entry that would fail later (or train forever)."""
+    for name, value in RUN_DEFAULTS.items():
+        if name not in train:
+            train[name] = value
+    positive = ("max_steps", "batch_size", "checkpoint_every", "resolution", "num_nodes", "val_every", "keep_best",
+                "accumulate_grad_batches")
     for name in positive:
         if int(train[name]) < 1:
             raise ValueError(f"--{name} must be at least 1, got {train[name]}")
-    for name in ("num_workers", "log_images_every"):
+    for name in ("num_workers", "log_images_every", "val_batches", "warmup_steps"):
         if int(train[name]) < 0:
             raise ValueError(f"--{name} must be at least 0, got {train[name]}")
     if train.resolution % LATENT_GRID:
         raise ValueError(f"--resolution must be a multiple of {LATENT_GRID} (the latent grid), got {train.resolution}")
     if not float(train.learning_rate) > 0:
         raise ValueError(f"--learning_rate must be positive, got {train.learning_rate}")
+    if not 0.0 <= float(train.ema_decay) < 1.0:
+        raise ValueError(f"--ema_decay must be in [0, 1) (0: no EMA), got {train.ema_decay}")
+    if float(train.gradient_clip_val) < 0:
+        raise ValueError(f"--gradient_clip_val must be at least 0 (0: no clipping), got {train.gradient_clip_val}")
+    LRSchedule.from_train(train)
     Augment.from_config(train.get("augment"))
-
-
-def load_dataset(train: DictConfig) -> FCDiffusionDataset:
-    """The training data named by `train.data`, read before any model is built so a bad index fails at once."""
-    if not os.path.isfile(train.data):
-        raise FileNotFoundError(f"training data index not found: {train.data} (write it with training_data_prepare.py)")
-    augment = Augment.from_config(train.get("augment"))
-    return FCDiffusionDataset(train.data, resolution=train.resolution, augment=augment)
 
 
 class RunFolderError(RuntimeError):
     """The checkpoint folder cannot take this run: another run is using it, or it cannot be written."""
 
 
-def locked_run(train: DictConfig, folder: str | os.PathLike, run: Callable[[FCDiffusionDataset], int]) -> int:
-    """Read the data index, lock the checkpoint `folder`, then `run(dataset)`; its exit status, or 1 with one
-    message when the index or the folder cannot be used (before any model is built)."""
+def locked_run(train: DictConfig, folder: str | os.PathLike, run: Callable[[RunData], int]) -> int:
+    """Open the data (`RunData`), lock the checkpoint `folder`, then `run(data)`; its exit status, or 1 with one
+    message when the data or the folder cannot be used (before any model is built)."""
     try:
-        dataset = load_dataset(train)
+        data = RunData.from_train(train)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:
         with run_folder_lock(folder):
-            return run(dataset)
+            return run(data)
     except RunFolderError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -259,11 +302,23 @@ class RunGuard(pl.Callback):
             self._previous[signum] = signal.signal(signum, self._handle)
         self._first_step = trainer.global_step
         rate = getattr(pl_module, "learning_rate", None)
+        if rate is not None:
+            self.apply_learning_rate(trainer, float(rate))
+
+    @staticmethod
+    def apply_learning_rate(trainer: pl.Trainer, rate: float) -> None:
+        """Make `rate` the base learning rate of every optimizer; a scheduled rate keeps its factor."""
+        scheduled = {id(config.scheduler.optimizer): config.scheduler for config in trainer.lr_scheduler_configs}
         for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                if rate is not None and not math.isclose(group["lr"], rate):
-                    log.info("learning rate %g from the checkpoint replaced by %g", group["lr"], rate)
-                    group["lr"] = rate
+            scheduler = scheduled.get(id(optimizer))
+            for i, group in enumerate(optimizer.param_groups):
+                base = scheduler.base_lrs[i] if scheduler is not None else group["lr"]
+                if math.isclose(base, rate):
+                    continue
+                log.info("learning rate %g from the checkpoint replaced by %g", base, rate)
+                group["lr"] = group["lr"] * rate / base if scheduler is not None else rate
+                if scheduler is not None:
+                    scheduler.base_lrs[i] = group["initial_lr"] = rate
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -285,16 +340,28 @@ class RunGuard(pl.Callback):
         self._previous = {}
 
 
-def fit(module: pl.LightningModule, dataset: FCDiffusionDataset, train: DictConfig, trainer: pl.Trainer,
+def fit(module: pl.LightningModule, data: RunData, train: DictConfig, trainer: pl.Trainer,
         resume_from: str | None, last: str | os.PathLike) -> int:
-    """Train `module`, resuming from `resume_from` if given, and leave `last` up to date; the exit status.
+    """Train `module` on `data`, resuming from `resume_from` if given, and leave `last` up to date; the exit status.
 
-    0 when `max_steps` is reached, 128 + signal when interrupted (progress saved), 1 when the run failed.
+    0 when `max_steps` is reached, 128 + signal when interrupted (progress saved), 1 when the run failed, 2 when the
+    module cannot do what `train` asks (validate, follow a learning-rate schedule).
     """
-    loader = DataLoader(dataset, batch_size=train.batch_size, shuffle=True, num_workers=train.num_workers,
-                        drop_last=len(dataset) >= train.batch_size, persistent_workers=train.num_workers > 0)
+    schedule = LRSchedule.from_train(train)
+    if hasattr(module, "lr_schedule"):
+        module.lr_schedule = schedule
+    elif schedule != LRSchedule(total_steps=schedule.total_steps):
+        print(f"error: {type(module).__name__} takes no --lr_schedule or --warmup_steps", file=sys.stderr)
+        return 2
+    if train.ema_decay and shards_parameters(trainer.strategy):
+        print(f"error: --ema_decay needs whole parameters on every device, which {type(trainer.strategy).__name__} "
+              "splits; use ddp or deepspeed_stage_2, or leave EMA off", file=sys.stderr)
+        return 2
+    if data.val_set is not None and not is_overridden("validation_step", module):
+        print(f"error: {type(module).__name__} does not validate; leave out --val_data", file=sys.stderr)
+        return 2
     try:
-        trainer.fit(module, loader, ckpt_path=resume_from)
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     except TrainingStopped as stop:
         print(f"{'error' if stop.exit_code == 1 else 'interrupted'}: {stop}", file=sys.stderr)
         return stop.exit_code

@@ -95,3 +95,27 @@ def train_args(files: SimpleNamespace, logdir: Path, *extra: str) -> list[str]:
     return ["--config", TINY_CONFIG, "--control_mode", "high_pass", "--resume_path", str(files.init),
             "--data", str(files.data), "--logdir", str(logdir), "--batch_size", "2", "--checkpoint_every", "2",
             "--log_images_every", "2", *extra, *files.overrides]
+
+
+def write_shards(photos: Path, folder: Path, per_shard: int = 2, corrupt_in: int | None = None) -> str:
+    """The images under `photos` and their captions as WebDataset tar shards in img2dataset's layout
+    (`00000.tar`, ... holding `<key>.jpg` + `<key>.txt`), `per_shard` each; with `corrupt_in`, that shard also holds
+    a `.jpg` member that is not an image. Returns the brace spec of the shards."""
+    import io
+
+    import webdataset as wds
+
+    from fcdiffusion.image_folder import find_images, read_caption
+
+    images = find_images(photos)
+    groups = [images[i:i + per_shard] for i in range(0, len(images), per_shard)]
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, group in enumerate(groups):
+        with wds.TarWriter(str(folder / f"{n:05d}.tar")) as sink:
+            for i, image in enumerate(group):
+                encoded = io.BytesIO()
+                Image.open(image).convert("RGB").save(encoded, format="JPEG")
+                sink.write({"__key__": f"{n:05d}{i:04d}", "jpg": encoded.getvalue(), "txt": read_caption(image)})
+            if n == corrupt_in:
+                sink.write({"__key__": f"{n:05d}9999", "jpg": b"not a jpeg at all", "txt": "a corrupt member"})
+    return str(folder / f"{{00000..{len(groups) - 1:05d}}}.tar")

@@ -30,7 +30,7 @@ def fixed_inputs(distiller: FrequencyDistiller):
 def run_steps(distiller: FrequencyDistiller, n: int) -> list[float]:
     """n optimizer steps on the fixed batch (the mini_pass shuffle seeded too); returns the losses."""
     z, context, steps, noise = fixed_inputs(distiller)
-    optimizer = distiller.configure_optimizers()
+    optimizer = distiller.configure_optimizers()["optimizer"]
     distiller.train()
     losses = []
     for _ in range(n):

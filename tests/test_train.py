@@ -1,4 +1,5 @@
-"""fcdiffusion_train.py: a tiny teacher trains, logs images, resumes, fails clearly, and runs under DDP."""
+"""fcdiffusion_train.py: a tiny teacher trains, logs images, resumes, fails clearly, and runs under DDP (from tar
+shards, with EMA)."""
 import csv
 import json
 import os
@@ -12,7 +13,7 @@ import torch
 import fcdiffusion_train
 from fcdiffusion.weights import load_teacher
 from ldm.checkpoint import load_state_dict
-from tests.helpers import train_args
+from tests.helpers import train_args, write_shards
 
 
 def metrics(logdir):
@@ -69,12 +70,13 @@ def test_wrong_control_mode_flag_lists_modes(tiny_files, tmp_path, capsys):
     assert all(m in err for m in ("mini_pass", "low_pass", "mid_pass", "high_pass"))
 
 
-def test_two_process_ddp_on_cpu_ends_with_identical_weights(tiny_files, tmp_path):
+def test_two_process_ddp_on_cpu_ends_with_identical_weights_and_ema_from_disjoint_shards(tiny_files, tmp_path):
     out = tmp_path / "ranks"
     out.mkdir()
+    shards = write_shards(tiny_files.photos, tmp_path / "shards", per_shard=2)
     cmd = [sys.executable, "tests/ddp_worker.py", str(out),
            *train_args(tiny_files, tmp_path / "logs", "--max_steps", "3", "--accelerator", "cpu", "--devices", "2",
-                       "--strategy", "ddp", "--log_images_every", "0")]
+                       "--strategy", "ddp", "--log_images_every", "0", "--data", shards, "--ema_decay", "0.9")]
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -84,3 +86,12 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tiny_files, tmp_path
     assert any(not torch.equal(v, init["control_model." + k]) for k, v in ranks[0]["state"].items())
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
+    # Each rank updated its own EMA identically, and it is not the raw weights.
+    assert ranks[0]["ema"].keys() == ranks[1]["ema"].keys() and ranks[0]["ema"]
+    assert all(torch.equal(value, ranks[1]["ema"][key]) for key, value in ranks[0]["ema"].items())
+    assert any(not torch.equal(value, ranks[0]["state"][key.removeprefix("control_model.")])
+               for key, value in ranks[0]["ema"].items())
+    # webdataset gave each rank its own shard: the ranks read disjoint samples, each from one shard.
+    seen = [{path.split(":")[0] for path in r["paths"]} for r in ranks]
+    assert len(ranks[0]["paths"]) == len(ranks[1]["paths"]) == 6
+    assert seen[0].isdisjoint(seen[1]) and all(len(s) == 1 for s in seen)

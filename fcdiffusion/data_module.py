@@ -1,0 +1,67 @@
+"""The data of a training run: the training set (a folder index or tar shards), an optional validation index, and
+the Lightning loaders over them.
+
+Both are opened before any model is built, so a missing or malformed `--data` / `--val_data` fails at once. The
+training loader shuffles an index (Lightning adds a `DistributedSampler` under DDP) or streams shards
+(`fcdiffusion.shards`, placed per rank and worker by webdataset). The validation loader reads its index in order,
+so its first batch is the same at every validation (the fixed batch that image grids and per-batch metrics use).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
+
+from fcdiffusion.dataset import Augment, FCDiffusionDataset
+from fcdiffusion.shards import ShardStream, is_shard_spec
+
+
+def open_index(path: str, what: str, resolution: int, augment: Augment | None = None) -> FCDiffusionDataset:
+    """The JSON index at `path`; a FileNotFoundError says how to write it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} index not found: {path} (write it with training_data_prepare.py)")
+    return FCDiffusionDataset(path, resolution=resolution, augment=augment)
+
+
+class RunData(pl.LightningDataModule):
+    """`train_set` (an index dataset or a `ShardStream`) and `val_set` (an index dataset, or None: no validation)."""
+
+    def __init__(self, train_set: Dataset, val_set: FCDiffusionDataset | None, batch_size: int, num_workers: int):
+        super().__init__()
+        self.train_set, self.val_set = train_set, val_set
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    @classmethod
+    def from_train(cls, train: Mapping[str, Any]) -> RunData:
+        """The data a `train:` section names (`data`, `val_data`, `resolution`, `augment`, `seed`, ...)."""
+        augment = Augment.from_config(train.get("augment"))
+        if is_shard_spec(train["data"]):
+            train_set: Dataset = ShardStream(train["data"], train["resolution"], augment, seed=int(train["seed"]))
+        else:
+            train_set = open_index(train["data"], "training data", train["resolution"], augment)
+        val_set = None
+        if train.get("val_data"):
+            if is_shard_spec(train["val_data"]):
+                raise ValueError(f"--val_data takes a JSON index (training_data_prepare.py --val_fraction), not "
+                                 f"shards: {train['val_data']}")
+            val_set = open_index(train["val_data"], "validation data", train["resolution"])
+        return cls(train_set, val_set, int(train["batch_size"]), int(train["num_workers"]))
+
+    def train_dataloader(self) -> DataLoader:
+        workers = self.num_workers
+        if isinstance(self.train_set, ShardStream):
+            # Read here, after the checkpoint is restored: a resumed stream starts new passes in another order.
+            self.train_set.start_step = self.trainer.global_step if self.trainer is not None else 0
+            return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=workers,
+                              persistent_workers=workers > 0)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=workers,
+                          drop_last=len(self.train_set) >= self.batch_size, persistent_workers=workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            raise RuntimeError("no validation data (--val_data) was given")
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
