@@ -6,6 +6,8 @@
         --student lightning_logs/fcdiffusion_distill_checkpoint/student.safetensors
     python test_distillation.py --input_dir photos --steps 50 --guidance_scale 9 \
         --teacher lightning_logs/fcdiffusion_low_pass_checkpoint/last.ckpt
+    python test_distillation.py --input_dir photos --steps 20 --sampler dpmpp_2m --spacing trailing \
+        --teacher lightning_logs/fcdiffusion_low_pass_checkpoint/last.ckpt
 
 Each image `<name>.<ext>` in INPUT_DIR is translated with the prompt in `<name>.txt` (or --prompt for all), in
 every requested control mode, from the same seeded noise per image (seed + its index). Writes
@@ -15,9 +17,13 @@ told apart by their suffix (`x_png_<mode>.png`, `x_jpg_<mode>.png`), so no outpu
 that cannot be read or has no prompt, and any other file that is not a caption, is reported and skipped.
 
 Weight files describe themselves: the student samples with the steps it was distilled for and serves the
-modes it learned, a teacher serves the mode it was trained for (another --mode is an error naming both). Files
-written before they carried that metadata need `--config` (the distillation config; `key.sub=value` overrides).
-A delta file (export_delta.py) loads over the SD 2.1-base checkpoint given with `--base`.
+modes it learned, a teacher serves the mode it was trained for (another --mode is an error naming both). A teacher
+samples with guided DDIM on SD's uniform spacing unless --sampler (dpmpp_2m: DPM-Solver++(2M)) and --spacing
+(trailing: from t = 999) say otherwise; the student always with DDIM on the trailing schedule it learned. Only a
+guidance-conditioned student (distilled with --guidance_range) takes --guidance_scale, at one network evaluation
+per step; a fixed-w student refuses a scale other than its own. Files written before they carried that metadata
+need `--config` (the distillation config; `key.sub=value` overrides). A delta file (export_delta.py) loads over
+the SD 2.1-base checkpoint given with `--base`.
 
 `--precision fp16|bf16` runs the networks and the text encoder in that dtype (half the memory and, on GPUs,
 about half the time); the sampler's arithmetic stays float32, and with fp16 the VAE stays float32 (SD's VAE
@@ -46,6 +52,7 @@ from fcdiffusion.inference import Translator
 from fcdiffusion.model import FrequencyControlledLDM
 from fcdiffusion.paths import SD_CHECKPOINT
 from fcdiffusion.precision import PRECISIONS, prepare_for_inference
+from fcdiffusion.student import FCDiffusionStudent
 from fcdiffusion.weights import (
     ModeMismatchError,
     distilled_student_config,
@@ -54,6 +61,8 @@ from fcdiffusion.weights import (
     teacher_model_config,
 )
 from ldm.checkpoint import CheckpointMismatchError
+from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS
+from ldm.models.diffusion.ddpm import SAMPLERS
 from ldm.util import load_config
 
 
@@ -69,7 +78,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--steps", type=int,
                         help="sampling steps (default: the student's student_steps, a teacher's ddim_steps)")
     parser.add_argument("--guidance_scale", type=float,
-                        help="teacher's classifier-free guidance (default: the teacher's own; not for the student)")
+                        help="classifier-free guidance w (default: the model's own): a teacher's, or a "
+                             "guidance-conditioned student's within its range")
+    parser.add_argument("--sampler", choices=list(SAMPLERS),
+                        help="teacher's sampler: ddim (default) or dpmpp_2m (DPM-Solver++(2M))")
+    parser.add_argument("--spacing", choices=list(TIMESTEP_SPACINGS),
+                        help="teacher's timestep spacing: uniform (SD's, default) or trailing (starts at t = 999)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (image i uses seed + i)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--resolution", type=int, default=512,
@@ -94,9 +108,6 @@ def usage_error(args: argparse.Namespace, overrides: list[str]) -> str | None:
     """What is wrong with the command line before anything is loaded, if anything."""
     if args.teacher and args.mode == "all":
         return "a teacher serves one control mode; drop --mode (it uses its own) or pass the teacher's mode"
-    if args.student and args.guidance_scale is not None:
-        return ("--guidance_scale applies to teachers only: the student learned the guided teachers' results and "
-                "samples without guidance")
     if args.steps is not None and args.steps < 1:
         return f"--steps must be at least 1, got {args.steps}"
     if args.batch_size < 1:
@@ -157,6 +168,18 @@ def load_model(args: argparse.Namespace, overrides: list[str]) -> FrequencyContr
     return load_teacher(args.teacher, mode, teacher_model_config(config) if config else None, args.base)
 
 
+def sampling_problem(model: FrequencyControlledLDM, args: argparse.Namespace) -> str | None:
+    """Why the student cannot sample as --guidance_scale, --sampler and --spacing ask, if it cannot (teachers take
+    any of them)."""
+    if not isinstance(model, FCDiffusionStudent):
+        return None
+    try:
+        model.check_sampling(args.guidance_scale, args.sampler, args.spacing)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args, overrides = parse_args(argv)
@@ -168,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = load_model(args, overrides)
         modes = list(model.modes) if args.mode in (None, "all") else [model.check_mode(args.mode)]
+        problem = sampling_problem(model, args)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         model = prepare_for_inference(model, device, args.precision, args.compile)
         evaluator = Evaluator(args.evaluate, Settings(model=model, device=device)) if args.evaluate else None
         if evaluator is not None:
@@ -201,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             images = torch.from_numpy(np.stack([b[3] for b in batch])).permute(0, 3, 1, 2)
             results = translator(images, [b[2] for b in batch], modes, seed=[args.seed + b[0] for b in batch],
-                                 control_seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale)
+                                 control_seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+                                 sampler=args.sampler, spacing=args.spacing)
             for i, (_, path, _, _) in enumerate(batch):
                 columns = {"source": images[i:i + 1]}
                 for mode, result in results.items():

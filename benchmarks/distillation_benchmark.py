@@ -5,7 +5,10 @@
     python benchmarks/distillation_benchmark.py --precision fp16 --compile --repeats 5 --out outputs/fp16.json
 
 What each figure means: `fcdiffusion/benchmark.py`. Prints tables; `--out FILE` writes the same figures as JSON.
-Fidelity needs trained tiny teachers and a student (the quickstart makes them) and is skipped without them.
+Fidelity needs trained tiny teachers and a student (the quickstart makes them) and is skipped without them; it is
+measured on `--heldout DIR` (images with same-named .txt prompts, not trained on), by default on the demo photos,
+against every teacher few-step baseline (DDIM uniform and trailing, DPM-Solver++(2M)); a guidance-conditioned
+student also at each of `--guidance_scales` (default: its range's ends and its default w).
 On CUDA the SD 2.1-base architecture is timed at 512 px by default (warm-up, synchronised repeats, peak memory).
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from fcdiffusion.benchmark import device_name, fidelity, format_tables, memory, speed
+from fcdiffusion.benchmark import config_resolution, device_name, fidelity, format_tables, memory, speed
 from fcdiffusion.frequency import CONTROL_MODES
 from fcdiffusion.paths import teacher_checkpoint
 from fcdiffusion.precision import PRECISIONS, vae_dtype
@@ -47,6 +50,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="the student's trained parts (for the memory figure)")
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--images", type=int, default=4, help="photos per measurement")
+    parser.add_argument("--sd_images", type=int, help="photos per SD-architecture timing (default: half of --images)")
+    parser.add_argument("--heldout", help="folder of held-out photos with same-named .txt prompts for the fidelity "
+                                          "figures (default: the first --images demo photos)")
+    parser.add_argument("--guidance_scales", type=float, nargs="+",
+                        help="w at which a guidance-conditioned student is compared with its teachers")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--teacher_steps", type=int, default=50)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -68,14 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "vae_dtype": str(vae_dtype(PRECISIONS[args.precision])).removeprefix("torch.")},
         "speed": {}}
 
-    tiny_resolution = 8 * tiny["params"]["image_size"]
+    tiny_resolution = config_resolution(tiny)
     print(f"timing the tiny config at {tiny_resolution} px ...", flush=True)
     results["speed"]["tiny"] = speed(tiny, tiny_resolution, args.images, args.repeats, args.teacher_steps, device,
                                      args.precision, args.compile)
     if args.sd:
         print(f"timing the SD 2.1-base architecture at {sd_resolution} px (random weights) ...", flush=True)
         results["speed"][f"sd21_base_{sd_resolution}px"] = speed(
-            model_node(args.sd_config), sd_resolution, max(1, args.images // 2), args.repeats,
+            model_node(args.sd_config), sd_resolution, args.sd_images or max(1, args.images // 2), args.repeats,
             args.teacher_steps, device, args.precision, args.compile)
 
     teachers = {m: teacher_checkpoint(args.teachers_dir, m) for m in CONTROL_MODES}
@@ -84,8 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fidelity skipped: missing {missing}")
     else:
         print("measuring fidelity of the trained tiny student ...", flush=True)
-        results["fidelity"] = fidelity(teachers, args.student, tiny_resolution, args.images, args.teacher_steps,
-                                       device)
+        results["fidelity"], results["fidelity_setup"] = fidelity(
+            teachers, args.student, tiny_resolution, args.images, args.teacher_steps, device, args.heldout,
+            args.guidance_scales)
     results["memory"] = memory(model_node(args.sd_config), {"trainable": args.trainable, "lora_rank": args.lora_rank})
     print("\n" + format_tables(results, args.teacher_steps))
     if args.out:

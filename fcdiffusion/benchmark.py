@@ -3,9 +3,13 @@
 - speed: seconds per image end to end (encode the source, encode the prompt, sample, decode) for a teacher
   at 50 guided DDIM steps and the student at 1, 2 and 4 steps, through `Translator`, on random weights of a
   config's architecture (teacher and student share every tensor, so one network's worth of memory times both).
-- fidelity (with trained teachers and student): per mode, the latent-space MSE between the student's k-step
-  result and the teacher's 50-step result (same image, prompt, control and initial noise), beside the
-  teacher's own k-step DDIM result.
+- fidelity (with trained teachers and student): per mode, the latent-space MSE to the teacher's 50-step guided
+  DDIM result (same image, prompt, control and initial noise) of the student's k-step result and of every
+  few-step alternative: the teacher's own guided k-step DDIM on SD's uniform spacing (which starts late: t=751 at
+  k=4) and on the trailing one (from t=999), and its k-step DPM-Solver++(2M) (trailing). A guided teacher step is
+  two network evaluations (batched into one call), a student step one. A guidance-conditioned student is also
+  compared at several w with the teacher's 50-step result at the same w. Measured on held-out photos (a folder
+  of images with same-named .txt prompts), or by default on the demo photos.
 - memory: parameters and bytes held by the distiller (four teachers + student, shared tensors once; teachers in
   float32 and in bf16, `teacher_dtype`) against five independent float32 models, and the bytes of the full and the
   delta weights files of a student and a teacher (tensor data, from shapes and dtypes), all at the SD 2.1-base
@@ -31,10 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcdiffusion.dataset import prepare_image
+from fcdiffusion.dataset import load_image, prepare_image
 from fcdiffusion.demo_data import CAPTIONS, load_photo
 from fcdiffusion.distiller import FrequencyDistiller
 from fcdiffusion.frequency import CONTROL_MODES, scale_thresholds
+from fcdiffusion.image_folder import prompted_images
 from fcdiffusion.inference import Translation, Translator, encode_images
 from fcdiffusion.model import FCDiffusion
 from fcdiffusion.precision import prepare_for_inference
@@ -44,6 +49,11 @@ from ldm.util import instantiate_from_config, without_text_encoder_file
 
 STUDENT_STEPS = (1, 2, 4)
 SPEED_MODE = "mid_pass"
+# The teacher's guided few-step baselines: result-key prefix -> (sampler, spacing). `teacher` (DDIM on SD's uniform
+# spacing) keeps the key of the benchmark's first versions.
+TEACHER_BASELINES = {"teacher": ("ddim", "uniform"), "teacher_ddim_trailing": ("ddim", "trailing"),
+                     "teacher_dpmpp_2m_trailing": ("dpmpp_2m", "trailing")}
+GUIDED_BASELINE = "teacher_dpmpp_2m_trailing"  # the one beside a guidance-conditioned student at each w
 
 
 def cpu_name() -> str:
@@ -72,6 +82,16 @@ def demo_images(n: int, resolution: int) -> tuple[torch.Tensor, list[str]]:
     names = list(CAPTIONS)[:n]
     images = [torch.as_tensor(prepare_image(Image.fromarray(load_photo(name)), resolution)) for name in names]
     return torch.stack(images).permute(0, 3, 1, 2), [CAPTIONS[name] for name in names]
+
+
+def folder_images(folder: str | os.PathLike, n: int, resolution: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The first `n` images of `folder` that have a same-named .txt prompt (sorted by name), as a (n, 3, H, W)
+    batch in [-1, 1], with their prompts and file names; a ValueError when there are none."""
+    pairs = prompted_images(folder)[0][:n]
+    if not pairs:
+        raise ValueError(f"no images with same-named .txt prompts in {os.fspath(folder)}")
+    images = [torch.as_tensor(load_image(path, resolution)) for path, _ in pairs]
+    return torch.stack(images).permute(0, 3, 1, 2), [prompt for _, prompt in pairs], [p.name for p, _ in pairs]
 
 
 def end_to_end(translator: Translator, image: torch.Tensor, prompt: str, mode: str, seed: int = 0,
@@ -127,6 +147,17 @@ def floor(translator: Translator, image: torch.Tensor, prompt: str, repeats: int
     return figures
 
 
+def vae_factor(config: Mapping[str, Any]) -> int:
+    """How many pixels per latent cell the model of `config` (a `{target, params}` node) has: its VAE downsamples
+    once per level of `ddconfig.ch_mult` after the first (SD: 8)."""
+    return 2 ** (len(config["params"]["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
+
+
+def config_resolution(config: Mapping[str, Any]) -> int:
+    """The image size in pixels the model of `config` is built for (its latent size times `vae_factor`)."""
+    return vae_factor(config) * config["params"]["image_size"]
+
+
 def resized_config(config: Mapping[str, Any], resolution: int) -> dict[str, Any]:
     """`config`'s teacher at `resolution` px with random weights (no text-encoder file), serving `SPEED_MODE`.
 
@@ -134,7 +165,7 @@ def resized_config(config: Mapping[str, Any], resolution: int) -> dict[str, Any]
     """
     config = without_text_encoder_file(copy.deepcopy(dict(config)))
     params = config["params"]
-    latent = resolution // 8
+    latent = resolution // vae_factor(config)
     thresholds = scale_thresholds(params.get("frequency_thresholds"), latent, params["image_size"])
     params.update(image_size=latent, control_mode=SPEED_MODE, frequency_thresholds=thresholds)
     return config
@@ -186,28 +217,64 @@ def speed(config: Mapping[str, Any], resolution: int, n_images: int, repeats: in
 
 @torch.no_grad()
 def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.PathLike, resolution: int,
-             n_images: int, teacher_steps: int, device: torch.device) -> dict[str, dict[str, float]]:
-    """Per mode: latent MSE to the teacher's `teacher_steps`-step result of the student and of the teacher at k steps.
+             n_images: int, teacher_steps: int, device: torch.device, photos: str | os.PathLike | None = None,
+             guidance_scales: Sequence[float] | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Per mode, the latent MSE to the teacher's `teacher_steps`-step guided DDIM result of the student at k steps
+    (`student_k{k}_mse`) and of each guided teacher baseline at k steps (`TEACHER_BASELINES`: `<name>_k{k}_mse`),
+    for k in `STUDENT_STEPS`; and the settings they were measured with.
 
-    Image i uses noise seed 1000 + i and mini_pass shuffle seed i, the same for every model and step count.
+    `photos` is a folder of held-out images with same-named .txt prompts (its first `n_images`; default: the first
+    `n_images` demo photos, which the quickstart also trains on). A guidance-conditioned student is also measured
+    at each w of `guidance_scales` (default: the ends of its range and its default w) against the teacher's result
+    at the same w, beside the `GUIDED_BASELINE` at that w: `w{w:g}_student_k{k}_mse`, `w{w:g}_<baseline>_k{k}_mse`.
+    Image i uses noise seed 1000 + i and mini_pass shuffle seed i, the same for every model, step count and w.
     """
-    student = Translator(load_student(student_path).to(device).eval())
-    images, prompts = demo_images(n_images, resolution)
+    student_model = load_student(student_path).to(device).eval()
+    student = Translator(student_model)
+    if photos is None:
+        images, prompts = demo_images(n_images, resolution)
+        names = list(CAPTIONS)[:n_images]
+    else:
+        images, prompts, names = folder_images(photos, n_images, resolution)
+    scales: list[float] = []
+    if student_model.guidance_conditioned:
+        low, high = student_model.guidance_range
+        scales = sorted({float(w) for w in (guidance_scales or (low, student_model.guidance_scale, high))})
+        for w in scales:
+            student_model.check_sampling(w)
     out: dict[str, dict[str, float]] = {}
     for mode in CONTROL_MODES:
         teacher = Translator(load_teacher(teachers[mode], mode).to(device).eval())
         errors: dict[str, list[float]] = {}
+
+        def record(name: str, latents: torch.Tensor, reference: torch.Tensor) -> None:
+            errors.setdefault(name, []).append(torch.mean((latents - reference) ** 2).item())
+
         for i, (image, prompt) in enumerate(zip(images, prompts)):
             z, context = teacher.encode(image[None], [prompt])
-            run = lambda translator, steps: translator.translate_latents(  # noqa: E731
-                z, context, [mode], seed=1000 + i, control_seed=i, steps=steps, decode_control=False)[mode].latents
+            run = lambda translator, steps, **options: translator.translate_latents(  # noqa: E731
+                z, context, [mode], seed=1000 + i, control_seed=i, steps=steps, decode_control=False,
+                **options)[mode].latents
             reference = run(teacher, teacher_steps)
             for k in STUDENT_STEPS:
-                errors.setdefault(f"student_k{k}_mse", []).append(torch.mean((run(student, k) - reference) ** 2).item())
-                errors.setdefault(f"teacher_k{k}_mse", []).append(torch.mean((run(teacher, k) - reference) ** 2).item())
+                record(f"student_k{k}_mse", run(student, k), reference)
+                for name, (sampler, spacing) in TEACHER_BASELINES.items():
+                    record(f"{name}_k{k}_mse", run(teacher, k, sampler=sampler, spacing=spacing), reference)
+            sampler, spacing = TEACHER_BASELINES[GUIDED_BASELINE]
+            for w in scales:
+                guided = run(teacher, teacher_steps, guidance_scale=w)
+                for k in STUDENT_STEPS:
+                    record(f"w{w:g}_student_k{k}_mse", run(student, k, guidance_scale=w), guided)
+                    record(f"w{w:g}_{GUIDED_BASELINE}_k{k}_mse",
+                           run(teacher, k, guidance_scale=w, sampler=sampler, spacing=spacing), guided)
         out[mode] = {name: float(np.mean(values)) for name, values in errors.items()}
         del teacher
-    return out
+    setup = {"photos": "demo photos (also trained on)" if photos is None else os.fspath(photos), "images": names,
+             "teacher_steps": teacher_steps, "guidance_scales": scales,
+             "baselines": {name: {"sampler": sampler, "spacing": spacing}
+                           for name, (sampler, spacing) in TEACHER_BASELINES.items()},
+             "nfe": "student: k per image; a guided teacher k-step baseline: 2k (k batched calls of batch 2)"}
+    return out, setup
 
 
 def memory(sd_config: Mapping[str, Any], student_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -239,6 +306,41 @@ def weight_file_bytes(distiller: FrequencyDistiller) -> dict[str, int]:
         sizes[f"{name}_delta_bytes"] = sum(state[k].numel() * state[k].element_size()
                                            for k in delta_keys(model, base_keys))
     return sizes
+
+
+def fidelity_tables(figures: Mapping[str, Mapping[str, float]], setup: Mapping[str, Any],
+                    teacher_steps: int = 50) -> list[str]:
+    """Markdown lines of the fidelity tables: a row per mode and k, the student and every teacher baseline
+    (figures missing from older results show as a dash), then the guidance-conditioned student per w if measured."""
+    def cell(f: Mapping[str, float], key: str) -> str:
+        return f"{f[key]:.4f}" if key in f else "—"
+
+    where = f" on {len(setup['images'])} photos from {setup['photos']}" if setup.get("images") else ""
+    lines = [f"Fidelity: latent MSE to the teacher's {teacher_steps}-step guided DDIM result{where} (lower is "
+             "better). Network evaluations (NFE) per image: the student's k steps take k, a guided teacher's k steps "
+             "2k (each step one batched call of batch 2); the last column is the best teacher baseline at the "
+             "student's NFE (k/2 guided steps).", "",
+             "| mode | k | student (k NFE) | teacher DDIM uniform (2k NFE) | teacher DDIM trailing (2k NFE) "
+             "| teacher DPM-Solver++(2M) trailing (2k NFE) | best teacher at k NFE |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for mode, f in figures.items():
+        for k in STUDENT_STEPS:
+            half = [f[f"{name}_k{k // 2}_mse"] for name in TEACHER_BASELINES if f"{name}_k{k // 2}_mse" in f]
+            best = f"{min(half):.4f}" if k > 1 and half else "—"
+            baselines = " | ".join(cell(f, f"{name}_k{k}_mse") for name in TEACHER_BASELINES)
+            lines.append(f"| {mode} | {k} | {cell(f, f'student_k{k}_mse')} | {baselines} | {best} |")
+    scales = setup.get("guidance_scales") or []
+    if scales:
+        lines += ["", f"Guidance-conditioned student at w: latent MSE to the teacher's {teacher_steps}-step guided "
+                      "DDIM result at the same w, beside the teacher's DPM-Solver++(2M) (trailing) at the same w", "",
+                  "| mode | w | " + " | ".join(f"student k={k} | DPM-Solver++ k={k}" for k in STUDENT_STEPS) + " |",
+                  "| --- | --- | " + " | ".join("--- | ---" for _ in STUDENT_STEPS) + " |"]
+        for mode, f in figures.items():
+            for w in scales:
+                cells = " | ".join(f"{cell(f, f'w{w:g}_student_k{k}_mse')} | "
+                                   f"{cell(f, f'w{w:g}_{GUIDED_BASELINE}_k{k}_mse')}" for k in STUDENT_STEPS)
+                lines.append(f"| {mode} | {w:g} | {cells} |")
+    return lines
 
 
 def format_tables(results: dict[str, Any], teacher_steps: int = 50) -> str:
@@ -274,12 +376,7 @@ def format_tables(results: dict[str, Any], teacher_steps: int = 50) -> str:
             lines.append(f"| {name} | {f['text_encoder_s']:.3f} | {f['vae_encode_s']:.3f} | {f['vae_decode_s']:.3f} "
                          f"| {f['network_s']:.3f} | {cells} |")
     if results.get("fidelity"):
-        lines += ["", f"Fidelity: latent MSE to the teacher's {teacher_steps}-step guided result (lower is better)", "",
-                  "| mode | student k=1 | teacher k=1 | student k=2 | teacher k=2 | student k=4 | teacher k=4 |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for mode, f in results["fidelity"].items():
-            cells = " | ".join(f"{f[f'student_k{k}_mse']:.4f} | {f[f'teacher_k{k}_mse']:.4f}" for k in STUDENT_STEPS)
-            lines.append(f"| {mode} | {cells} |")
+        lines += ["", *fidelity_tables(results["fidelity"], results.get("fidelity_setup", {}), teacher_steps)]
     if results.get("memory"):
         m = results["memory"]
         lines += ["", f"Memory at the SD 2.1-base config: the distiller (four teachers + student) holds "

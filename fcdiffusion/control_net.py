@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ldm.modules.diffusionmodules.openaimodel import UNetEncoder
-from ldm.modules.diffusionmodules.util import zero_module
+from ldm.modules.diffusionmodules.util import timestep_embedding, zero_module
 
 ControlPair = tuple[torch.Tensor, torch.Tensor]
 
@@ -21,16 +21,40 @@ def _zero_conv(channels: int) -> nn.Sequential:
     return nn.Sequential(zero_module(nn.Conv2d(channels, channels, 1)))
 
 
+class GuidanceEmbedding(nn.Module):
+    """The classifier-free guidance scale w as an offset to the time embedding (guided distillation, Meng et al.
+    2023): sinusoidal (Fourier) features of w, as `timestep_embedding` makes of t, then an MLP shaped like
+    `time_embed` whose last layer starts at zero, so a new embedding adds exactly nothing."""
+
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.channels = channels
+        self.layers = nn.Sequential(nn.Linear(channels, out_channels), nn.SiLU(),
+                                    zero_module(nn.Linear(out_channels, out_channels)))
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation for the first layer, zero for the last (a no-op embedding)."""
+        self.layers[0].reset_parameters()
+        zero_module(self.layers[2])
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.layers(timestep_embedding(w, self.channels))
+
+
 class FreqControlNet(UNetEncoder):
     """Maps (noisy latent, filtered-latent hint) to one (add, mul) modulation pair per UNet skip feature.
 
     Takes `hint_channels` (width of the hint embedding, 512 in FCDiffusion) plus every `UNetEncoder` option,
     by keyword; there is no decoder, so `out_channels` is not accepted. The hint has `in_channels` channels
     and the latent's spatial size. All output convs start at zero, so a fresh control net is a no-op.
+    `guidance_embedding` adds a `GuidanceEmbedding` (`guidance_emb`) of the guidance scale to the time embedding:
+    the guidance-conditioned distilled student takes w as an input.
     """
 
-    def __init__(self, hint_channels: int = 512, **kwargs: Any):
+    def __init__(self, hint_channels: int = 512, guidance_embedding: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
+        self.guidance_emb = GuidanceEmbedding(self.model_channels, 4 * self.model_channels) if guidance_embedding \
+            else None
         self.input_hint_block = nn.Sequential(nn.Conv2d(self.in_channels, hint_channels, 3, padding=1), nn.SiLU())
         self.hint_add = zero_module(nn.Conv2d(hint_channels, self.model_channels, 1))
         self.hint_mul = zero_module(nn.Conv2d(hint_channels, self.model_channels, 1))
@@ -46,13 +70,21 @@ class FreqControlNet(UNetEncoder):
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> list[ControlPair]:
         """Return len(input_blocks) + 1 pairs (add, mul): one per input block, then the middle block's.
 
         `y` (N,) is the class label when the net has `num_classes` (SD's `label_emb`, added to the time
-        embedding); the distilled student uses it for the control-mode index.
+        embedding); the distilled student uses it for the control-mode index. `guidance` (N,) is the guidance
+        scale w, given exactly when the net has a guidance embedding.
         """
+        if (guidance is None) != (self.guidance_emb is None):
+            raise ValueError("a guidance scale must be given exactly when the control net has a guidance embedding "
+                             f"(guidance embedding {'missing' if self.guidance_emb is None else 'present'}, "
+                             f"guidance {'missing' if guidance is None else 'given'})")
         emb = self.embed_time(timesteps, y)
+        if guidance is not None:
+            emb = emb + self.guidance_emb(guidance)
         guide = self.input_hint_block(hint)
         h = self.input_blocks[0](x.type(self.dtype), emb, context)
         h = h * (1 + self.hint_mul(guide)) + self.hint_add(guide)

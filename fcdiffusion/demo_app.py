@@ -68,9 +68,10 @@ class ServedModel:
     name: str
     translators: dict[str, Translator]
     steps: int
-    guidance_scale: float | None  # None: the student, which samples without guidance
+    guidance_scale: float | None  # None: a fixed-w student, which samples without guidance
     resolution: int
     files: dict[str, Path]
+    guidance_range: tuple[float, float] | None = None  # a guidance-conditioned student's w range
 
     @property
     def modes(self) -> list[str]:
@@ -122,11 +123,14 @@ def weight_files(student: str | os.PathLike | None, teacher_dir: str | os.PathLi
 
 
 def serve_student(path: Path, device: torch.device) -> ServedModel:
-    """The distilled student at `path`, on `device`, serving every mode it learned."""
+    """The distilled student at `path`, on `device`, serving every mode it learned (at any guidance scale in its
+    range if it is guidance-conditioned)."""
     model = load_student(path).eval().to(device)
     translator = Translator(model)
-    return ServedModel(STUDENT, {m: translator for m in model.modes}, model.student_steps, None,
-                       model_resolution(model), {m: path for m in model.modes})
+    conditioned = model.guidance_conditioned
+    return ServedModel(STUDENT, {m: translator for m in model.modes}, model.student_steps,
+                       model.guidance_scale if conditioned else None, model_resolution(model),
+                       {m: path for m in model.modes}, tuple(model.guidance_range) if conditioned else None)
 
 
 def serve_teachers(paths: Mapping[str, Path], device: torch.device) -> ServedModel:
@@ -257,6 +261,10 @@ class Demo:
                 raise DemoInputError(f"guidance scale must be a number, got {guidance_scale!r}") from None
             if not math.isfinite(guidance_scale) or guidance_scale < 0:
                 raise DemoInputError(f"guidance scale must be a number >= 0 (1: no guidance), got {guidance_scale}")
+            if served.guidance_range and not served.guidance_range[0] <= guidance_scale <= served.guidance_range[1]:
+                raise DemoInputError(f"guidance scale {guidance_scale:g} is outside the range "
+                                     f"{served.guidance_range[0]:g}-{served.guidance_range[1]:g} the {served.name} "
+                                     "was distilled on")
         return served, [m for m in CONTROL_MODES if m in modes], steps, guidance_scale, seed
 
     def translate(self, image: str | os.PathLike | None, prompt: str | None, modes: Sequence[str] | None,
@@ -336,10 +344,10 @@ def build_app(demo: Demo) -> Any:
 
     def pick_model(name: str) -> tuple[Any, Any, Any]:
         served = demo.served[name]
-        teacher = served.guidance_scale is not None
+        guided = served.guidance_scale is not None  # teachers, or a guidance-conditioned student
         return (gr.CheckboxGroup(choices=served.modes, value=served.modes),
                 gr.Slider(value=served.steps),
-                gr.Slider(value=served.guidance_scale if teacher else 1.0, interactive=teacher))
+                gr.Slider(value=served.guidance_scale if guided else 1.0, interactive=guided))
 
     with gr.Blocks(title="FCDiffusion demo", analytics_enabled=False) as app:
         gr.Markdown("## FCDiffusion: frequency-controlled image-to-image translation\n"
@@ -360,7 +368,7 @@ def build_app(demo: Demo) -> Any:
                                       step=1, label="sampling steps")
                     guidance = gr.Slider(1.0, 20.0, value=first.guidance_scale or 1.0, step=0.5,
                                          interactive=first.guidance_scale is not None, label="guidance scale",
-                                         info="teachers only")
+                                         info="teachers, or a guidance-conditioned student")
                 seed = gr.Number(0, precision=0, minimum=0, label="seed")
                 button = gr.Button("Translate", variant="primary")
                 gr.Examples([[Image.fromarray(load_photo(n)), CAPTIONS[n]] for n in EXAMPLES], [image, prompt],

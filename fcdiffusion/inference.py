@@ -61,7 +61,8 @@ class Translator:
     """encode -> condition -> sample -> decode with a teacher (`FCDiffusion`) or the student.
 
     `Translator(model)(images, prompts, modes, seeds)` returns {mode: Translation}. A teacher serves its own mode
-    only and samples with guided DDIM; the student serves every mode it learned, in a few guidance-free steps.
+    only and samples with guided DDIM (or DPM-Solver++(2M), `sampler="dpmpp_2m"`); the student serves every mode
+    it learned, in a few guidance-free steps (a guidance-conditioned student at the `guidance_scale` asked for).
     """
 
     def __init__(self, model: FrequencyControlledLDM):
@@ -81,7 +82,8 @@ class Translator:
     @torch.no_grad()
     def translate_latents(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str] | None = None,
                           seed: int | Sequence[int] = 0, control_seed: int = 0, steps: int | None = None,
-                          guidance_scale: float | None = None, decode_control: bool = True) -> dict[str, Translation]:
+                          guidance_scale: float | None = None, decode_control: bool = True,
+                          sampler: str | None = None, spacing: str | None = None) -> dict[str, Translation]:
         """Steps 2-4 of `__call__` for already encoded sources."""
         modes = list(self.modes if modes is None else modes)
         for mode in modes:
@@ -96,7 +98,8 @@ class Translator:
             # 3. Condition on the prompt and the source latent's DCT band (mini_pass shuffles with `control_seed`).
             cond = self.model.condition(z, context, mode, generator=torch.Generator().manual_seed(control_seed))
             # 4. Sample, and decode the result (and the control signal, to show it).
-            latents = self.model.sample(cond, x_T, steps=steps, guidance_scale=guidance_scale)
+            latents = self.model.sample(cond, x_T, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                                        spacing=spacing)
             control = self.model.decode_first_stage(cond["c_concat"][0]).float() if decode_control else None
             results[mode] = Translation(image=self.model.decode_first_stage(latents).float(), latents=latents,
                                         control=control)
@@ -105,14 +108,18 @@ class Translator:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], modes: Sequence[str] | None = None,
                  seed: int | Sequence[int] = 0, control_seed: int = 0, steps: int | None = None,
-                 guidance_scale: float | None = None, decode_control: bool = True) -> dict[str, Translation]:
+                 guidance_scale: float | None = None, decode_control: bool = True, sampler: str | None = None,
+                 spacing: str | None = None) -> dict[str, Translation]:
         """Translate images (B, 3, H, W) in [-1, 1] with their prompts in each of `modes` (default: all served).
 
-        `seed`: an int s gives image i the noise seed s + i, a sequence gives each image's seed. `steps` and
-        `guidance_scale` default to the model's own (a teacher's `ddim_steps` and scale, the student's
-        `student_steps`; the student takes no guidance scale). `decode_control=False` skips decoding the control
-        signal, a picture for people (one VAE decode per image and mode that the translation itself does not need).
+        `seed`: an int s gives image i the noise seed s + i, a sequence gives each image's seed. `steps`,
+        `guidance_scale`, `sampler` (`ddim`, `dpmpp_2m`) and `spacing` (`uniform`, `trailing`) default to the
+        model's own (a teacher's `ddim_steps` and scale with DDIM on SD's uniform spacing, the student's
+        `student_steps` with DDIM on the trailing one; only a guidance-conditioned student takes another guidance
+        scale). `decode_control=False` skips decoding the control signal, a picture for people (one VAE decode per
+        image and mode that the translation itself does not need).
         """
         # 1. Encode the sources (posterior mean) and the prompts.
         z, context = self.encode(images, prompts)
-        return self.translate_latents(z, context, modes, seed, control_seed, steps, guidance_scale, decode_control)
+        return self.translate_latents(z, context, modes, seed, control_seed, steps, guidance_scale, decode_control,
+                                      sampler, spacing)

@@ -3,7 +3,11 @@
 It is the teacher architecture whose control net also takes the control mode as a class label, the way SD's
 UNet takes class labels: `num_classes` = len(CONTROL_MODES), `label_emb` added to the time embedding, the
 label `cond["y"]` (an index into `CONTROL_MODES`) per sample. The label embedding starts at zero, so at the
-start the student is exactly the network it was initialised from. What trains is configurable:
+start the student is exactly the network it was initialised from. A guidance-conditioned student
+(`guidance_range`) also takes the classifier-free guidance scale w it should reproduce, `cond["w"]`, through a
+zero-initialised Fourier embedding added to its control net's time embedding (Meng et al. 2023, "On Distillation
+of Guided Diffusion Models"), so w is chosen at inference at one network evaluation per step; a fixed-w student
+(the default) learned one scale. What trains is configurable:
 `control_net` (default), `output_blocks` (the UNet decoder) and/or `lora` (low-rank adapters on the attention
 projections of the UNet decoder; the encoder runs under `torch.no_grad()` in `ControlledUnetModel`, so adapters
 there could never learn). The mode embedding always trains.
@@ -28,6 +32,7 @@ TRAINABLE_PARTS = ("control_net", "output_blocks", "lora")
 STUDENT_TARGET = "fcdiffusion.student.FCDiffusionStudent"
 STUDENT_OPTIONS = ("trainable", "lora_rank", "lora_alpha")
 MODE_LABEL_KEY = "control_model.label_emb.weight"
+GUIDANCE_PREFIX = "control_model.guidance_emb."
 # Teacher-only constructor arguments that a student config does not take.
 TEACHER_ONLY_PARAMS = ("control_mode", "guidance_scale", "ddim_steps", "sd_locked")
 
@@ -78,35 +83,53 @@ class FCDiffusionStudent(FrequencyControlledLDM):
     sampling steps it was distilled for (the default of `sample`); `modes` the control modes it learned.
     `sd_locked` is derived from `trainable` (unlocked exactly when `output_blocks` trains). The control net
     config must have `num_classes: 4`; `student_config` builds such a config from a teacher's.
+    `guidance_range` [lo, hi] makes a guidance-conditioned student (its control net needs `guidance_embedding:
+    true`), whose default w is `guidance_scale`; without it, `guidance_scale` is the one scale it was distilled
+    at (None in files from before students recorded it).
     """
 
     kind = "student"
 
     def __init__(self, trainable: Sequence[str] = ("control_net",), lora_rank: int = 8,
                  lora_alpha: float | None = None, student_steps: int = 4,
-                 modes: Sequence[str] = CONTROL_MODES, **kwargs: Any):
+                 modes: Sequence[str] = CONTROL_MODES, guidance_scale: float | None = None,
+                 guidance_range: Sequence[float] | None = None, **kwargs: Any):
         trainable = tuple(trainable)
         unknown = sorted(set(trainable) - set(TRAINABLE_PARTS))
         if unknown or not trainable:
             raise ValueError(f"trainable must name some of {', '.join(TRAINABLE_PARTS)}, got {list(trainable)}")
         if student_steps < 1:
             raise ValueError(f"student_steps must be >= 1, got {student_steps}")
+        if guidance_range is not None:
+            guidance_range = [float(v) for v in guidance_range]
+            if len(guidance_range) != 2 or not 0 <= guidance_range[0] <= guidance_range[1]:
+                raise ValueError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {guidance_range}")
+            if guidance_scale is None or not guidance_range[0] <= guidance_scale <= guidance_range[1]:
+                raise ValueError(f"a guidance-conditioned student needs a default guidance_scale within its "
+                                 f"guidance_range {guidance_range}, got {guidance_scale}")
         kwargs["sd_locked"] = "output_blocks" not in trainable
         super().__init__(**kwargs)
         if self.control_model.num_classes != len(CONTROL_MODES):
             raise ValueError(f"the student's control net needs num_classes: {len(CONTROL_MODES)} (one label per "
                              f"control mode), got {self.control_model.num_classes}; "
                              "build its config with student_config()")
+        if (guidance_range is None) != (self.control_model.guidance_emb is None):
+            raise ValueError("a guidance-conditioned student (guidance_range) needs a control net with "
+                             "guidance_embedding: true, and only it has one; build its config with student_config()")
         self.trainable, self.student_steps = trainable, student_steps
+        self.guidance_scale, self.guidance_range = guidance_scale, guidance_range
         self._modes = tuple(check_control_mode(m) for m in modes)
         self.build_params.pop("sd_locked")
         self.build_params.update(trainable=list(trainable), lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                 student_steps=student_steps, modes=list(self._modes))
+                                 student_steps=student_steps, modes=list(self._modes),
+                                 guidance_scale=guidance_scale, guidance_range=guidance_range)
         self.lora_layers: list[LoRALinear] = []
         if "lora" in trainable:
             self.lora_layers = add_lora(self.model.diffusion_model.output_blocks, lora_rank,
                                         float(lora_rank if lora_alpha is None else lora_alpha))
         nn.init.zeros_(self.control_model.label_emb.weight)  # a no-op label: the student starts as its init
+        if self.control_model.guidance_emb is not None:
+            self.control_model.guidance_emb.reset_parameters()  # a no-op w: the same
         trained = {id(p) for p in self.trainable_parameters()}
         for p in self.parameters():
             p.requires_grad_(id(p) in trained)
@@ -115,48 +138,86 @@ class FCDiffusionStudent(FrequencyControlledLDM):
     def modes(self) -> tuple[str, ...]:
         return self._modes
 
+    @property
+    def guidance_conditioned(self) -> bool:
+        """Whether w is an input (chosen at inference) rather than fixed at distillation."""
+        return self.guidance_range is not None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = [self.control_model.label_emb.weight]
+        if self.guidance_conditioned:
+            params += list(self.control_model.guidance_emb.parameters())
         if "control_net" in self.trainable:
             params += list(self.control_model.parameters())
         params += self.unlocked_unet_parameters()
         for layer in self.lora_layers:
             params += [layer.lora_down.weight, layer.lora_up.weight]
-        return list({id(p): p for p in params}.values())  # listed twice: label_emb, adapters inside the decoder
+        return list({id(p): p for p in params}.values())  # listed twice: embeddings, adapters inside the decoder
 
     def student_only_keys(self) -> set[str]:
-        """State-dict keys that an FCDiffusion (teacher or init) checkpoint lacks: mode embedding and adapters."""
-        return {k for k in self.state_dict() if k == MODE_LABEL_KEY or ".lora_" in k}
+        """State-dict keys that an FCDiffusion (teacher or init) checkpoint lacks: mode and guidance embeddings
+        and adapters."""
+        return {k for k in self.state_dict() if k == MODE_LABEL_KEY or k.startswith(GUIDANCE_PREFIX) or ".lora_" in k}
 
     def reset_student_parameters(self, device: torch.device | str = "cpu") -> None:
         """(Re)initialise the student-only parameters at zero update, materialising them on `device` if on meta."""
         adapters = [m for layer in self.lora_layers for m in (layer.lora_down, layer.lora_up)]
-        for module in [self.control_model.label_emb, *adapters]:
+        guidance = [self.control_model.guidance_emb] if self.guidance_conditioned else []
+        for module in [self.control_model.label_emb, *guidance, *adapters]:
             if any(p.is_meta for p in module.parameters()):
                 module.to_empty(device=device)
         with torch.no_grad():
             nn.init.zeros_(self.control_model.label_emb.weight)
+            for module in guidance:
+                module.reset_parameters()
             for layer in self.lora_layers:
                 layer.reset_adapter()
 
     def condition(self, z: torch.Tensor, context: torch.Tensor, mode: str,
                   generator: torch.Generator | None = None) -> Cond:
-        """The teacher's conditioning for `mode` plus the mode's class label `y` for the control net."""
+        """The teacher's conditioning for `mode` plus the mode's class label `y` for the control net, and for a
+        guidance-conditioned student its default guidance scale `w` (per sample)."""
         cond = super().condition(z, context, mode, generator)
         cond["y"] = torch.full((z.shape[0],), CONTROL_MODES.index(mode), dtype=torch.long, device=z.device)
+        if self.guidance_conditioned:
+            cond["w"] = torch.full((z.shape[0],), float(self.guidance_scale), device=z.device)
         return cond
+
+    def check_sampling(self, guidance_scale: float | None = None, sampler: str | None = None,
+                       spacing: str | None = None) -> float | None:
+        """The guidance scale w to condition on (None for a fixed-w student), or a ValueError saying why the
+        request does not apply: the student samples with DDIM on the trailing schedule it was distilled for, a
+        fixed-w student at its one w, a guidance-conditioned one at any w in its `guidance_range`."""
+        if sampler not in (None, "ddim") or spacing not in (None, "trailing"):
+            raise ValueError(f"the distilled student samples with DDIM on the trailing schedule it was distilled for "
+                             f"(each of its steps learned one DDIM step); sampler={sampler!r}, spacing={spacing!r} "
+                             "apply to teachers")
+        if not self.guidance_conditioned:
+            if guidance_scale is not None and guidance_scale != self.guidance_scale:
+                learned = "its teachers' one scale" if self.guidance_scale is None else f"w={self.guidance_scale:g}"
+                raise ValueError(f"this student was distilled at a fixed guidance scale ({learned}) and samples "
+                                 f"without classifier-free guidance; guidance_scale={guidance_scale:g} needs a "
+                                 "guidance-conditioned student (distil one with distill.guidance_range: [lo, hi])")
+            return None
+        w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        low, high = self.guidance_range
+        if not low <= w <= high:
+            raise ValueError(f"guidance_scale={w:g} is outside the range [{low:g}, {high:g}] this student was "
+                             "distilled on")
+        return w
 
     @torch.no_grad()
     def sample(self, cond: Cond, x_T: torch.Tensor, steps: int | None = None,
-               guidance_scale: float | None = None, verbose: bool = False) -> torch.Tensor:
+               guidance_scale: float | None = None, verbose: bool = False, sampler: str | None = None,
+               spacing: str | None = None) -> torch.Tensor:
         """Guidance-free DDIM in `steps` (default `student_steps`) on the trailing schedule, ending at alpha 1.
 
-        The student learned the guided teachers' results, so it takes no guidance scale of its own: one other
-        than None or 1 is an error rather than silently ignored.
+        A guidance-conditioned student reproduces the teachers' guidance at `guidance_scale` (default its own) in
+        one network evaluation per step; a fixed-w student refuses another scale (`check_sampling`).
         """
-        if guidance_scale not in (None, 1.0):
-            raise ValueError(f"the distilled student samples without classifier-free guidance (it learned the "
-                             f"guided teachers' results); guidance_scale={guidance_scale} does not apply to it")
+        w = self.check_sampling(guidance_scale, sampler, spacing)
+        if w is not None:
+            cond = {**cond, "w": torch.full((x_T.shape[0],), w, device=x_T.device)}
         steps = self.student_steps if steps is None else steps
         return self.sample_ddim(cond, x_T.shape[0], steps, guidance_scale=1.0, uncond=None, x_T=x_T,
                                 verbose=verbose, timesteps=trailing_timesteps(steps, self.num_timesteps),
@@ -165,17 +226,25 @@ class FCDiffusionStudent(FrequencyControlledLDM):
 
 def student_config(model_config: Mapping[str, Any], trainable: Sequence[str] = ("control_net",),
                    lora_rank: int = 8, lora_alpha: float | None = None, student_steps: int = 4,
-                   modes: Sequence[str] = CONTROL_MODES) -> dict[str, Any]:
+                   modes: Sequence[str] = CONTROL_MODES, guidance_scale: float | None = None,
+                   guidance_range: Sequence[float] | None = None) -> dict[str, Any]:
     """The student's `{target, params}` from a teacher's model config node (its `model:` entry).
 
-    The teacher-only arguments go, the control net gets one class label per control mode.
+    The teacher-only arguments go, the control net gets one class label per control mode (and a guidance
+    embedding with `guidance_range`). `guidance_scale` (default: the teachers') is the w the student learns, or
+    its default w when guidance-conditioned.
     """
     if isinstance(trainable, str):
         raise ValueError(f"trainable is a list of parts, got the string {trainable!r}")
     config = copy.deepcopy(dict(model_config))
-    params = {k: v for k, v in dict(config.get("params") or {}).items() if k not in TEACHER_ONLY_PARAMS}
+    teacher = dict(config.get("params") or {})
+    params = {k: v for k, v in teacher.items() if k not in TEACHER_ONLY_PARAMS}
     control = dict(params["control_stage_config"])
     control["params"] = {**dict(control.get("params") or {}), "num_classes": len(CONTROL_MODES)}
+    if guidance_range is not None:
+        control["params"]["guidance_embedding"] = True
     params.update(control_stage_config=control, trainable=list(trainable), lora_rank=lora_rank,
-                  lora_alpha=lora_alpha, student_steps=student_steps, modes=list(modes))
+                  lora_alpha=lora_alpha, student_steps=student_steps, modes=list(modes),
+                  guidance_scale=teacher.get("guidance_scale") if guidance_scale is None else guidance_scale,
+                  guidance_range=None if guidance_range is None else list(guidance_range))
     return {"target": STUDENT_TARGET, "params": params}

@@ -65,10 +65,12 @@ def teacher_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def distilled_student_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The student's `{target, params}` a distillation config describes (teachers' architecture, `student:`
-    options, `distill.student_steps`)."""
+    options, `distill.student_steps`, `distill.guidance_scale` and `distill.guidance_range`)."""
     options = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(dict(config["student"]))).items()
                if k != "init"}
-    return student_config(teacher_model_config(config), **options, student_steps=config["distill"]["student_steps"])
+    distill = OmegaConf.to_container(OmegaConf.create(dict(config["distill"])), resolve=True)
+    return student_config(teacher_model_config(config), **options, student_steps=distill["student_steps"],
+                          guidance_scale=distill.get("guidance_scale"), guidance_range=distill.get("guidance_range"))
 
 
 # ---- sharing tensors between models -----------------------------------------------------------------------------

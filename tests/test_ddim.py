@@ -3,7 +3,15 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSampler, ddim_step, ddim_timesteps, ddim_x0_target, trailing_timesteps
+from ldm.models.diffusion.ddim import (
+    DDIMSampler,
+    ddim_step,
+    ddim_timesteps,
+    ddim_x0_target,
+    guided_eps,
+    spaced_timesteps,
+    trailing_timesteps,
+)
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from tests.reference import assert_close_to_reference, tensors
 
@@ -68,6 +76,24 @@ def test_trailing_schedule_starts_at_last_timestep():
     assert len(trailing_timesteps(8)) == 8 and trailing_timesteps(8)[-1] == 999
     with pytest.raises(ValueError):
         ddim_timesteps(0)
+    assert ddim_timesteps(999)[-1] == 999
+    with pytest.raises(ValueError, match="in \\[1, 999\\]"):
+        ddim_timesteps(1000)  # its last timestep would be 1000, past the schedule
+    assert spaced_timesteps(4, "trailing").tolist() == [249, 499, 749, 999]
+    assert spaced_timesteps(4).tolist() == [1, 251, 501, 751]
+    with pytest.raises(ValueError, match="uniform, trailing"):
+        spaced_timesteps(4, "leading")
+
+
+def test_guidance_scale_per_sample_equals_each_samples_own_scale():
+    """The distiller guides every example at its own w: one batched call equals one call per scale."""
+    ref = tensors()
+    model, x, t = StubModel(), ref["ddim4.x_T"], torch.tensor([500, 500])
+    cond, uncond = ref["ddim4.cond"], ref["ddim4.uncond"]
+    mixed = guided_eps(model.apply_model, x, t, cond, uncond, torch.tensor([2.0, 9.0]))
+    for i, scale in enumerate((2.0, 9.0)):
+        torch.testing.assert_close(mixed[i], guided_eps(model.apply_model, x, t, cond, uncond, scale)[i])
+    assert not torch.allclose(mixed[0], guided_eps(model.apply_model, x, t, cond, uncond, 9.0)[0])
 
 
 def test_ddim_step_is_exact_for_its_own_noise():

@@ -111,21 +111,42 @@ def test_teacher_serves_its_own_mode_and_refuses_another(workdir, script, tmp_pa
     teacher = teacher_paths(workdir / "logs")["low_pass"]
     common = ["--input_dir", str(workdir / "photos"), "--teacher", str(teacher), "--prompt", "a painting",
               "--steps", "2", "--resolution", "128"]
-    with contextlib.redirect_stderr(io.StringIO()):
-        assert script.main([*common, "--out_dir", str(tmp_path / "teacher")]) == 0  # its own mode, no --mode
+    with contextlib.redirect_stderr(io.StringIO()):  # its own mode, no --mode; DPM-Solver++ from t = 999
+        assert script.main([*common, "--sampler", "dpmpp_2m", "--spacing", "trailing",
+                            "--out_dir", str(tmp_path / "teacher")]) == 0
     assert sorted(p.name for p in (tmp_path / "teacher").glob("*_low_pass.png")) == sorted(
         f"{n}_low_pass.png" for n in PHOTOS)
+    image, _ = photo(workdir)
+    expected = Translator(load_teacher(teacher))(image[None], ["a painting"], steps=2, sampler="dpmpp_2m",
+                                                 spacing="trailing")["low_pass"].image
+    written = np.asarray(Image.open(tmp_path / "teacher" / "astronaut_low_pass.png")).astype(int)
+    assert np.abs(written - to_uint8(expected[0]).astype(int)).max() <= 1
     assert script.main([*common, "--mode", "high_pass", "--out_dir", str(tmp_path / "wrong")]) == 2
     error = capsys.readouterr().err
     assert "'low_pass'" in error and "'high_pass'" in error and not (tmp_path / "wrong").exists()
     assert script.main([*common, "--mode", "all"]) == 2
 
 
+def test_teacher_samples_with_dpm_solver_on_trailing_steps(workdir, monkeypatch):
+    teacher = load_teacher(teacher_paths(workdir / "logs")["low_pass"]).eval()
+    image, prompt = photo(workdir)
+    seen = []
+    original = teacher.apply_model
+    monkeypatch.setattr(teacher, "apply_model", lambda x, t, c: seen.append(t.tolist()) or original(x, t, c))
+    translator = Translator(teacher)
+    dpm = translator(image[None], [prompt], steps=2, sampler="dpmpp_2m", spacing="trailing")["low_pass"]
+    assert seen == [[999, 999], [499, 499]]  # from t = T-1, each step one guided (batch of 2) evaluation
+    ddim = translator(image[None], [prompt], steps=2, spacing="trailing")["low_pass"]
+    assert not torch.allclose(dpm.latents, ddim.latents, atol=1e-3)
+
+
 def test_bad_flags_are_usage_errors(distilled, workdir, script, capsys):
     student = str(student_file(distilled))
     base = ["--input_dir", str(workdir / "photos"), "--student", student]
-    assert script.main([*base, "--guidance_scale", "7.5"]) == 2
-    assert "teachers only" in capsys.readouterr().err
+    assert script.main([*base, "--guidance_scale", "7.5"]) == 2  # a fixed-w student: only its own w
+    assert "fixed guidance scale (w=9)" in capsys.readouterr().err
+    assert script.main([*base, "--sampler", "dpmpp_2m"]) == 2
+    assert "DDIM on the trailing schedule" in capsys.readouterr().err
     assert script.main([*base, "--steps", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
     assert script.main([*base, "model.params.scale_factor=1"]) == 2

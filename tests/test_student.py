@@ -26,8 +26,11 @@ def initial_student(workdir, model_config):
 def test_student_config_drops_teacher_options_and_labels_the_modes(model_config):
     config = student_config(model_config, student_steps=3)
     params = config["params"]
-    assert not {"control_mode", "guidance_scale", "ddim_steps", "sd_locked"} & set(params)
+    assert not {"control_mode", "ddim_steps", "sd_locked"} & set(params)
     assert params["control_stage_config"]["params"]["num_classes"] == 4 and params["student_steps"] == 3
+    # The one w it learns (the teachers' scale) is recorded; no guidance embedding for a fixed-w student.
+    assert params["guidance_scale"] == model_config["params"]["guidance_scale"] and params["guidance_range"] is None
+    assert "guidance_embedding" not in params["control_stage_config"]["params"]
     assert "num_classes" not in model_config["params"]["control_stage_config"]["params"]  # the input is untouched
     with pytest.raises(ValueError, match="num_classes: 4"):
         teacher_control = model_config["params"]["control_stage_config"]
@@ -85,8 +88,12 @@ def test_student_refuses_guidance_and_modes_it_did_not_learn(initial_student, mo
     student = load_student(initial_student).eval()
     z = torch.randn(1, 4, 16, 16)
     cond = student.condition(z, student.get_learned_conditioning(["a tree"]), "mid_pass")
-    with pytest.raises(ValueError, match="without classifier-free guidance"):
+    with pytest.raises(ValueError, match="fixed guidance scale \\(w=9\\).*guidance_scale=7.5.*guidance_range"):
         student.sample(cond, torch.randn(1, 4, 16, 16), guidance_scale=7.5)
+    student.sample(cond, torch.randn(1, 4, 16, 16), steps=1, guidance_scale=9.0)  # its own w: nothing to refuse
+    for request in ({"sampler": "dpmpp_2m"}, {"spacing": "uniform"}):
+        with pytest.raises(ValueError, match="DDIM on the trailing schedule"):
+            student.sample(cond, torch.randn(1, 4, 16, 16), **request)
     with pytest.raises(ValueError, match="steps"):
         student.sample(cond, torch.randn(1, 4, 16, 16), steps=0)
     partial = build_on_meta(student_config(model_config, modes=["low_pass", "high_pass"]))

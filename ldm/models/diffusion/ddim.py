@@ -1,8 +1,9 @@
 """DDIM sampling (Song et al. 2021) with classifier-free guidance, in the conventions of Stable Diffusion.
 
-The maths lives in small functions (`ddim_step` and its inverse `ddim_x0_target`, `guided_eps`, the timestep
-schedules) so the sampler, the teachers and the distiller share one implementation; `DDIMSampler` wraps them
-with SD's API.
+The maths lives in small functions (`ddim_step` and its inverse `ddim_x0_target`, `guided_eps`, `predicted_x0`,
+the timestep spacings and `sampling_schedule`) so the samplers, the teachers and the distiller share one
+implementation; `DDIMSampler` wraps them with SD's API, and `ldm.models.diffusion.dpm_solver` builds on the same
+pieces.
 """
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ Cond = Any  # a tensor, or a dict of lists of tensors such as {"c_crossattn": [.
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
-    """SD's 'uniform' DDIM timesteps, ascending: 1, 1+c, 1+2c, ... with c = T // num_steps."""
-    if not 0 < num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    """SD's 'uniform' DDIM timesteps, ascending: 1, 1+c, 1+2c, ... with c = T // num_steps.
+
+    At most T - 1 steps: with T steps the last would be t = T, past the schedule.
+    """
+    if not 0 < num_steps < num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps - 1}], got {num_steps}")
     stride = num_train_timesteps // num_steps
     return np.arange(0, num_train_timesteps, stride)[:num_steps] + 1
 
@@ -33,6 +37,30 @@ def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.nd
     if not 0 < num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
     return np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)).astype(np.int64)[::-1] - 1
+
+
+TIMESTEP_SPACINGS = {"uniform": ddim_timesteps, "trailing": trailing_timesteps}
+
+
+def spaced_timesteps(num_steps: int, spacing: str = "uniform", num_train_timesteps: int = 1000) -> np.ndarray:
+    """The ascending timesteps of a `num_steps` sampler by spacing name: SD's 'uniform' or 'trailing' (from T-1)."""
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(TIMESTEP_SPACINGS)}")
+    return TIMESTEP_SPACINGS[spacing](num_steps, num_train_timesteps)
+
+
+def sampling_schedule(alphas_cumprod: torch.Tensor, timesteps: Sequence[int],
+                      final_alpha_cumprod: float | None = None) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """(timesteps ascending, their cumulative alphas, the alpha each step lands on), the alphas float64 on the CPU.
+
+    The step from timesteps[i] lands on timesteps[i-1]'s alpha; the one from the first timestep on
+    `final_alpha_cumprod`, SD's default alphas_cumprod[0] (1.0: a sampler that ends on clean data).
+    """
+    steps = np.sort(np.asarray(timesteps))
+    alphas_cumprod = alphas_cumprod.detach().double().cpu()
+    alphas = alphas_cumprod[steps]
+    first = alphas_cumprod[0].item() if final_alpha_cumprod is None else final_alpha_cumprod
+    return steps, alphas, torch.cat([torch.tensor([first], dtype=torch.float64), alphas[:-1]])
 
 
 def cat_cond(a: Cond, b: Cond) -> Cond:
@@ -52,13 +80,24 @@ def guided_eps(
     t: torch.Tensor,
     cond: Cond,
     uncond: Cond | None = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
-    """eps prediction with classifier-free guidance: e_u + s (e_c - e_u), in one batched call."""
-    if uncond is None or guidance_scale == 1.0:
+    """eps prediction with classifier-free guidance: e_u + s (e_c - e_u), in one batched call.
+
+    `guidance_scale` is one number, or one per sample (N,) (the distiller's per-example w).
+    """
+    if uncond is None or (not torch.is_tensor(guidance_scale) and guidance_scale == 1.0):
         return apply_model(x, t, cond)
     e_u, e_c = apply_model(torch.cat([x, x]), torch.cat([t, t]), cat_cond(uncond, cond)).chunk(2)
+    if torch.is_tensor(guidance_scale):
+        guidance_scale = guidance_scale.to(e_c.dtype).view(-1, *[1] * (e_c.ndim - 1))
     return e_u + guidance_scale * (e_c - e_u)
+
+
+def predicted_x0(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor | float) -> torch.Tensor:
+    """The x0 that eps implies at cumulative alpha `a_t`: (x - sqrt(1 - a_t) eps) / sqrt(a_t)."""
+    a_t = torch.as_tensor(a_t, dtype=x.dtype, device=x.device)
+    return (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
 
 
 def ddim_step(
@@ -75,7 +114,7 @@ def ddim_step(
     copy. `sigma` may stay a float (0 for deterministic DDIM): it only enters as a scalar operand.
     """
     a_t, a_prev = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in (a_t, a_prev))
-    pred_x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    pred_x0 = predicted_x0(x, eps, a_t)
     x_prev = a_prev.sqrt() * pred_x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
     if noise is not None:
         x_prev = x_prev + sigma * noise
@@ -107,12 +146,7 @@ class DDIMSampler:
         """Pick the timesteps and their alphas. SD's default: uniform steps, final alpha = alphas_cumprod[0]."""
         if timesteps is None:
             timesteps = ddim_timesteps(ddim_num_steps, self.model.num_timesteps)
-        steps = np.asarray(timesteps)
-        steps = np.sort(steps)
-        alphas_cumprod = self.model.alphas_cumprod.detach().double().cpu()
-        alphas = alphas_cumprod[steps]
-        first = alphas_cumprod[0].item() if final_alpha_cumprod is None else final_alpha_cumprod
-        alphas_prev = torch.cat([torch.tensor([first], dtype=torch.float64), alphas[:-1]])
+        steps, alphas, alphas_prev = sampling_schedule(self.model.alphas_cumprod, timesteps, final_alpha_cumprod)
         sigmas = ddim_eta * ((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev)).sqrt()
         self.ddim_timesteps = steps
         self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas = alphas.float(), alphas_prev.float(), sigmas.float()

@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ldm.checkpoint import load_weights
-from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.ddim import DDIMSampler, spaced_timesteps
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.util import count_params, instantiate_from_config
+
+SAMPLERS = {"ddim": DDIMSampler, "dpmpp_2m": DPMSolverSampler}  # deterministic samplers by name
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -217,6 +220,21 @@ class LatentDiffusion(pl.LightningModule):
         return DDIMSampler(self).sample(
             steps, batch_size, shape, cond, eta=eta, x_T=x_T, unconditional_guidance_scale=guidance_scale,
             unconditional_conditioning=uncond, verbose=verbose, generator=generator, **sampler_kwargs)
+
+    @torch.no_grad()
+    def sample_latents(self, cond: Any, batch_size: int, steps: int = 50, guidance_scale: float = 1.0,
+                       uncond: Any = None, x_T: torch.Tensor | None = None, sampler: str = "ddim",
+                       spacing: str = "uniform", verbose: bool = False) -> torch.Tensor:
+        """Latents for `cond` with the deterministic sampler named `sampler` (`SAMPLERS`: DDIM or DPM-Solver++(2M))
+        on `steps` timesteps of `spacing` (SD's 'uniform', or 'trailing' from T-1), ending at alphas_cumprod[0];
+        classifier-free guidance when `uncond` is given."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        timesteps = spaced_timesteps(steps, spacing, self.num_timesteps)
+        shape = (self.channels, self.image_size, self.image_size) if x_T is None else tuple(x_T.shape[1:])
+        return SAMPLERS[sampler](self).sample(
+            steps, batch_size, shape, cond, x_T=x_T, unconditional_guidance_scale=guidance_scale,
+            unconditional_conditioning=uncond, verbose=verbose, timesteps=timesteps)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 4, steps: int = 25, guidance_scale: float = 5.0,

@@ -1,0 +1,185 @@
+"""The guidance-conditioned student: w embedded (a no-op at first), drawn per example while distilling with the
+teachers guided at that w, chosen at inference at one network evaluation per step; a fixed-w student refuses
+another w."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+
+import pytest
+import torch
+
+import fcdiffusion_distill
+from fcdiffusion import benchmark
+from fcdiffusion.demo_app import DemoInputError, load_demo, model_resolution
+from fcdiffusion.distiller import FrequencyDistiller
+from fcdiffusion.inference import Translator
+from fcdiffusion.paths import student_file
+from fcdiffusion.student import FCDiffusionStudent
+from fcdiffusion.weights import load_student, recorded
+from ldm.checkpoint import load_checkpoint
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from tests.helpers import PHOTOS, ROOT, distill_args, teacher_paths
+
+
+@pytest.fixture(scope="module")
+def guided_run(workdir):
+    """fcdiffusion_distill.py for 2 steps (one image, two modes each): a 2-step guidance-conditioned student (w in
+    [2, 12]), DPM-Solver++ teacher sub-steps, feature terms whose weights change at step 1; its logdir."""
+    logdir = workdir / "guided"
+    args = distill_args(workdir, logdir, 2, "--student_steps", "2", "--guidance_range", "2", "12",
+                        "--teacher_sampler", "dpmpp_2m", "--batch_size", "1", "--modes_per_step", "2",
+                        "distill.feature_weights={unet_out1: 0.5, attn_control_mid: 1}",
+                        "distill.loss_stages=[[1, {unet_out1: 0.0, control_mid: 1.0}]]")
+    assert fcdiffusion_distill.main(args) == 0
+    return logdir
+
+
+@pytest.fixture(scope="module")
+def distiller(workdir, model_config, distill_config):
+    """A distiller of a guidance-conditioned student (w in [2, 12]) that starts as the mid_pass teacher."""
+    paths = teacher_paths(workdir / "logs")
+    return FrequencyDistiller(model_config, paths, paths["mid_pass"], {"trainable": ["control_net"]},
+                              {**dict(distill_config.distill), "guidance_range": [2.0, 12.0]})
+
+
+def test_dpm_solver_teacher_substeps_are_the_sampler_on_their_grid(distiller, monkeypatch):
+    """`teacher_sampler: dpmpp_2m`: the teacher's n sub-steps from t to t_prev are DPMSolverSampler's n steps on
+    the same integer grid, guided at each example's w."""
+    monkeypatch.setattr(distiller.options, "teacher_sampler", "dpmpp_2m")
+    monkeypatch.setattr(distiller.options, "teacher_substeps", 3)
+    teacher, size = distiller.teachers["low_pass"], distiller.student.image_size
+    generator = torch.Generator().manual_seed(3)
+    z, x = (torch.randn(2, 4, size, size, generator=generator) for _ in range(2))
+    cond = distiller.student.condition(z, distiller.student.get_learned_conditioning(["a", "b"]), "low_pass")
+    solved = distiller.teacher_solve("low_pass", x, torch.tensor([999, 999]), torch.tensor([749, 749]),
+                                     {**cond, "w": torch.tensor([4.0, 4.0])})
+    plain = distiller.teacher_condition(cond)
+    expected = DPMSolverSampler(teacher).sample(
+        3, 2, x.shape[1:], plain, x_T=x, unconditional_guidance_scale=4.0,
+        unconditional_conditioning=teacher.unconditional_conditioning(plain), verbose=False,
+        timesteps=[832, 916, 999], final_alpha_cumprod=teacher.alphas_cumprod[749].item())  # round(999 - 250 j/3)
+    torch.testing.assert_close(solved, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_w_embedding_starts_as_a_no_op_and_two_w_differ_after_training(distiller):
+    student, teacher = distiller.student.eval(), distiller.teachers["mid_pass"]  # the student's init
+    assert student.guidance_conditioned and student.guidance_scale == 9.0  # the teachers' scale is the default w
+    generator, size = torch.Generator().manual_seed(0), student.image_size
+    z, x = (torch.randn(2, 4, size, size, generator=generator) for _ in range(2))
+    context, t = student.get_learned_conditioning(["a boat", "a tree"]), torch.tensor([500, 800])
+    cond = student.condition(z, context, "mid_pass")
+    assert cond["w"].tolist() == [9.0, 9.0]
+
+    def eps(w: float) -> torch.Tensor:
+        with torch.no_grad():
+            return student.apply_model(x, t, {**cond, "w": torch.full((2,), w)})
+
+    with torch.no_grad():
+        init = teacher.apply_model(x, t, distiller.teacher_condition(cond))
+    assert torch.equal(eps(2.0), eps(12.0)) and torch.equal(eps(2.0), init)  # a no-op: the student is its init
+
+    # The teacher target follows each example's own w: one batch of two scales = each scale on its own.
+    t_prev = torch.tensor([300, 600])
+    mixed = distiller.teacher_solve("high_pass", x, t, t_prev, {**cond, "w": torch.tensor([2.0, 12.0])})
+    for i, w in enumerate((2.0, 12.0)):
+        alone = distiller.teacher_solve("high_pass", x, t, t_prev, {**cond, "w": torch.full((2,), w)})
+        torch.testing.assert_close(mixed[i], alone[i])
+    assert not torch.allclose(mixed[0], distiller.teacher_solve("high_pass", x, t, t_prev, cond)[0])
+
+    optimizer = torch.optim.AdamW(student.trainable_parameters(), lr=1e-3)
+    distiller.train()
+    torch.manual_seed(0)
+    for _ in range(2):  # w drawn per example from [2, 12]
+        loss, _ = distiller.distillation_loss(z, context, ["mid_pass", "high_pass"], torch.tensor([0, 1, 2, 3]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    student.eval()
+    assert student.control_model.guidance_emb.layers[2].weight.any()
+    assert not torch.allclose(eps(2.0), eps(12.0))
+
+
+def test_distilled_file_samples_any_w_in_its_range_at_one_evaluation_per_step(guided_run, workdir, monkeypatch):
+    path = student_file(guided_run)
+    _, metadata = load_checkpoint(path)
+    assert recorded(metadata, "distill")["teacher_sampler"] == "dpmpp_2m"
+    assert recorded(metadata, "config")["params"]["guidance_range"] == [2.0, 12.0]
+    student = load_student(path).eval()  # strict: the guidance embedding's keys are in the file
+    assert student.guidance_conditioned and student.guidance_range == [2.0, 12.0] and student.student_steps == 2
+    assert student.control_model.guidance_emb.layers[2].weight.any()  # it trained
+    size = model_resolution(student)
+    image = torch.rand(1, 3, size, size) * 2 - 1
+    calls = []
+    original = FCDiffusionStudent.apply_model
+    monkeypatch.setattr(FCDiffusionStudent, "apply_model",
+                        lambda self, *a: calls.append(a[2]["w"]) or original(self, *a))
+    translator = Translator(student)
+    results = {w: translator(image, ["a house"], ["low_pass"], guidance_scale=w)["low_pass"].latents
+               for w in (3.0, 11.0)}
+    assert len(calls) == 2 * 2 and [float(c[0]) for c in calls] == [3.0, 3.0, 11.0, 11.0]  # no guidance batch
+    assert not torch.equal(results[3.0], results[11.0])
+    with pytest.raises(ValueError, match=r"outside the range \[2, 12\]"):
+        translator(image, ["a house"], ["low_pass"], guidance_scale=20.0)
+
+    demo = load_demo(path, {}, torch.device("cpu"))  # the demo takes a w for this student, within its range
+    result = demo.translate(workdir / "photos" / "coffee.png", "a cup", ["high_pass"], steps=1, guidance_scale=4)
+    assert "guidance 4" in result.summary
+    with pytest.raises(DemoInputError, match="outside the range 2-12"):
+        demo.translate(workdir / "photos" / "coffee.png", "a cup", ["high_pass"], steps=1, guidance_scale=15)
+
+    # Every scheduled feature term is logged at every step; the second stage (from step 1) reweighs them.
+    rows = list(csv.DictReader(open(next(guided_run.glob("fcdiffusion_distill/version_*/metrics.csv")))))
+    logged = {int(row["step"]): {k: float(v) for k, v in row.items() if v and k.startswith("train/")}
+              for row in rows if row.get("train/loss")}
+    stages = {0: {"unet_out1": 0.5, "attn_control_mid": 1.0, "control_mid": 0.0},
+              1: {"unet_out1": 0.0, "attn_control_mid": 1.0, "control_mid": 1.0}}
+    for step, weights in stages.items():
+        f = logged[step]
+        assert all(f[f"train/feat_{name}"] >= -1e-6 for name in weights)  # a KL can round below 0
+        expected = f["train/loss_distill"] + sum(w * f[f"train/feat_{name}"] for name, w in weights.items())
+        assert f["train/loss"] == pytest.approx(expected, rel=1e-5)
+    assert logged[0]["train/feat_unet_out1"] != logged[1]["train/feat_unet_out1"]  # measured anew at each step
+
+
+def test_script_takes_a_guidance_scale_for_a_guidance_student_only(guided_run, distilled, workdir, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("test_distillation_script", ROOT / "test_distillation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = ["--input_dir", str(workdir / "photos"), "--resolution", "128", "--mode", "mid_pass"]
+    assert script.main([*common, "--student", str(student_file(guided_run)), "--guidance_scale", "4",
+                        "--out_dir", str(tmp_path / "w4")]) == 0
+    assert len(list((tmp_path / "w4").glob("*_mid_pass.png"))) == len(PHOTOS)
+    assert script.main([*common, "--student", str(student_file(guided_run)), "--guidance_scale", "30"]) == 2
+    assert "outside the range [2, 12]" in capsys.readouterr().err
+    assert script.main([*common, "--student", str(student_file(distilled)), "--guidance_scale", "7.5"]) == 2
+    assert "fixed guidance scale" in capsys.readouterr().err
+    # Resuming the run as a fixed-w student (or with another range) is refused before anything is built.
+    assert fcdiffusion_distill.main(distill_args(workdir, guided_run, 3, "--student_steps", "2")) == 2
+    assert "guidance_range" in capsys.readouterr().err
+
+
+def test_benchmark_compares_every_few_step_alternative_on_held_out_photos(guided_run, workdir, monkeypatch):
+    # Two modes and k = 1, 2 against a 2-step reference, to keep the test short.
+    monkeypatch.setattr(benchmark, "STUDENT_STEPS", (1, 2))
+    monkeypatch.setattr(benchmark, "CONTROL_MODES", ("mid_pass", "high_pass"))
+    figures, setup = benchmark.fidelity(teacher_paths(workdir / "logs"), student_file(guided_run), 128, 1, 2,
+                                        torch.device("cpu"), photos=workdir / "photos", guidance_scales=[3])
+    assert setup["photos"] == str(workdir / "photos") and setup["images"] == ["astronaut.png"]
+    assert setup["guidance_scales"] == [3.0] and set(figures) == {"mid_pass", "high_pass"}
+    baselines, guided = benchmark.TEACHER_BASELINES, benchmark.GUIDED_BASELINE
+    for f in figures.values():
+        assert f["teacher_k2_mse"] == 0  # the 2-step reference is guided DDIM on SD's uniform spacing itself
+        for k in (1, 2):
+            keys = [f"student_k{k}_mse", *(f"{name}_k{k}_mse" for name in baselines if (name, k) != ("teacher", 2)),
+                    f"w3_student_k{k}_mse", f"w3_{guided}_k{k}_mse"]
+            assert all(f[key] > 0 for key in keys), f
+        # One step of DPM-Solver++ is first order: DDIM on the same (trailing) timesteps; two are not.
+        assert f["teacher_dpmpp_2m_trailing_k1_mse"] == pytest.approx(f["teacher_ddim_trailing_k1_mse"], rel=1e-4)
+        assert f["teacher_dpmpp_2m_trailing_k2_mse"] != pytest.approx(f["teacher_ddim_trailing_k2_mse"], rel=1e-3)
+    tables = benchmark.fidelity_tables(figures, setup, 2)
+    rows = [line for line in tables if line.startswith("| mid_pass |")]
+    assert len(rows) == 2 + 1  # a row per k, then one per w
+    best = min(figures["mid_pass"][f"{name}_k1_mse"] for name in baselines)
+    assert rows[1].startswith("| mid_pass | 2 |") and rows[1].endswith(f"| {best:.4f} |")  # 2 NFE: 1 guided step
+    assert any("2k NFE" in line for line in tables) and rows[2].startswith("| mid_pass | 3 |")
