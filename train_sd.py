@@ -9,9 +9,11 @@ Only the quickstart needs this: SD 2.1-base comes trained, while the tiny stand-
 the FCDiffusion steps mean anything. The config's `model:` is an `AutoencoderKL` (trained on pixels) or a
 `LatentDiffusion` (its UNet trained on the frozen autoencoder's latents, with the frozen text encoder); its
 `train:` section and the flags are those of fcdiffusion_train.py, plus `augment:` (random crops and flips, for few
-photos). Checkpoints go to `<logdir>/<config name>_checkpoint/` and the same command resumes. When training is
-done, `--export FILE` writes the weights in SD's layout; an autoencoder's latents are first rescaled so that SD's
-scale_factor (0.18215) gives the training photos unit-variance latents, as it does for SD's own VAE.
+photos) and `init:` (`resampler`: an autoencoder starts as average pooling + bilinear upsampling, see
+fcdiffusion/resampler_init.py). Checkpoints go to `<logdir>/<config name>_checkpoint/` and the same command
+resumes. When training is done, `--export FILE` writes the weights in SD's layout; an autoencoder's latents are
+first rescaled so that SD's scale_factor (0.18215) gives the training photos unit-variance latents, as it does for
+SD's own VAE.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from fcdiffusion.dataset import FCDiffusionDataset
 from fcdiffusion.paths import LAST_CHECKPOINT
 from fcdiffusion.pretraining import SD_SCALE_FACTOR, normalise_latents, reconstruction_psnr
+from fcdiffusion.resampler_init import init_as_resampler
 from fcdiffusion.training import (
     RUN_FLAGS,
     add_flags,
@@ -45,6 +48,9 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.util import instantiate_from_config, load_config
 
 log = logging.getLogger("train_sd")
+
+# `train: init:` values: how an AutoencoderKL starts instead of random weights (a resumed run keeps its own).
+AUTOENCODER_INITS = {"resampler": init_as_resampler}
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -65,6 +71,10 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig
     if args.autoencoder is not None:
         config.model.params.first_stage_config.params.ckpt_path = args.autoencoder
     config.model.params.learning_rate = config.train.learning_rate
+    init = config.train.pop("init", None)
+    if init is not None and init not in AUTOENCODER_INITS:
+        raise ValueError(f"unknown train.init {init!r}; valid: {', '.join(AUTOENCODER_INITS)} (or leave it out)")
+    config.init = init
     config.name = Path(args.config).stem
     config.export = args.export
     check_train_section(config.train)
@@ -89,6 +99,12 @@ def run(config: DictConfig, dataset: FCDiffusionDataset) -> int:
     resume = resume_checkpoint(folder)
     if resume:
         log.info("resuming from %s", resume[0])
+    elif config.init is not None:
+        if not isinstance(module, AutoencoderKL):
+            print(f"error: train.init applies to an AutoencoderKL, not {config.model.target}", file=sys.stderr)
+            return 2
+        AUTOENCODER_INITS[config.init](module)
+        log.info("autoencoder starts as a %s", config.init)
     trainer = build_trainer(train, folder, config.name)
     status = fit(module, dataset, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))
     if status == 0 and config.export and trainer.is_global_zero:

@@ -1,4 +1,4 @@
-"""A tiny stand-in for the downloaded weights: an SD-layout base checkpoint and an OpenCLIP text-tower file.
+"""Tiny stand-ins for the downloaded weights: an SD-layout base checkpoint and an OpenCLIP text-tower file.
 
 The files have the formats of `v2-1_512-ema-pruned.ckpt` and `open_clip_pytorch_model.bin` at the size of
 `configs/sd21_tiny.yaml`, so every script runs on them unchanged. Weights are random; layers SD initialises to
@@ -28,6 +28,18 @@ def redraw_zero_parameters(module: torch.nn.Module, std: float, generator: torch
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
                 redrawn += 1
     return redrawn
+
+
+def build_tiny_text_tower(clip_path: str | os.PathLike = TINY_OPENCLIP_CHECKPOINT,
+                          config: str = "configs/sd21_tiny.yaml", seed: int = 0) -> None:
+    """Write a random tiny OpenCLIP text tower to `clip_path`, in open_clip's layout.
+
+    The quickstart trains the autoencoder and the UNet but not this (a prompt encoder needs far more text than a
+    few captions); fixed random features still tell its prompts apart.
+    """
+    torch.manual_seed(seed)
+    cfg = without_text_encoder_file(OmegaConf.to_container(load_config(config).model, resolve=True))
+    save_state_dict(instantiate_from_config(cfg["params"]["cond_stage_config"]).model.state_dict(), clip_path)
 
 
 def build_tiny_base(sd_path: str | os.PathLike = TINY_SD_CHECKPOINT,

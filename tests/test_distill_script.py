@@ -28,7 +28,7 @@ def test_checkpoints_hold_only_the_student_and_the_export_describes_itself(disti
     assert metadata["fcdiffusion.kind"] == "student" and recorded(metadata, "modes") == list(CONTROL_MODES)
     params = recorded(metadata, "config")["params"]
     assert params["student_steps"] == 3 and params["trainable"] == ["control_net"]
-    assert params["lora_rank"] == 4 and params["frequency_thresholds"]["high_threshold"] == 12
+    assert params["lora_rank"] == 4 and params["frequency_thresholds"]["high_threshold"] == 25
     assert params["cond_stage_config"]["params"]["version"] is None  # the text encoder's tensors are in the file
     assert recorded(metadata, "distill")["teacher_substeps"] == 2
     student = load_student(student_file(distilled))
@@ -37,7 +37,7 @@ def test_checkpoints_hold_only_the_student_and_the_export_describes_itself(disti
     assert torch.equal(student.control_model.label_emb.weight, label) and label.any()  # it trained
     assert load_student(folder / LAST_CHECKPOINT).student_steps == 3  # the distiller's checkpoint describes itself too
     rows = list(csv.DictReader(open(next(distilled.glob("fcdiffusion_distill/version_*/metrics.csv")))))
-    assert any(row.get("train/band_f12_up") for row in rows)
+    assert any(row.get("train/band_f25_up") for row in rows)
 
 
 def test_interrupted_run_resumes_its_step_count(distilled, workdir):

@@ -22,7 +22,7 @@ def test_unknown_control_mode_lists_the_valid_ones(tiny_files):
 def test_get_input_gives_latent_text_and_filtered_control(tiny_files):
     model = tiny_model(tiny_files, "model.params.control_mode=low_pass")
     z, cond = model.get_input(BATCH, sample_posterior=False)
-    assert z.shape == (2, 4, 16, 16) and set(cond) == {"c_crossattn", "c_concat"}
+    assert z.shape == (2, 4, 32, 32) and set(cond) == {"c_crossattn", "c_concat"}
     assert cond["c_crossattn"][0].shape == (2, 77, 16)
     expected = frequency_control(z, "low_pass", **model.frequency_thresholds)
     torch.testing.assert_close(cond["c_concat"][0], expected)
@@ -135,16 +135,16 @@ def test_untrained_init_checkpoint_is_refused_as_a_teacher(tiny_files, model_con
 
 
 def test_frequency_bands_are_checked_at_the_models_latent_size(tiny_files):
-    # 16x16 latents: i + j <= 30, so a high_pass band from 31 (or a mid band from 31) keeps nothing.
-    for override, mode, band in [("high_threshold=31", "high_pass", "i + j >= 31"),
-                                 ("mid_low=31", "mid_pass", "31 <= i + j <= 40")]:
-        overrides = [f"model.params.frequency_thresholds.{override}", "model.params.frequency_thresholds.mid_high=40"]
+    # 32x32 latents: i + j <= 62, so a high_pass band from 63 (or a mid band from 63) keeps nothing.
+    for override, mode, band in [("high_threshold=63", "high_pass", "i + j >= 63"),
+                                 ("mid_low=63", "mid_pass", "63 <= i + j <= 70")]:
+        overrides = [f"model.params.frequency_thresholds.{override}", "model.params.frequency_thresholds.mid_high=70"]
         with pytest.raises(ValueError) as info:
             tiny_model(tiny_files, "model.params.control_mode=low_pass", *overrides)  # every mode is checked
-        assert f"control mode '{mode}' keeps the DCT band {band}, which is empty on a 16x16 latent" in str(info.value)
-    model = tiny_model(tiny_files, "model.params.frequency_thresholds.high_threshold=30",
+        assert f"control mode '{mode}' keeps the DCT band {band}, which is empty on a 32x32 latent" in str(info.value)
+    model = tiny_model(tiny_files, "model.params.frequency_thresholds.high_threshold=62",
                        "model.params.control_mode=high_pass")  # the last anti-diagonal is a band still
-    assert model.condition(torch.randn(1, 4, 16, 16), torch.zeros(1, 77, 16), "high_pass")["c_concat"][0].any()
+    assert model.condition(torch.randn(1, 4, 32, 32), torch.zeros(1, 77, 16), "high_pass")["c_concat"][0].any()
     with torch.device("meta"):  # the SD config: 64x64 latents, the paper's thresholds
         sd = instantiate_from_config(without_text_encoder_file(
             OmegaConf.to_container(load_config("configs/model_config.yaml").model, resolve=True)))

@@ -74,7 +74,7 @@ def test_training_step_lowers_loss_on_a_fixed_batch_and_keeps_frozen_parts(tiny)
     batch = {"jpg": torch.rand(2, 128, 128, 3) * 2 - 1, "txt": ["a cat", "a harbour at night"]}
     vae_before = {k: v.clone() for k, v in tiny.first_stage_model.state_dict().items()}
     z, c = tiny.get_input(batch, sample_posterior=False)
-    assert z.shape == (2, 4, 16, 16) and c.shape == (2, 77, 16)
+    assert z.shape == (2, 4, 32, 32) and c.shape == (2, 77, 16)
     t, noise = torch.randint(0, 1000, (2,)), torch.randn_like(z)
     opt = torch.optim.Adam(tiny.trainable_parameters(), lr=1e-3)
     tiny.train()
@@ -98,7 +98,7 @@ def test_text_to_image_ddim_sample_is_seeded(tiny):
     sample = lambda seed: tiny.sample_ddim(c, 1, steps=4, guidance_scale=7.5, uncond=uc,
                                            generator=torch.Generator().manual_seed(seed))
     a, b = sample(0), sample(0)
-    assert a.shape == (1, 4, 16, 16) and torch.equal(a, b) and not torch.equal(a, sample(1))
+    assert a.shape == (1, 4, 32, 32) and torch.equal(a, b) and not torch.equal(a, sample(1))
     assert tiny.decode_first_stage(a).shape == (1, 3, 128, 128)
 
 

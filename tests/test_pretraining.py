@@ -146,3 +146,51 @@ def test_train_sd_trains_exports_and_resumes_the_autoencoder_then_the_unet(tiny_
 def test_train_sd_names_a_bad_config(tmp_path, capsys):
     assert train_sd.main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def resampled(x: torch.Tensor, sharpening: float = 1.0) -> torch.Tensor:
+    """The oracle for a resampler start: 4x4 average pooling, a sharpening 3x3 filter, then twice nearest-neighbour
+    doubling followed by a [1, 2, 1]^2 / 16 blur (bilinear), written with plain torch ops."""
+    tap = torch.tensor([1.0, 2.0, 1.0]) / 4
+    blur = torch.outer(tap, tap)
+    delta = torch.zeros(3, 3)
+    delta[1, 1] = 1.0
+
+    def filtered(h: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(h, kernel.expand(3, 1, 3, 3), padding=1, groups=3)
+
+    h = filtered(torch.nn.functional.avg_pool2d(x, 4), delta + sharpening * (delta - blur))
+    for _ in range(2):
+        h = filtered(torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest"), blur)
+    return h
+
+
+def test_resampler_start_pools_and_upsamples_the_photos():
+    from fcdiffusion.demo_data import load_photo
+    from fcdiffusion.resampler_init import init_as_resampler
+
+    vae = init_as_resampler(tiny_autoencoder()).eval()
+    x = torch.from_numpy(np.stack([prepare_image(Image.fromarray(load_photo(n)), 128) for n in ("chelsea", "rocket")]))
+    x = x.permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        posterior = vae.encode(x)
+        reconstruction = vae.decode(posterior.mode())
+    pooled = torch.nn.functional.avg_pool2d(x, 4)
+    # Within the norm's (1 + x^2/C^2)^-1/2 of an exact resampler (C = 8: < 1%).
+    assert torch.allclose(posterior.mode()[:, :3], pooled, rtol=0.01, atol=1e-3)
+    assert posterior.mode()[:, 3].abs().max() < 1e-6 and torch.allclose(posterior.logvar, torch.full_like(
+        posterior.logvar, -10.0))
+    expected = resampled(x)
+    assert (reconstruction - expected).abs().max() < 0.02 * expected.abs().max()
+    assert psnr(reconstruction.clamp(-1, 1), x).min() > 20  # a recognisable picture before any training
+    assert any(p.requires_grad for p in vae.parameters())
+
+
+def test_resampler_start_needs_norm_groups_of_four_channels(tiny_files, capsys):
+    from fcdiffusion.resampler_init import init_as_resampler
+
+    config = OmegaConf.to_container(load_config(AUTOENCODER_CONFIG).model.params.ddconfig)
+    with pytest.raises(ValueError, match="norm_groups"):
+        init_as_resampler(tiny_autoencoder(ddconfig={**config, "norm_groups": 32}))
+    assert train_sd.main(["--config", AUTOENCODER_CONFIG, "--data", str(tiny_files.data), "train.init=lanczos"]) == 2
+    assert "unknown train.init 'lanczos'; valid: resampler" in capsys.readouterr().err

@@ -1,7 +1,10 @@
 """The convolutional encoder and decoder of SD's KL autoencoder (the VAE), with SD's state-dict key names.
 
 The VAE has no timestep input; its blocks normalise with 32-group GroupNorm (eps 1e-6, affine), unlike the
-UNet's float32 GroupNorm32, so checkpoints trained with SD reproduce exactly.
+UNet's float32 GroupNorm32, so checkpoints trained with SD reproduce exactly. `norm_groups` (default SD's 32)
+lets a narrow model keep SD's channels per group: at SD's width every group holds 4 to 16 channels, while 32
+groups over 32 channels would normalise each channel alone and erase its mean (a tiny decoder could then not
+reproduce an image's colours). The group count has no parameters, so the state-dict layout is the same.
 """
 from __future__ import annotations
 
@@ -12,20 +15,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def vae_normalization(channels: int) -> nn.GroupNorm:
-    """The VAE's normalisation layer: GroupNorm(32, channels, eps=1e-6, affine)."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def vae_normalization(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """The VAE's normalisation layer: GroupNorm(groups, channels, eps=1e-6, affine); SD uses 32 groups."""
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """norm-SiLU-conv twice plus a skip; a 1x1 `nin_shortcut` adapts the skip when the width changes."""
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0, norm_groups: int = 32):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
-        self.norm1 = vae_normalization(in_channels)
+        self.norm1 = vae_normalization(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = vae_normalization(out_channels)
+        self.norm2 = vae_normalization(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -39,9 +42,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all spatial positions, with 1x1-conv q/k/v/proj_out and a residual."""
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, norm_groups: int = 32):
         super().__init__()
-        self.norm = vae_normalization(in_channels)
+        self.norm = vae_normalization(in_channels, norm_groups)
         self.q = nn.Conv2d(in_channels, in_channels, 1)
         self.k = nn.Conv2d(in_channels, in_channels, 1)
         self.v = nn.Conv2d(in_channels, in_channels, 1)
@@ -86,12 +89,12 @@ class Upsample(nn.Module):
         return self.conv(x) if self.with_conv else x
 
 
-def _mid_block(channels: int, dropout: float) -> nn.Module:
+def _mid_block(channels: int, dropout: float, norm_groups: int) -> nn.Module:
     """resnet - attention - resnet at the lowest resolution (keys `mid.block_1`, `mid.attn_1`, `mid.block_2`)."""
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, dropout)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    mid.block_1 = ResnetBlock(channels, channels, dropout, norm_groups)
+    mid.attn_1 = AttnBlock(channels, norm_groups)
+    mid.block_2 = ResnetBlock(channels, channels, dropout, norm_groups)
     return mid
 
 
@@ -103,7 +106,8 @@ def _check_attn_type(attn_type: str) -> None:
 class Encoder(nn.Module):
     """Image (B, in_channels, H, W) -> moments (B, 2*z_channels if double_z else z_channels, H/f, W/f).
 
-    f = 2**(len(ch_mult) - 1). Argument names follow SD's `ddconfig`; `out_ch` is the decoder's and ignored here.
+    f = 2**(len(ch_mult) - 1). Argument names follow SD's `ddconfig` (plus `norm_groups`, see the module's
+    docstring); `out_ch` is the decoder's and ignored here.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class Encoder(nn.Module):
         resamp_with_conv: bool = True,
         out_ch: int | None = None,
         attn_type: str = "vanilla",
+        norm_groups: int = 32,
     ):
         super().__init__()
         _check_attn_type(attn_type)
@@ -134,16 +139,16 @@ class Encoder(nn.Module):
             down.block = nn.ModuleList()
             down.attn = nn.ModuleList()
             for _ in range(num_res_blocks):
-                down.block.append(ResnetBlock(block_in, block_out, dropout))
+                down.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    down.attn.append(AttnBlock(block_in))
+                    down.attn.append(AttnBlock(block_in, norm_groups))
             if level != len(ch_mult) - 1:
                 down.downsample = Downsample(block_in, resamp_with_conv)
                 curr_res //= 2
             self.down.append(down)
-        self.mid = _mid_block(block_in, dropout)
-        self.norm_out = vae_normalization(block_in)
+        self.mid = _mid_block(block_in, dropout, norm_groups)
+        self.norm_out = vae_normalization(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +189,7 @@ class Decoder(nn.Module):
         give_pre_end: bool = False,
         tanh_out: bool = False,
         attn_type: str = "vanilla",
+        norm_groups: int = 32,
     ):
         super().__init__()
         _check_attn_type(attn_type)
@@ -191,7 +197,7 @@ class Decoder(nn.Module):
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _mid_block(block_in, dropout)
+        self.mid = _mid_block(block_in, dropout, norm_groups)
         up_levels = []
         for level in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[level]
@@ -199,16 +205,16 @@ class Decoder(nn.Module):
             up.block = nn.ModuleList()
             up.attn = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, block_out, dropout))
+                up.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    up.attn.append(AttnBlock(block_in))
+                    up.attn.append(AttnBlock(block_in, norm_groups))
             if level != 0:
                 up.upsample = Upsample(block_in, resamp_with_conv)
                 curr_res *= 2
             up_levels.insert(0, up)
         self.up = nn.ModuleList(up_levels)
-        self.norm_out = vae_normalization(block_in)
+        self.norm_out = vae_normalization(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
