@@ -220,8 +220,8 @@ def test_scaled_thresholds_are_the_tiny_configs_and_keep_every_band():
     from omegaconf import OmegaConf
 
     tiny = OmegaConf.load("configs/model_config_tiny.yaml").model.params.frequency_thresholds
-    assert scale_thresholds(None, 16) == dict(tiny)  # the tiny config's rule: 64x64 edges times 16/64
-    assert scale_thresholds(dict(tiny), 16, reference_size=16) == dict(tiny)
+    assert scale_thresholds(None, 32) == dict(tiny)  # the tiny config's rule: 64x64 edges times 32/64
+    assert scale_thresholds(dict(tiny), 32, reference_size=32) == dict(tiny)
     for size in (8, 16, 32):
         for mode in CONTROL_MODES:
             check_band(mode, size, size, **scale_thresholds(None, size))

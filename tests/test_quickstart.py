@@ -1,4 +1,5 @@
-"""A small quickstart (two photos, a few steps) runs end to end and leaves every artefact; failures are named."""
+"""A small quickstart (two training and two held-out photos, a few steps) runs end to end and leaves every artefact
+where the README says; failures are named."""
 import json
 import re
 
@@ -8,7 +9,9 @@ from PIL import Image
 import quickstart
 from fcdiffusion.frequency import CONTROL_MODES
 
-PHOTOS = ["astronaut", "coffee"]
+PHOTOS = ["rocket", "moon"]
+HELDOUT = ["astronaut", "coffee"]
+STUDENTS = ("student_k1", "student_k2", "student_k4")
 
 
 def assert_png(path, size=None):
@@ -23,7 +26,8 @@ def assert_png(path, size=None):
 def small_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("quickstart")
     out = root / "outputs"
-    code = quickstart.main(["--root", str(root), "--out", str(out), "--photos", *PHOTOS, "--teacher_steps", "2",
+    code = quickstart.main(["--root", str(root), "--out", str(out), "--photos", *PHOTOS, "--heldout", *HELDOUT,
+                            "--autoencoder_steps", "2", "--unet_steps", "2", "--teacher_steps", "2",
                             "--distill_steps", "2", "--teacher_sample_steps", "4", "--no-benchmark_sd",
                             "--benchmark_images", "1", "--min_free_gb", "0.1"])
     return code, root, out
@@ -32,17 +36,25 @@ def small_run(tmp_path_factory):
 def test_small_quickstart_writes_every_artefact(small_run):
     code, root, out = small_run
     assert code == 0
-    assert (root / "models" / "v2-1_tiny.ckpt").is_file() and (root / "CLIP-ViT-H-14" / "open_clip_tiny.bin").is_file()
+    for path in ("models/v2-1_tiny.ckpt", "models/autoencoder_tiny.safetensors", "CLIP-ViT-H-14/open_clip_tiny.bin"):
+        assert (root / path).is_file(), path
+    data = root / "datasets" / "quickstart"
+    assert sorted(p.stem for p in (data / "photos" / "00000").glob("*.png")) == sorted(PHOTOS)
+    assert sorted(p.stem for p in (data / "heldout").glob("*.png")) == sorted(HELDOUT)  # never trained on
+    assert all((data / "heldout" / f"{name}.txt").read_text().strip() for name in HELDOUT)
+    for run in ("autoencoder_tiny", "sd21_tiny"):
+        assert (out / "lightning_logs" / f"{run}_checkpoint" / "last.ckpt").is_file()
     for mode in CONTROL_MODES:
         assert (out / "lightning_logs" / f"fcdiffusion_{mode}_checkpoint" / "last.ckpt").is_file()
-        for name in PHOTOS:
-            for folder in ("teacher", "student"):
+        for name in HELDOUT:
+            for folder in ("teacher", *STUDENTS):
                 assert_png(out / "inference" / folder / f"{name}_{mode}.png", (128, 128))
-            assert_png(out / "inference" / "student" / f"{name}_{mode}_control.png", (128, 128))
+            assert_png(out / "inference" / "teacher" / f"{name}_{mode}_control.png", (128, 128))
     assert (out / "lightning_logs" / "fcdiffusion_distill_checkpoint" / "student.safetensors").is_file()
-    assert_png(out / "grid.png")
-    with Image.open(out / "grid.png") as grid:
-        assert grid.width > 13 * 128 and grid.height > len(PHOTOS) * 128
+    for figure in ("grid.png", "autoencoder.png", "losses.png"):
+        assert_png(out / figure)
+    with Image.open(out / "grid.png") as grid:  # source, control, teacher, 3 students; a row per photo and mode
+        assert grid.width > 6 * 128 and grid.height > len(HELDOUT) * len(CONTROL_MODES) * 128
 
 
 def test_small_quickstart_tables_and_report(small_run):
@@ -59,12 +71,16 @@ def test_small_quickstart_tables_and_report(small_run):
     assert all(any(line.startswith(f"| {mode} |") for line in rows) for mode in CONTROL_MODES)
     report = (out / "report.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", report)
-    expected = {"grid.png", "losses.png", "benchmark.json", "tables.md", "evaluation/student.json",
-                "evaluation/teacher.json"}
+    expected = {"grid.png", "autoencoder.png", "losses.png", "benchmark.json", "tables.md", "evaluation/teacher.json",
+                *(f"evaluation/{s}.json" for s in STUDENTS)}
     assert expected <= set(links)
-    student = json.loads((out / "evaluation" / "student.json").read_text())
-    assert set(student["per_mode"]) == set(CONTROL_MODES)
-    assert all({"band_error_latent", "teacher_latent_mse"} <= set(v) for v in student["per_mode"].values())
+    for who in STUDENTS:
+        student = json.loads((out / "evaluation" / f"{who}.json").read_text())
+        assert set(student["per_mode"]) == set(CONTROL_MODES)
+        assert all({"band_error_latent", "teacher_latent_mse", "band_retrieval_latent"} <= set(v)
+                   for v in student["per_mode"].values())
+    assert re.search(r"\| PSNR \(dB\) \| [\d.]+ \| [\d.]+ \| \*\*[\d.]+\*\* \|", report)
+    assert all(f"| {mode} |" in report for mode in CONTROL_MODES)  # the retrieval table
     assert all((out / link).exists() for link in links), links
 
 
@@ -76,11 +92,15 @@ def test_quickstart_refuses_without_disk_space(tmp_path, capsys):
 def test_quickstart_names_the_step_that_failed(tmp_path, capsys):
     (tmp_path / "models").mkdir()
     (tmp_path / "CLIP-ViT-H-14").mkdir()
-    (tmp_path / "models" / "v2-1_tiny.ckpt").write_bytes(b"a truncated download")
     (tmp_path / "CLIP-ViT-H-14" / "open_clip_tiny.bin").write_bytes(b"a truncated download")
-    code = quickstart.main(["--root", str(tmp_path), "--out", str(tmp_path / "o"), "--photos", "coffee",
-                            "--min_free_gb", "0.1"])
+    code = quickstart.main(["--root", str(tmp_path), "--out", str(tmp_path / "o"), "--photos", "rocket",
+                            "--autoencoder_steps", "1", "--min_free_gb", "0.1"])
     captured = capsys.readouterr()
     assert code == 1
     assert "reusing" in captured.out
-    assert "failed at step 4/14 (add the control net" in captured.err
+    assert "failed at step 5/16 (train the tiny UNet on its latents" in captured.err
+    with pytest.raises(SystemExit):  # an unknown photo name is refused by the parser
+        quickstart.main(["--heldout", "lena"])
+    assert quickstart.main(["--root", str(tmp_path), "--out", str(tmp_path / "o"), "--photos", "coffee",
+                            "--min_free_gb", "0.1"]) == 1
+    assert "every photo is held out" in capsys.readouterr().err
