@@ -28,6 +28,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from fcdiffusion.data_module import RunData
 from fcdiffusion.dataset import FCDiffusionDataset
 from fcdiffusion.paths import LAST_CHECKPOINT
 from fcdiffusion.pretraining import SD_SCALE_FACTOR, normalise_latents, reconstruction_psnr
@@ -85,7 +86,7 @@ def checkpoint_folder(config: DictConfig) -> str:
     return os.path.join(config.train.logdir, f"{config.name}_checkpoint")
 
 
-def run(config: DictConfig, dataset: FCDiffusionDataset) -> int:
+def run(config: DictConfig, dataset: RunData) -> int:
     train, folder = config.train, checkpoint_folder(config)
     pl.seed_everything(train.seed, workers=True)
     try:

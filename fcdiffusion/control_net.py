@@ -53,8 +53,6 @@ class FreqControlNet(UNetEncoder):
 
     def __init__(self, hint_channels: int = 512, guidance_embedding: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
-        self.guidance_emb = GuidanceEmbedding(self.model_channels, 4 * self.model_channels) if guidance_embedding \
-            else None
         self.input_hint_block = nn.Sequential(nn.Conv2d(self.in_channels, hint_channels, 3, padding=1), nn.SiLU())
         self.hint_add = zero_module(nn.Conv2d(hint_channels, self.model_channels, 1))
         self.hint_mul = zero_module(nn.Conv2d(hint_channels, self.model_channels, 1))
@@ -62,6 +60,8 @@ class FreqControlNet(UNetEncoder):
         self.zero_convs_mul = nn.ModuleList(_zero_conv(c) for c in self.input_block_channels)
         self.middle_block_out_add = _zero_conv(self.input_block_channels[-1])
         self.middle_block_out_mul = _zero_conv(self.input_block_channels[-1])
+        self.guidance_emb = GuidanceEmbedding(self.model_channels, 4 * self.model_channels) if guidance_embedding \
+            else None
 
     def forward(
         self,

@@ -11,7 +11,9 @@ A term is named after where it looks (see `FEATURE_NAMES`):
 Block outputs are compared by MSE; attention maps by KL(teacher || student) of each query's distribution over the
 prompt tokens, averaged over queries, heads and samples. `FeatureTap` records both with forward hooks while
 active, so the networks' own code paths (scaled_dot_product_attention included) stay as they are: an attention
-hook recomputes the softmax of q k^T / sqrt(d) from the layer's own projections, and only while recording.
+hook recomputes the softmax of q k^T / sqrt(d) from the layer's own projections, and only while recording. The
+transformer layers whose maps are recorded run without gradient checkpointing meanwhile: a checkpointed layer
+recomputes its forward in the backward pass, after the hook is gone, and could not recompute the maps.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ldm.modules.attention import CrossAttention, SpatialTransformer
+from ldm.modules.attention import BasicTransformerBlock, CrossAttention, SpatialTransformer
 
 FEATURE_NAMES = re.compile(r"(attn_)?(unet_out\d+|control_in\d+|control_mid)")
 
@@ -47,9 +49,9 @@ def feature_blocks(model: nn.Module) -> dict[str, nn.Module]:
     return blocks
 
 
-def cross_attentions(block: nn.Module) -> list[CrossAttention]:
-    """The cross-attention layers (`attn2`) of the transformers inside `block`."""
-    return [layer.attn2 for transformer in block.modules() if isinstance(transformer, SpatialTransformer)
+def transformer_layers(block: nn.Module) -> list[BasicTransformerBlock]:
+    """The transformer layers inside `block`, each with its cross-attention `attn2`."""
+    return [layer for transformer in block.modules() if isinstance(transformer, SpatialTransformer)
             for layer in transformer.transformer_blocks]
 
 
@@ -72,15 +74,15 @@ class FeatureTap:
     def __init__(self, model: nn.Module, names: Iterable[str]):
         blocks = feature_blocks(model)
         self.blocks: dict[str, nn.Module] = {}
-        self.attentions: dict[str, list[CrossAttention]] = {}
+        self.layers: dict[str, list[BasicTransformerBlock]] = {}
         for name in names:
             attention, block = check_feature_name(name).startswith("attn_"), name.removeprefix("attn_")
             if block not in blocks:
                 raise ValueError(f"feature term {name!r}: this model has no block {block!r}; blocks: "
                                  f"{', '.join(blocks)}")
             if attention:
-                self.attentions[name] = cross_attentions(blocks[block])
-                if not self.attentions[name]:
+                self.layers[name] = transformer_layers(blocks[block])
+                if not self.layers[name]:
                     raise ValueError(f"feature term {name!r}: block {block!r} has no cross-attention")
             else:
                 self.blocks[name] = blocks[block]
@@ -90,7 +92,7 @@ class FeatureTap:
         """While active, each forward pass puts the features of the terms `names` into the yielded dict:
         name -> [block output] or [log-attention map per cross-attention layer]."""
         store: dict[str, list[torch.Tensor]] = {}
-        handles = []
+        handles, unchecked = [], []
 
         def keep(name: str):
             def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -108,13 +110,17 @@ class FeatureTap:
             for name in names:
                 if name in self.blocks:
                     handles.append(self.blocks[name].register_forward_hook(keep(name)))
-                for i, attention in enumerate(self.attentions.get(name, [])):
-                    handles.append(attention.register_forward_hook(
-                        attend(name, i, len(self.attentions[name])), with_kwargs=True))
+                layers = self.layers.get(name, [])
+                for i, layer in enumerate(layers):
+                    handles.append(layer.attn2.register_forward_hook(attend(name, i, len(layers)), with_kwargs=True))
+                    unchecked.append((layer, layer.use_checkpoint))
+                    layer.use_checkpoint = False
             yield store
         finally:
             for handle in handles:
                 handle.remove()
+            for layer, flag in reversed(unchecked):
+                layer.use_checkpoint = flag
 
 
 def feature_term(name: str, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from fcdiffusion.distiller import DistillOptions, FrequencyDistiller
-from fcdiffusion.feature_distill import FeatureTap, cross_attentions, feature_blocks
+from fcdiffusion.feature_distill import FeatureTap, feature_blocks, transformer_layers
 from fcdiffusion.student import student_config
 from fcdiffusion.weights import build_on_meta
+from ldm.modules.attention import BasicTransformerBlock
+from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from tests.helpers import teacher_paths
 
 
@@ -16,7 +18,7 @@ def terms(model_config) -> dict[str, float]:
     """Every kind of feature term on the tiny architecture: decoder and control-net blocks, the control net's middle
     block, and the cross-attention maps of the first decoder and control-net blocks that have a transformer."""
     blocks = feature_blocks(build_on_meta(student_config(model_config)))
-    attention = [name for name, block in blocks.items() if cross_attentions(block)]
+    attention = [name for name, block in blocks.items() if transformer_layers(block)]
     first = {kind: next(n for n in attention if n.startswith(kind)) for kind in ("unet_out", "control_in")}
     return {"unet_out1": 1.0, "unet_out3": 0.5, "control_in1": 1.0, "control_mid": 2.0,
             f"attn_{first['unet_out']}": 0.3, f"attn_{first['control_in']}": 0.7}
@@ -49,6 +51,8 @@ def test_feature_terms_are_zero_for_identical_student_and_teacher_and_positive_o
 
     control = distiller.student.control_model
     saved = {k: v.clone() for k, v in control.state_dict().items()}
+    checkpointed = [m for m in distiller.student.modules() if isinstance(m, (ResBlock, BasicTransformerBlock))]
+    assert checkpointed and not any(m.use_checkpoint for m in checkpointed)  # the tiny config's
     try:
         with torch.no_grad():
             generator = torch.Generator().manual_seed(2)
@@ -58,12 +62,17 @@ def test_feature_terms_are_zero_for_identical_student_and_teacher_and_positive_o
         assert all(logs[f"train/feat_{name}"] > 0 for name in terms), logs
         expected = logs["train/loss_distill"] + sum(w * logs[f"train/feat_{n}"] for n, w in terms.items())
         torch.testing.assert_close(loss.detach(), expected)
-        # The terms carry gradients to the control net through the hooks (here without the distillation term).
+        # The terms carry gradients to the control net through the hooks (here without the distillation term),
+        # also with gradient checkpointing on, as SD's config has it.
         distiller.options.distill_weight = 0.0
+        for module in checkpointed:
+            module.use_checkpoint = True
         loss, _ = distiller.distillation_loss(z, context, ["mid_pass"], steps, noise)
         loss.backward()
         assert control.input_blocks[1][0].in_layers[2].weight.grad.abs().sum() > 0
     finally:
+        for module in checkpointed:
+            module.use_checkpoint = False
         distiller.options.distill_weight = 1.0
         control.load_state_dict(saved)
         distiller.student.zero_grad(set_to_none=True)
