@@ -7,7 +7,8 @@ scikit-image's photos (a few are held out: every picture and figure of the repor
   4. train_sd.py: the tiny autoencoder (SD's AutoencoderKL), started as a resampler and trained on the photos
   5. train_sd.py: the tiny UNet, text-to-image on its latents; with the autoencoder and text tower, this is the
      tiny SD checkpoint the FCDiffusion steps start from
-  6. tool_add_control_sd21.py              7-10. fcdiffusion_train.py, one teacher per control mode
+  6. tool_add_control_sd21.py              7-10. fcdiffusion_train.py, one teacher per control mode (each also
+      trains the UNet's decoder, which minutes of pretraining leave weak)
   11. fcdiffusion_distill.py               12-13. test_distillation.py on the held-out photos (teachers, 50 guided
       steps; the student at 1, 2 and 4 steps)
   14. evaluate.py (band fidelity and band retrieval of both, the student's agreement with its teachers)
@@ -133,10 +134,12 @@ def build_steps(layout: Layout, args: argparse.Namespace) -> list[tuple[str, Cal
         run_script(["tool_add_control_sd21.py", layout.sd, layout.init, "--config", TINY_TEACHER_CONFIG])
 
     def teacher(mode: str) -> Callable[[], None]:
+        # --sd_locked false: each teacher trains the UNet's decoder with its control net (FCDiffusion's option for
+        # a base that does not know the task yet); a tiny UNet pretrained for minutes needs it, SD 2.1 does not.
         return lambda: run_script([
             "fcdiffusion_train.py", "--config", TINY_TEACHER_CONFIG, "--control_mode", mode,
             "--resume_path", layout.init, "--data", layout.data, "--logdir", layout.logdir,
-            "--max_steps", args.teacher_steps, "--learning_rate", args.teacher_lr,
+            "--max_steps", args.teacher_steps, "--learning_rate", args.teacher_lr, "--sd_locked", "false",
             "--checkpoint_every", args.teacher_steps, "--log_images_every", args.teacher_steps, layout.clip_override])
 
     steps: list[tuple[str, Callable[[], None]]] = [
@@ -177,12 +180,16 @@ def training_photos(args: argparse.Namespace) -> list[str]:
 
 
 def distill(layout: Layout, args: argparse.Namespace) -> None:
+    """The teachers trained their UNet decoders (`model.params.sd_locked=false` builds them so, each keeping its own),
+    so the student trains its decoder too. It starts from the high_pass teacher: the finest band is the one a
+    few-step student of a tiny model learns last."""
     teachers = [arg for mode in CONTROL_MODES for arg in (f"--teacher_{mode}", layout.teacher(mode))]
     run_script(["fcdiffusion_distill.py", "--config", TINY_DISTILL_CONFIG, *teachers,
-                "--student_init", layout.teacher("mid_pass"), "--student_steps", args.student_steps,
+                "--student_init", layout.teacher("high_pass"), "--student_steps", args.student_steps,
+                "--trainable", "control_net", "output_blocks", "--learning_rate", args.distill_lr,
                 "--data", layout.data, "--logdir", layout.logdir, "--max_steps", args.distill_steps,
                 "--checkpoint_every", args.distill_steps, "--log_images_every", args.distill_steps,
-                layout.clip_override])
+                layout.clip_override, "model.params.sd_locked=false"])
 
 
 def infer(layout: Layout, args: argparse.Namespace, which: str) -> None:
@@ -311,9 +318,11 @@ REPORT = """# Quickstart report
 
 The whole FCDiffusion pipeline ran on the embedded tiny default. Its stand-ins for SD 2.1 learnt from
 {train_photos} scikit-image photos: the autoencoder for {autoencoder_steps} steps (it starts as a resampler, see
-below), the UNet text-to-image for {unet_steps} steps; then four teachers trained for {teacher_steps} steps each and
-one student was distilled for {distill_steps} steps. Every picture and figure below comes from photos none of
-these models saw: {heldout} (`datasets/quickstart/heldout/`).
+below), the UNet text-to-image for {unet_steps} steps. Then four teachers trained for {teacher_steps} steps each,
+each training the UNet's decoder along with its control net (`--sd_locked false`, FCDiffusion's option: a UNet
+pretrained for minutes is too weak a base to keep frozen), and one student (its control net and decoder, started
+from the high_pass teacher) was distilled from them for {distill_steps} steps. Every picture and figure below comes
+from photos none of these models saw: {heldout} (`datasets/quickstart/heldout/`).
 
 ## Pictures
 
@@ -368,11 +377,13 @@ Teachers ({sample_steps} guided steps), [evaluation/teacher.json](evaluation/tea
 ## What a tiny model trained for minutes can and cannot show
 
 It shows the pipeline doing its job end to end on photos it never saw: the trained autoencoder, the decoded
-control signal of each mode, the student at 1-4 steps following its 50-step guided teachers, and how much faster it
-is. Whether each mode keeps its own band is what the retrieval table measures; in minutes the low bands are learnt
-first and the highest last: a UNet trained on {train_photos} photos for a few hundred steps draws blurry pictures, with
-too little fine detail to match a source's high band, so high_pass can stay near chance. It cannot show what a
-prompt does (the text tower is random): style or content transfer needs the real weights.
+control signal of each mode, each teacher carrying its source's band into its result (the retrieval table), the
+student at 1-4 steps following its 50-step guided teachers, and how much faster it is. The pictures stay noisy: a
+UNet trained on {train_photos} photos for a few hundred steps leaves speckle in every result, and a band_error above 1
+means that speckle outweighs the band that was kept. Retrieval compares a result with every source relative to that
+source's own band energy, so a photo whose band is weak is the hardest to retrieve, and the 4-step student, noisier
+than its teachers, misses such photos first. It cannot show what a prompt does
+(the text tower is random): style or content transfer needs the real weights.
 """
 
 
@@ -398,6 +409,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--teacher_lr", type=float, default=5e-4,
                         help="the teachers' learning rate: 200 steps need more than the config's 1e-4")
     parser.add_argument("--distill_steps", type=int, default=200, help="distillation steps")
+    parser.add_argument("--distill_lr", type=float, default=3e-4,
+                        help="the student's learning rate: 200 steps need more than the config's 1e-4")
     parser.add_argument("--student_steps", type=int, default=4, help="the student's sampling steps")
     parser.add_argument("--teacher_sample_steps", type=int, default=50, help="the teachers' DDIM steps")
     parser.add_argument("--benchmark_sd", action=argparse.BooleanOptionalAction, default=True,

@@ -4,10 +4,13 @@ import json
 import re
 
 import pytest
+import torch
 from PIL import Image
 
 import quickstart
 from fcdiffusion.frequency import CONTROL_MODES
+from fcdiffusion.weights import recorded
+from ldm.checkpoint import load_checkpoint
 
 PHOTOS = ["rocket", "moon"]
 HELDOUT = ["astronaut", "coffee"]
@@ -55,6 +58,21 @@ def test_small_quickstart_writes_every_artefact(small_run):
         assert_png(out / figure)
     with Image.open(out / "grid.png") as grid:  # source, control, teacher, 3 students; a row per photo and mode
         assert grid.width > 6 * 128 and grid.height > len(HELDOUT) * len(CONTROL_MODES) * 128
+
+
+def test_small_quickstart_trains_the_decoders_it_says(small_run):
+    """The report says the teachers train the UNet's decoder with their control nets and the student its own: each
+    teacher's decoder moved away from the pretrained tiny UNet's (and its encoder did not), and the files record it."""
+    _, root, out = small_run
+    key = "model.diffusion_model.output_blocks.0.0.in_layers.2.weight"
+    frozen = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    base, _ = load_checkpoint(root / "models" / "v2-1_tiny.ckpt")
+    for mode in CONTROL_MODES:
+        teacher, metadata = load_checkpoint(out / "lightning_logs" / f"fcdiffusion_{mode}_checkpoint" / "last.ckpt")
+        assert recorded(metadata, "config")["params"]["sd_locked"] is False
+        assert not torch.equal(teacher[key], base[key]) and torch.equal(teacher[frozen], base[frozen])
+    _, metadata = load_checkpoint(out / "lightning_logs" / "fcdiffusion_distill_checkpoint" / "student.safetensors")
+    assert "output_blocks" in recorded(metadata, "config")["params"]["trainable"]
 
 
 def test_small_quickstart_tables_and_report(small_run):
