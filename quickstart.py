@@ -406,7 +406,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--autoencoder_steps", type=int, default=200, help="training steps of the autoencoder")
     parser.add_argument("--unet_steps", type=int, default=300, help="text-to-image training steps of the UNet")
     parser.add_argument("--teacher_steps", type=int, default=200, help="training steps per teacher")
-    parser.add_argument("--teacher_lr", type=float, default=5e-4,
+    parser.add_argument("--teacher_lr", type=float, default=1e-3,
                         help="the teachers' learning rate: 200 steps need more than the config's 1e-4")
     parser.add_argument("--distill_steps", type=int, default=200, help="distillation steps")
     parser.add_argument("--distill_lr", type=float, default=3e-4,
