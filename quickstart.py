@@ -382,8 +382,8 @@ student at 1-4 steps following its 50-step guided teachers, and how much faster 
 UNet trained on {train_photos} photos for a few hundred steps leaves speckle in every result, and a band_error above 1
 means that speckle outweighs the band that was kept. Retrieval compares a result with every source relative to that
 source's own band energy, so a photo whose band is weak is the hardest to retrieve, and the 4-step student, noisier
-than its teachers, misses such photos first. It cannot show what a prompt does
-(the text tower is random): style or content transfer needs the real weights.
+than its teachers, misses such photos first. It cannot show what a prompt does (the text tower is random): style or
+content transfer needs the real weights.
 """
 
 

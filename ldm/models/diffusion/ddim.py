@@ -63,6 +63,15 @@ def sampling_schedule(alphas_cumprod: torch.Tensor, timesteps: Sequence[int],
     return steps, alphas, torch.cat([torch.tensor([first], dtype=torch.float64), alphas[:-1]])
 
 
+def initial_latents(model: Any, batch_size: int, shape: Sequence[int], x_T: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """`x_T` if given, else standard normal noise (batch_size, *shape) on the model's device (the CPU without one)."""
+    if x_T is not None:
+        return x_T
+    device = model.device if hasattr(model, "device") else torch.device("cpu")
+    return torch.randn((batch_size, *shape), generator=generator, device=device)
+
+
 def cat_cond(a: Cond, b: Cond) -> Cond:
     """Concatenate two conditionings along the batch: tensors, lists of tensors, or dicts of those."""
     if isinstance(a, dict):
@@ -173,8 +182,7 @@ class DDIMSampler:
         at alpha 1 for a distilled student).
         """
         self.make_schedule(S, eta, timesteps, final_alpha_cumprod)
-        device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
-        x = torch.randn((batch_size, *shape), generator=generator, device=device) if x_T is None else x_T
+        x = initial_latents(self.model, batch_size, shape, x_T, generator)
         # The schedule goes to the device once per call, and whether a step adds noise is decided on the host:
         # no host-to-device copy or device sync inside the loop.
         alphas, alphas_prev, sigmas = (v.to(device=x.device, dtype=x.dtype)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import Cond, ddim_timesteps, guided_eps, predicted_x0, sampling_schedule
+from ldm.models.diffusion.ddim import Cond, ddim_timesteps, guided_eps, initial_latents, predicted_x0, sampling_schedule
 
 
 def log_snr(alpha_cumprod: torch.Tensor) -> torch.Tensor:
@@ -85,8 +85,7 @@ class DPMSolverSampler:
         if timesteps is None:
             timesteps = ddim_timesteps(S, self.model.num_timesteps)
         steps, alphas, alphas_prev = sampling_schedule(self.model.alphas_cumprod, timesteps, final_alpha_cumprod)
-        device = self.model.device if hasattr(self.model, "device") else torch.device("cpu")
-        x = torch.randn((batch_size, *shape), generator=generator, device=device) if x_T is None else x_T
+        x = initial_latents(self.model, batch_size, shape, x_T, generator)
         alphas, alphas_prev = alphas.to(x.device), alphas_prev.to(x.device)  # once per call, float64
         x0_prev = h_prev = None
         order = list(range(len(steps)))[::-1]
