@@ -182,11 +182,14 @@ def training_photos(args: argparse.Namespace) -> list[str]:
 def distill(layout: Layout, args: argparse.Namespace) -> None:
     """The teachers trained their UNet decoders (`model.params.sd_locked=false` builds them so, each keeping its own),
     so the student trains its decoder too. It starts from the high_pass teacher: the finest band is the one a
-    few-step student of a tiny model learns last."""
+    few-step student of a tiny model learns last. It also learns from the data (`--denoise_weight`, the x0 loss
+    against the true latent): teachers trained for seconds add band energy their sources lack, and a student that
+    only copies them adds more."""
     teachers = [arg for mode in CONTROL_MODES for arg in (f"--teacher_{mode}", layout.teacher(mode))]
     run_script(["fcdiffusion_distill.py", "--config", TINY_DISTILL_CONFIG, *teachers,
                 "--student_init", layout.teacher("high_pass"), "--student_steps", args.student_steps,
                 "--trainable", "control_net", "output_blocks", "--learning_rate", args.distill_lr,
+                "--denoise_weight", args.denoise_weight,
                 "--data", layout.data, "--logdir", layout.logdir, "--max_steps", args.distill_steps,
                 "--checkpoint_every", args.distill_steps, "--log_images_every", args.distill_steps,
                 layout.clip_override, "model.params.sd_locked=false"])
@@ -307,6 +310,7 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
     atomic_write_text(layout.out / "report.md", REPORT.format(
         train_photos=len(training_photos(args)), heldout=", ".join(names), autoencoder_steps=args.autoencoder_steps,
         unet_steps=args.unet_steps, teacher_steps=args.teacher_steps, distill_steps=args.distill_steps,
+        denoise_weight=args.denoise_weight,
         sample_steps=args.teacher_sample_steps, student_steps=args.student_steps, tables=tables,
         psnr_table=psnr_table, retrieval=retrieval_table(layout), teacher_metrics=evaluation["teacher"],
         student_metrics="\n".join(f"Student, {k} step{'s' * (k > 1)}, [evaluation/student_k{k}.json]"
@@ -321,8 +325,9 @@ The whole FCDiffusion pipeline ran on the embedded tiny default. Its stand-ins f
 below), the UNet text-to-image for {unet_steps} steps. Then four teachers trained for {teacher_steps} steps each,
 each training the UNet's decoder along with its control net (`--sd_locked false`, FCDiffusion's option: a UNet
 pretrained for minutes is too weak a base to keep frozen), and one student (its control net and decoder, started
-from the high_pass teacher) was distilled from them for {distill_steps} steps. Every picture and figure below comes
-from photos none of these models saw: {heldout} (`datasets/quickstart/heldout/`).
+from the high_pass teacher) was distilled from them for {distill_steps} steps, also learning from the data (an x0
+loss against the true latent, weight {denoise_weight}). Every picture and figure below comes from photos none of
+these models saw: {heldout} (`datasets/quickstart/heldout/`).
 
 ## Pictures
 
@@ -381,9 +386,10 @@ control signal of each mode, each teacher carrying its source's band into its re
 student at 1-4 steps following its 50-step guided teachers, and how much faster it is. The pictures stay noisy: a
 UNet trained on {train_photos} photos for a few hundred steps leaves speckle in every result, and a band_error above 1
 means that speckle outweighs the band that was kept. Retrieval compares a result with every source relative to that
-source's own band energy, so a photo whose band is weak is the hardest to retrieve, and the 4-step student, noisier
-than its teachers, misses such photos first. It cannot show what a prompt does (the text tower is random): style or
-content transfer needs the real weights.
+source's own band energy, so a photo whose band is weak is the hardest to retrieve. The margins are small and the
+results come from one noise seed per photo: with other seeds, teachers and student miss such a photo now and then
+(the README gives the figures over six seeds). It cannot show what a prompt does (the text tower is random): style
+or content transfer needs the real weights.
 """
 
 
@@ -411,6 +417,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--distill_steps", type=int, default=200, help="distillation steps")
     parser.add_argument("--distill_lr", type=float, default=3e-4,
                         help="the student's learning rate: 200 steps need more than the config's 1e-4")
+    parser.add_argument("--denoise_weight", type=float, default=2.0,
+                        help="the student's x0 loss weight against the true latent (config: 0, distillation only)")
     parser.add_argument("--student_steps", type=int, default=4, help="the student's sampling steps")
     parser.add_argument("--teacher_sample_steps", type=int, default=50, help="the teachers' DDIM steps")
     parser.add_argument("--benchmark_sd", action=argparse.BooleanOptionalAction, default=True,

@@ -61,8 +61,9 @@ def test_small_quickstart_writes_every_artefact(small_run):
 
 
 def test_small_quickstart_trains_the_decoders_it_says(small_run):
-    """The report says the teachers train the UNet's decoder with their control nets and the student its own: each
-    teacher's decoder moved away from the pretrained tiny UNet's (and its encoder did not), and the files record it."""
+    """The report says the teachers train the UNet's decoder with their control nets and the student its own, and that
+    the student also learns from the data: each teacher's decoder moved away from the pretrained tiny UNet's (and its
+    encoder did not), and the files record it all."""
     _, root, out = small_run
     key = "model.diffusion_model.output_blocks.0.0.in_layers.2.weight"
     frozen = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
@@ -73,6 +74,7 @@ def test_small_quickstart_trains_the_decoders_it_says(small_run):
         assert not torch.equal(teacher[key], base[key]) and torch.equal(teacher[frozen], base[frozen])
     _, metadata = load_checkpoint(out / "lightning_logs" / "fcdiffusion_distill_checkpoint" / "student.safetensors")
     assert "output_blocks" in recorded(metadata, "config")["params"]["trainable"]
+    assert json.loads(metadata["fcdiffusion.distill"])["denoise_weight"] == quickstart.parse_args([]).denoise_weight > 0
 
 
 def test_small_quickstart_tables_and_report(small_run):
