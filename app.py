@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fcdiffusion.demo_app import (
+from fcdiffusion.apps.demo_app import (
     DEFAULT_LOGDIR,
     MAX_PIXELS,
     MissingWeightsError,
@@ -25,7 +25,7 @@ from fcdiffusion.demo_app import (
     load_demo,
     weight_files,
 )
-from fcdiffusion.frequency import CONTROL_MODES
+from fcdiffusion.core.frequency import CONTROL_MODES
 from ldm.checkpoint import CheckpointMismatchError
 
 

@@ -8,7 +8,7 @@
 RESULTS is a folder `test_distillation.py` wrote (`<name>_<mode>.png`), INPUT_DIR the folder it read (`<name>.<ext>`
 with `<name>.txt` prompts, or one --prompt). Pairs are matched by name; a result without a source, a source
 without a result, and a result missing from --reference are reported and skipped. Metrics (--metrics):
-  band               band_error / band_freedom in latent and pixel space (fcdiffusion/evaluation/band_fidelity.py);
+  band               band_error / band_freedom in latent and pixel space (fcdiffusion/core/band_fidelity.py);
                      needs --model (its VAE and band edges)
   band_retrieval     per mode, the fraction of results whose band is closest to their own source among all the
                      sources (chance: 1 / number of sources); latent space, needs --model
@@ -32,10 +32,10 @@ from collections.abc import Sequence
 
 import torch
 
+from fcdiffusion.core.paths import SD_CHECKPOINT
+from fcdiffusion.core.precision import PRECISIONS, prepare_for_inference
+from fcdiffusion.core.weights import load_model
 from fcdiffusion.evaluation.suite import METRICS, Evaluator, Settings, evaluate_folder, markdown_table
-from fcdiffusion.paths import SD_CHECKPOINT
-from fcdiffusion.precision import PRECISIONS, prepare_for_inference
-from fcdiffusion.weights import load_model
 from ldm.checkpoint import CheckpointMismatchError
 
 

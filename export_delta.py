@@ -17,8 +17,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fcdiffusion.paths import SD_CHECKPOINT
-from fcdiffusion.weights import export_delta, read_model
+from fcdiffusion.core.paths import SD_CHECKPOINT
+from fcdiffusion.core.weights import export_delta, read_model
 from ldm.checkpoint import CheckpointMismatchError
 
 

@@ -25,12 +25,19 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from fcdiffusion.data_module import RunData
-from fcdiffusion.distiller import FrequencyDistiller, StudentExport
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, distill_checkpoint_dir, student_file, teacher_checkpoint
-from fcdiffusion.student import TRAINABLE_PARTS
-from fcdiffusion.training import (
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.paths import (
+    DOWNLOAD_HELP,
+    LAST_CHECKPOINT,
+    distill_checkpoint_dir,
+    student_file,
+    teacher_checkpoint,
+)
+from fcdiffusion.core.student import TRAINABLE_PARTS
+from fcdiffusion.core.weights import distilled_student_config, teacher_model_config
+from fcdiffusion.train.data_module import RunData
+from fcdiffusion.train.distiller import FrequencyDistiller, StudentExport
+from fcdiffusion.train.training import (
     RUN_FLAGS,
     add_flags,
     apply_flags,
@@ -42,7 +49,6 @@ from fcdiffusion.training import (
     resume_checkpoint,
     resume_conflicts,
 )
-from fcdiffusion.weights import distilled_student_config, teacher_model_config
 from ldm.checkpoint import CheckpointMismatchError
 from ldm.util import load_config
 

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from fcdiffusion.data_module import RunData
-from fcdiffusion.frequency import check_control_mode
-from fcdiffusion.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, teacher_checkpoint_dir
-from fcdiffusion.training import (
+from fcdiffusion.core.frequency import check_control_mode
+from fcdiffusion.core.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, teacher_checkpoint_dir
+from fcdiffusion.train.data_module import RunData
+from fcdiffusion.train.training import (
     RUN_FLAGS,
     add_flags,
     apply_flags,

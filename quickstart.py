@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fcdiffusion.demo_data import CAPTIONS, HELDOUT
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.paths import student_file, teacher_checkpoint
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.paths import student_file, teacher_checkpoint
+from fcdiffusion.train.demo_data import CAPTIONS, HELDOUT
 
 TINY_TEACHER_CONFIG = "configs/model_config_tiny.yaml"
 TINY_DISTILL_CONFIG = "configs/distill_config_tiny.yaml"
@@ -117,12 +117,12 @@ def build_steps(layout: Layout, args: argparse.Namespace) -> list[tuple[str, Cal
         if layout.clip.is_file():
             print(f"  reusing {layout.clip}")
             return
-        from fcdiffusion.tiny_base import build_tiny_text_tower
+        from fcdiffusion.train.tiny_base import build_tiny_text_tower
 
         build_tiny_text_tower(layout.clip, TINY_SD_CONFIG)
 
     def photos() -> None:
-        from fcdiffusion.demo_data import export_demo_dataset
+        from fcdiffusion.train.demo_data import export_demo_dataset
 
         export_demo_dataset(layout.photos, names=training_photos(args), max_side=PHOTO_SIDE)
         export_demo_dataset(layout.heldout, names=args.heldout, folder="", max_side=PHOTO_SIDE)
@@ -233,9 +233,9 @@ def autoencoder_figure(layout: Layout, names: Sequence[str]) -> list[float]:
     import torch
     from omegaconf import OmegaConf
 
-    from fcdiffusion.dataset import load_image
-    from fcdiffusion.images import labelled_grid, save_png
-    from fcdiffusion.pretraining import reconstruction_psnr
+    from fcdiffusion.core.images import labelled_grid, save_png
+    from fcdiffusion.train.dataset import load_image
+    from fcdiffusion.train.pretraining import reconstruction_psnr
     from ldm.util import instantiate_from_config, load_config
 
     config = OmegaConf.to_container(load_config(TINY_AUTOENCODER_CONFIG).model, resolve=True)
@@ -269,10 +269,10 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
     autoencoder.png, losses.png (every training run), tables.md and report.md."""
     import torch
 
-    from fcdiffusion.benchmark import format_tables
-    from fcdiffusion.dataset import load_image
-    from fcdiffusion.images import labelled_grid, save_png
-    from fcdiffusion.loss_curves import plot_losses, read_losses
+    from fcdiffusion.apps.benchmark import format_tables
+    from fcdiffusion.core.images import labelled_grid, save_png
+    from fcdiffusion.train.dataset import load_image
+    from fcdiffusion.train.loss_curves import plot_losses, read_losses
     from ldm.util import atomic_write_text
 
     names = sorted(p.stem for p in layout.heldout.glob("*.png"))
@@ -347,7 +347,7 @@ Reconstructions of the held-out photos at 128 px ([autoencoder.png](autoencoder.
 {psnr_table}
 The tiny autoencoder is SD's `AutoencoderKL` with fewer channels and 4x (not 8x) downsampling. Trained from
 random weights it needs hours to reconstruct recognisably; here it starts as 4x4 average pooling + bilinear
-upsampling built from its own layers (`fcdiffusion/resampler_init.py`) and training refines that.
+upsampling built from its own layers (`fcdiffusion/train/resampler_init.py`) and training refines that.
 
 ## Training losses
 

@@ -43,23 +43,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fcdiffusion.dataset import LATENT_GRID, load_image
-from fcdiffusion.evaluation.suite import METRICS, NEEDS_REFERENCE, Evaluator, Settings, evaluate_folder, markdown_table
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.image_folder import prompted_images
-from fcdiffusion.images import labelled_grid, save_image, save_png
-from fcdiffusion.inference import Translator
-from fcdiffusion.model import FrequencyControlledLDM
-from fcdiffusion.paths import SD_CHECKPOINT
-from fcdiffusion.precision import PRECISIONS, prepare_for_inference
-from fcdiffusion.student import FCDiffusionStudent
-from fcdiffusion.weights import (
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.images import labelled_grid, save_image, save_png
+from fcdiffusion.core.inference import Translator
+from fcdiffusion.core.model import FrequencyControlledLDM
+from fcdiffusion.core.paths import SD_CHECKPOINT
+from fcdiffusion.core.precision import PRECISIONS, prepare_for_inference
+from fcdiffusion.core.student import FCDiffusionStudent
+from fcdiffusion.core.weights import (
     ModeMismatchError,
     distilled_student_config,
     load_student,
     load_teacher,
     teacher_model_config,
 )
+from fcdiffusion.evaluation.suite import METRICS, NEEDS_REFERENCE, Evaluator, Settings, evaluate_folder, markdown_table
+from fcdiffusion.train.dataset import LATENT_GRID, load_image
+from fcdiffusion.train.image_folder import prompted_images
 from ldm.checkpoint import CheckpointMismatchError
 from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS
 from ldm.models.diffusion.ddpm import SAMPLERS

@@ -16,7 +16,7 @@ import sys
 import torch
 from omegaconf import OmegaConf
 
-from fcdiffusion.paths import DOWNLOAD_HELP
+from fcdiffusion.core.paths import DOWNLOAD_HELP
 from ldm.checkpoint import CheckpointMismatchError, check_state_dict, group_keys, load_state_dict, save_state_dict
 from ldm.util import instantiate_from_config, load_config, without_text_encoder_file
 

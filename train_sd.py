@@ -10,7 +10,7 @@ the FCDiffusion steps mean anything. The config's `model:` is an `AutoencoderKL`
 `LatentDiffusion` (its UNet trained on the frozen autoencoder's latents, with the frozen text encoder); its
 `train:` section and the flags are those of fcdiffusion_train.py, plus `augment:` (random crops and flips, for few
 photos) and `init:` (`resampler`: an autoencoder starts as average pooling + bilinear upsampling, see
-fcdiffusion/resampler_init.py). Checkpoints go to `<logdir>/<config name>_checkpoint/` and the same command
+fcdiffusion/train/resampler_init.py). Checkpoints go to `<logdir>/<config name>_checkpoint/` and the same command
 resumes. When training is done, `--export FILE` writes the weights in SD's layout; an autoencoder's latents are
 first rescaled so that SD's scale_factor (0.18215) gives the training photos unit-variance latents, as it does for
 SD's own VAE.
@@ -28,12 +28,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from fcdiffusion.data_module import RunData
-from fcdiffusion.dataset import FCDiffusionDataset
-from fcdiffusion.paths import LAST_CHECKPOINT
-from fcdiffusion.pretraining import SD_SCALE_FACTOR, normalise_latents, reconstruction_psnr
-from fcdiffusion.resampler_init import init_as_resampler
-from fcdiffusion.training import (
+from fcdiffusion.core.paths import LAST_CHECKPOINT
+from fcdiffusion.train.data_module import RunData
+from fcdiffusion.train.dataset import FCDiffusionDataset
+from fcdiffusion.train.pretraining import SD_SCALE_FACTOR, normalise_latents, reconstruction_psnr
+from fcdiffusion.train.resampler_init import init_as_resampler
+from fcdiffusion.train.training import (
     RUN_FLAGS,
     add_flags,
     apply_flags,

@@ -1,4 +1,4 @@
-"""Index an image-caption folder into the JSON-lines file that `fcdiffusion.dataset` reads.
+"""Index an image-caption folder into the JSON-lines file that `fcdiffusion.train.dataset` reads.
 
 Layout (img2dataset's ``files`` output, as in the FCDiffusion README): images anywhere under the root,
 directly or in subfolders, each with a same-named caption, e.g. ``00000/000000001.jpg`` +
@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fcdiffusion.image_folder import SKIP_REASONS, collect_pairs
+from fcdiffusion.train.image_folder import SKIP_REASONS, collect_pairs
 from ldm.util import atomic_write_text
 
 

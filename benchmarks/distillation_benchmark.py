@@ -4,7 +4,7 @@
 
     python benchmarks/distillation_benchmark.py --precision fp16 --compile --repeats 5 --out outputs/fp16.json
 
-What each figure means: `fcdiffusion/benchmark.py`. Prints tables; `--out FILE` writes the same figures as JSON.
+What each figure means: `fcdiffusion/apps/benchmark.py`. Prints tables; `--out FILE` writes the same figures as JSON.
 Fidelity needs trained tiny teachers and a student (the quickstart makes them) and is skipped without them; it is
 measured on `--heldout DIR` (images with same-named .txt prompts, not trained on), by default on the demo photos,
 against every teacher few-step baseline (DDIM uniform and trailing, DPM-Solver++(2M)); a guidance-conditioned
@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from fcdiffusion.benchmark import config_resolution, device_name, fidelity, format_tables, memory, speed
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.paths import teacher_checkpoint
-from fcdiffusion.precision import PRECISIONS, vae_dtype
+from fcdiffusion.apps.benchmark import config_resolution, fidelity, format_tables, memory, speed
+from fcdiffusion.core.devices import device_name
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.paths import teacher_checkpoint
+from fcdiffusion.core.precision import PRECISIONS, vae_dtype
 from ldm.util import atomic_write_text, load_config
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fcdiffusion.demo_data import CAPTIONS, load_photo
+from fcdiffusion.train.demo_data import CAPTIONS, load_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_IMAGES = "document.querySelectorAll('.result-gallery img')"

@@ -38,8 +38,8 @@ def tiny_files(tmp_path_factory) -> SimpleNamespace:
     """Tiny SD checkpoint, text tower, FCDiffusion init checkpoint and a 4-photo training index in a temp dir."""
     import tool_add_control_sd21
     import training_data_prepare
-    from fcdiffusion.demo_data import export_demo_dataset
-    from fcdiffusion.tiny_base import build_tiny_base
+    from fcdiffusion.train.demo_data import export_demo_dataset
+    from fcdiffusion.train.tiny_base import build_tiny_base
 
     root = tmp_path_factory.mktemp("tiny")
     files = SimpleNamespace(root=root, sd=root / "v2-1_tiny.ckpt", clip=root / "open_clip_tiny.bin",
@@ -63,7 +63,7 @@ def distill_config():
 @pytest.fixture(scope="session")
 def model_config(distill_config) -> dict:
     """The tiny teachers' `{target, params}`."""
-    from fcdiffusion.weights import teacher_model_config
+    from fcdiffusion.core.weights import teacher_model_config
 
     return teacher_model_config(distill_config)
 

@@ -13,9 +13,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.paths import teacher_checkpoint
-from fcdiffusion.weights import build_on_meta
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.paths import teacher_checkpoint
+from fcdiffusion.core.weights import build_on_meta
 from ldm.checkpoint import load_weights, save_state_dict
 from ldm.util import instantiate_from_config, load_config, without_text_encoder_file
 
@@ -105,7 +105,7 @@ def write_shards(photos: Path, folder: Path, per_shard: int = 2, corrupt_in: int
 
     import webdataset as wds
 
-    from fcdiffusion.image_folder import find_images, read_caption
+    from fcdiffusion.train.image_folder import find_images, read_caption
 
     images = find_images(photos)
     groups = [images[i:i + per_shard] for i in range(0, len(images), per_shard)]

@@ -1,4 +1,4 @@
-"""The demo (app.py, fcdiffusion/demo_app.py): served on a free local port and driven through gradio_client, it
+"""The demo (app.py, fcdiffusion/apps/demo_app.py): served on a free local port and driven through gradio_client, it
 shows source | decoded control | result per mode, the same pictures test_distillation.py writes, and answers bad
 input with a clear message while it keeps serving."""
 from __future__ import annotations
@@ -14,8 +14,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from fcdiffusion.dataset import prepare_image
-from fcdiffusion.demo_app import (
+from fcdiffusion.apps.demo_app import (
     DemoInputError,
     MissingWeightsError,
     build_app,
@@ -24,9 +23,10 @@ from fcdiffusion.demo_app import (
     read_photo,
     weight_files,
 )
-from fcdiffusion.demo_data import load_photo
-from fcdiffusion.images import to_uint8
-from fcdiffusion.paths import student_file
+from fcdiffusion.core.images import to_uint8
+from fcdiffusion.core.paths import student_file
+from fcdiffusion.train.dataset import prepare_image
+from fcdiffusion.train.demo_data import load_photo
 from tests.helpers import teacher_paths
 from tests.test_inference import load_script
 

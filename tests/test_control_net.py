@@ -5,8 +5,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fcdiffusion.control_net import FreqControlNet
-from fcdiffusion.controlled_unet import ControlledUnetModel
+from fcdiffusion.core.control_net import FreqControlNet
+from fcdiffusion.core.controlled_unet import ControlledUnetModel
 from ldm.checkpoint import load_weights
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
@@ -166,8 +166,8 @@ def test_class_label_enters_through_label_emb_as_in_sd(control_config, unet_stat
 
 def test_builds_from_yaml_config(unet_config, control_config):
     for target, params in [
-        ("fcdiffusion.control_net.FreqControlNet", control_config),
-        ("fcdiffusion.controlled_unet.ControlledUnetModel", unet_config),
+        ("fcdiffusion.core.control_net.FreqControlNet", control_config),
+        ("fcdiffusion.core.controlled_unet.ControlledUnetModel", unet_config),
     ]:
         model = instantiate_from_config(OmegaConf.create({"target": target, "params": params}))
         assert type(model).__name__ == target.rsplit(".", 1)[1]

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import training_data_prepare
-from fcdiffusion.dataset import FCDiffusionDataset, load_image, prepare_image
-from fcdiffusion.demo_data import CAPTIONS, export_demo_dataset
+from fcdiffusion.train.dataset import FCDiffusionDataset, load_image, prepare_image
+from fcdiffusion.train.demo_data import CAPTIONS, export_demo_dataset
 
 
 def save(path: Path, image: np.ndarray, caption: str | None = None) -> None:
@@ -119,7 +119,7 @@ def test_dataset_skips_bad_images_and_counts_them(photo_tree: Path, caplog) -> N
     index = write_index(photo_tree / "mixed.json", ["data/00000/astronaut.jpg", "data/00001/broken.jpg",
                                                     "data/gone.png", "data/00000/chelsea.png"])
     dataset = FCDiffusionDataset(index, resolution=32)
-    with caplog.at_level(logging.WARNING, logger="fcdiffusion.dataset"):
+    with caplog.at_level(logging.WARNING, logger="fcdiffusion.train.dataset"):
         item = dataset[1]
     assert item["txt"] == "data/00000/chelsea.png"  # the next good sample stands in
     assert item["jpg"].shape == (32, 32, 3)

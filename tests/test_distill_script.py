@@ -8,9 +8,9 @@ import shutil
 import torch
 
 import fcdiffusion_distill
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.paths import LAST_CHECKPOINT, distill_checkpoint_dir, student_file
-from fcdiffusion.weights import load_student, recorded
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.paths import LAST_CHECKPOINT, distill_checkpoint_dir, student_file
+from fcdiffusion.core.weights import load_student, recorded
 from ldm.checkpoint import load_checkpoint, load_state_dict
 from tests.helpers import distill_args
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fcdiffusion.distiller import DistillOptions, FrequencyDistiller, band_energies
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.weights import ModeMismatchError, UntrainedTeacherError, teacher_model_config
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.weights import ModeMismatchError, UntrainedTeacherError, teacher_model_config
+from fcdiffusion.train.distiller import DistillOptions, FrequencyDistiller, band_energies
 from ldm.util import load_config
 from tests.helpers import SD_DISTILL_CONFIG, teacher_paths
 
@@ -146,9 +146,9 @@ def test_sd21_distiller_on_meta_holds_under_45_percent_of_five_models():
 
 def test_benchmark_builds_the_sd21_architecture_at_a_reduced_resolution():
     """The speed benchmark times SD 2.1-base at 128 px: bands scaled to the 16x16 latent, student alongside."""
-    from fcdiffusion.benchmark import resized_config
-    from fcdiffusion.student import student_config
-    from fcdiffusion.weights import build_on_meta
+    from fcdiffusion.apps.benchmark import resized_config
+    from fcdiffusion.core.student import student_config
+    from fcdiffusion.core.weights import build_on_meta
 
     config = resized_config(teacher_model_config(load_config(SD_DISTILL_CONFIG)), 128)
     assert config["params"]["image_size"] == 16 and config["params"]["frequency_thresholds"]["high_threshold"] == 12

@@ -7,8 +7,8 @@ import skimage.data
 import torch
 from scipy.fft import dctn
 
-from fcdiffusion.evaluation.band_fidelity import band_retrieval, band_scores, latent_band_scores, pixel_thresholds
-from fcdiffusion.frequency import CONTROL_MODES, band_limits, band_mask, dct_2d, filter_dct, idct_2d
+from fcdiffusion.core.band_fidelity import band_retrieval, band_scores, latent_band_scores, pixel_thresholds
+from fcdiffusion.core.frequency import CONTROL_MODES, band_limits, band_mask, dct_2d, filter_dct, idct_2d
 from tests.helpers import teacher_paths
 
 THRESHOLDS = {"mini_threshold": 2, "low_threshold": 7, "mid_low": 5, "mid_high": 10, "high_threshold": 12}
@@ -80,7 +80,7 @@ def test_mini_pass_compares_energies_so_its_shuffle_keeps_fidelity():
 
 def test_pixel_thresholds_scale_with_the_image_and_latent_scores_use_the_model(workdir):
     assert pixel_thresholds(THRESHOLDS, 128, 16) == {k: 8 * v for k, v in THRESHOLDS.items()}
-    from fcdiffusion.weights import load_teacher
+    from fcdiffusion.core.weights import load_teacher
 
     teacher = load_teacher(teacher_paths(workdir / "logs")["low_pass"]).eval()
     images = photos(128).float()

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import evaluate
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.paths import student_file
 from fcdiffusion.evaluation.pairs import match_pairs, parse_result
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.paths import student_file
 from tests.helpers import PHOTOS, TINY_CLIP_ARCH, TINY_CLIP_CONFIG
 from tests.test_inference import load_script
 
@@ -87,7 +87,7 @@ def test_evaluate_writes_metrics_table_and_plot(translated, workdir, distilled, 
 
 def make_self_results(workdir, tmp_path):
     """The source photos saved as results of every mode (128 px, as the translations are)."""
-    from fcdiffusion.dataset import load_image
+    from fcdiffusion.train.dataset import load_image
 
     folder = tmp_path / "identity"
     folder.mkdir()

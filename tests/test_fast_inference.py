@@ -11,13 +11,13 @@ import torch
 from omegaconf import OmegaConf
 
 import export_delta
-from fcdiffusion.benchmark import format_tables, weight_file_bytes
-from fcdiffusion.dataset import load_image
-from fcdiffusion.distiller import FrequencyDistiller
-from fcdiffusion.inference import Translator
-from fcdiffusion.paths import student_file
-from fcdiffusion.precision import prepare_for_inference
-from fcdiffusion.weights import CONTROL_PREFIX, load_model, load_student, load_teacher, teacher_model_config
+from fcdiffusion.apps.benchmark import format_tables, weight_file_bytes
+from fcdiffusion.core.inference import Translator
+from fcdiffusion.core.paths import student_file
+from fcdiffusion.core.precision import prepare_for_inference
+from fcdiffusion.core.weights import CONTROL_PREFIX, load_model, load_student, load_teacher, teacher_model_config
+from fcdiffusion.train.dataset import load_image
+from fcdiffusion.train.distiller import FrequencyDistiller
 from ldm.checkpoint import CheckpointMismatchError, load_checkpoint, save_state_dict
 from ldm.util import load_config
 from tests.helpers import PHOTOS, ROOT, SD_DISTILL_CONFIG, teacher_paths

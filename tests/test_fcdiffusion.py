@@ -4,8 +4,8 @@ import torch
 from omegaconf import OmegaConf
 
 import tool_add_control_sd21
-from fcdiffusion.frequency import CONTROL_MODES, frequency_control
-from fcdiffusion.weights import UntrainedTeacherError, check_trained_teacher, load_teacher
+from fcdiffusion.core.frequency import CONTROL_MODES, frequency_control
+from fcdiffusion.core.weights import UntrainedTeacherError, check_trained_teacher, load_teacher
 from ldm.checkpoint import load_state_dict
 from ldm.util import instantiate_from_config, load_config, without_text_encoder_file
 from tests.helpers import TINY_CONFIG, tiny_model

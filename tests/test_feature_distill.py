@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fcdiffusion.distiller import DistillOptions, FrequencyDistiller
-from fcdiffusion.feature_distill import FeatureTap, feature_blocks, transformer_layers
-from fcdiffusion.student import student_config
-from fcdiffusion.weights import build_on_meta
+from fcdiffusion.core.student import student_config
+from fcdiffusion.core.weights import build_on_meta
+from fcdiffusion.train.distiller import DistillOptions, FrequencyDistiller
+from fcdiffusion.train.feature_distill import FeatureTap, feature_blocks, transformer_layers
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from tests.helpers import teacher_paths

@@ -9,7 +9,7 @@ import scipy.fft
 import skimage.data
 import torch
 
-from fcdiffusion.frequency import (
+from fcdiffusion.core.frequency import (
     CONTROL_MODES,
     band_mask,
     check_band,

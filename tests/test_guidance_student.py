@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import fcdiffusion_distill
-from fcdiffusion import benchmark
-from fcdiffusion.demo_app import DemoInputError, load_demo, model_resolution
-from fcdiffusion.distiller import FrequencyDistiller
-from fcdiffusion.inference import Translator
-from fcdiffusion.paths import student_file
-from fcdiffusion.student import FCDiffusionStudent
-from fcdiffusion.weights import load_student, recorded
+from fcdiffusion.apps import benchmark
+from fcdiffusion.apps.demo_app import DemoInputError, load_demo, model_resolution
+from fcdiffusion.core.inference import Translator
+from fcdiffusion.core.paths import student_file
+from fcdiffusion.core.student import FCDiffusionStudent
+from fcdiffusion.core.weights import load_student, recorded
+from fcdiffusion.train.distiller import FrequencyDistiller
 from ldm.checkpoint import load_checkpoint
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from tests.helpers import PHOTOS, ROOT, distill_args, teacher_paths

@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fcdiffusion.benchmark import end_to_end
-from fcdiffusion.dataset import load_image
-from fcdiffusion.distiller import FrequencyDistiller
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.images import to_uint8
-from fcdiffusion.inference import Translator, seeded_noise
-from fcdiffusion.paths import student_file
-from fcdiffusion.student import FCDiffusionStudent
-from fcdiffusion.weights import load_student, load_teacher
+from fcdiffusion.apps.benchmark import end_to_end
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.images import to_uint8
+from fcdiffusion.core.inference import Translator, seeded_noise
+from fcdiffusion.core.paths import student_file
+from fcdiffusion.core.student import FCDiffusionStudent
+from fcdiffusion.core.weights import load_student, load_teacher
+from fcdiffusion.train.dataset import load_image
+from fcdiffusion.train.distiller import FrequencyDistiller
 from ldm.checkpoint import load_state_dict, save_state_dict
 from tests.helpers import PHOTOS, ROOT, TINY_DISTILL_CONFIG, teacher_paths
 

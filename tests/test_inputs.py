@@ -10,9 +10,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from fcdiffusion.image_folder import prompted_images
-from fcdiffusion.inference import Translator
-from fcdiffusion.paths import student_file
+from fcdiffusion.core.inference import Translator
+from fcdiffusion.core.paths import student_file
+from fcdiffusion.train.image_folder import prompted_images
 from tests.test_inference import load_script
 
 

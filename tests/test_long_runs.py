@@ -23,11 +23,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import fcdiffusion_distill
 import fcdiffusion_train
-from fcdiffusion.ema import EMACallback, ExponentialMovingAverage, averaged_weights
-from fcdiffusion.lr_schedule import LRSchedule
-from fcdiffusion.paths import LAST_CHECKPOINT, distill_checkpoint_dir, student_file, teacher_checkpoint_dir
-from fcdiffusion.shards import ShardStream
-from fcdiffusion.training import RUN_DEFAULTS, RunGuard, build_trainer, check_train_section
+from fcdiffusion.core.paths import LAST_CHECKPOINT, distill_checkpoint_dir, student_file, teacher_checkpoint_dir
+from fcdiffusion.train.ema import EMACallback, ExponentialMovingAverage, averaged_weights
+from fcdiffusion.train.lr_schedule import LRSchedule
+from fcdiffusion.train.shards import ShardStream
+from fcdiffusion.train.training import RUN_DEFAULTS, RunGuard, build_trainer, check_train_section
 from ldm.checkpoint import load_checkpoint
 from tests.helpers import TINY_CONFIG, distill_args, train_args, write_shards
 
@@ -160,7 +160,7 @@ def test_clipping_accumulation_validation_and_tensorboard_go_to_lightning(tmp_pa
 
 def test_shards_skip_and_count_a_corrupt_member_and_split_over_ranks_and_workers(shards, caplog):
     streams = [ShardStream(shards, resolution=64, rank=rank, world_size=2) for rank in (0, 1)]
-    with caplog.at_level(logging.WARNING, logger="fcdiffusion.dataset"):
+    with caplog.at_level(logging.WARNING, logger="fcdiffusion.train.dataset"):
         samples = [[item for item, _ in zip(stream, range(6))] for stream in streams]  # three passes each
     paths = [{item["path"] for item in ranks} for ranks in samples]
     assert paths[0].isdisjoint(paths[1]) and all(len(p) == 2 for p in paths)  # all four photos, each on one rank
@@ -208,7 +208,7 @@ def test_a_teacher_from_shards_validates_keeps_the_best_and_its_ema_and_schedule
                       "--keep_best", "1", "--ema_decay", "0.9", "--warmup_steps", "2", "--lr_schedule", "cosine",
                       "--gradient_clip_val", "1.0", "--max_steps", "5", "--checkpoint_every", "1",
                       "--log_images_every", "0", "model.params.ddim_steps=2")
-    with caplog.at_level(logging.WARNING, logger="fcdiffusion.dataset"):
+    with caplog.at_level(logging.WARNING, logger="fcdiffusion.train.dataset"):
         assert fcdiffusion_train.main(args, extra_callbacks=[KillAt(2)]) == 128 + signal.SIGTERM
     assert "skipping unreadable image" in caplog.text and "00001.tar:000019999" in caplog.text  # skipped, counted
     killed = ckpt(folder / LAST_CHECKPOINT)

@@ -1,7 +1,7 @@
 """Loss curves: a run's CSV versions joined by step (a resumed run's later version wins), and the figure."""
 from PIL import Image
 
-from fcdiffusion.loss_curves import plot_losses, read_losses, smooth
+from fcdiffusion.train.loss_curves import plot_losses, read_losses, smooth
 
 
 def write_csv(path, rows):

@@ -10,8 +10,8 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 import train_sd
-from fcdiffusion.dataset import Augment, FCDiffusionDataset, prepare_image
-from fcdiffusion.pretraining import SD_SCALE_FACTOR, latent_std, normalise_latents, reconstruction_psnr
+from fcdiffusion.train.dataset import Augment, FCDiffusionDataset, prepare_image
+from fcdiffusion.train.pretraining import SD_SCALE_FACTOR, latent_std, normalise_latents, reconstruction_psnr
 from ldm.checkpoint import load_checkpoint, load_weights
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -166,8 +166,8 @@ def resampled(x: torch.Tensor, sharpening: float = 1.0) -> torch.Tensor:
 
 
 def test_resampler_start_pools_and_upsamples_the_photos():
-    from fcdiffusion.demo_data import load_photo
-    from fcdiffusion.resampler_init import init_as_resampler
+    from fcdiffusion.train.demo_data import load_photo
+    from fcdiffusion.train.resampler_init import init_as_resampler
 
     vae = init_as_resampler(tiny_autoencoder()).eval()
     x = torch.from_numpy(np.stack([prepare_image(Image.fromarray(load_photo(n)), 128) for n in ("chelsea", "rocket")]))
@@ -187,7 +187,7 @@ def test_resampler_start_pools_and_upsamples_the_photos():
 
 
 def test_resampler_start_needs_norm_groups_of_four_channels(tiny_files, capsys):
-    from fcdiffusion.resampler_init import init_as_resampler
+    from fcdiffusion.train.resampler_init import init_as_resampler
 
     config = OmegaConf.to_container(load_config(AUTOENCODER_CONFIG).model.params.ddconfig)
     with pytest.raises(ValueError, match="norm_groups"):

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 import quickstart
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.weights import recorded
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.weights import recorded
 from ldm.checkpoint import load_checkpoint
 
 PHOTOS = ["rocket", "moon"]

@@ -15,8 +15,8 @@ import torch
 
 import fcdiffusion_distill
 import fcdiffusion_train
-from fcdiffusion.paths import LAST_CHECKPOINT, distill_checkpoint_dir, teacher_checkpoint_dir
-from fcdiffusion.training import run_folder_lock
+from fcdiffusion.core.paths import LAST_CHECKPOINT, distill_checkpoint_dir, teacher_checkpoint_dir
+from fcdiffusion.train.training import run_folder_lock
 from tests.helpers import ROOT, distill_args, train_args
 
 

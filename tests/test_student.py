@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fcdiffusion.distiller import FrequencyDistiller
-from fcdiffusion.student import FCDiffusionStudent, LoRALinear, student_config
-from fcdiffusion.weights import build_on_meta, load_student
+from fcdiffusion.core.student import FCDiffusionStudent, LoRALinear, student_config
+from fcdiffusion.core.weights import build_on_meta, load_student
+from fcdiffusion.train.distiller import FrequencyDistiller
 from ldm.checkpoint import CheckpointMismatchError, load_state_dict, save_state_dict
 from ldm.util import instantiate_from_config
 from tests.helpers import teacher_paths, with_params

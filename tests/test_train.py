@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 import fcdiffusion_train
-from fcdiffusion.weights import load_teacher
+from fcdiffusion.core.weights import load_teacher
 from ldm.checkpoint import load_state_dict
 from tests.helpers import train_args, write_shards
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tool_add_control_sd21
-from fcdiffusion.weights import load_teacher
+from fcdiffusion.core.weights import load_teacher
 from ldm.checkpoint import (
     CheckpointMismatchError,
     CheckpointReadError,

@@ -12,7 +12,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from fcdiffusion.paths import OPENCLIP_CHECKPOINT
+from fcdiffusion.core.paths import OPENCLIP_CHECKPOINT
 from ldm.checkpoint import check_state_dict, load_state_dict
 from ldm.modules.encoders.modules import _quiet_random_init, causal_mask, register_open_clip_config
 

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.image_folder import prompted_images
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.train.image_folder import prompted_images
 
 
 @dataclass(frozen=True)

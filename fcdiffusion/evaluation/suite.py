@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from fcdiffusion.dataset import load_image
-from fcdiffusion.evaluation.band_fidelity import band_retrieval, band_scores, latent_band_scores, pixel_thresholds
+from fcdiffusion.core.band_fidelity import band_retrieval, band_scores, latent_band_scores, pixel_thresholds
+from fcdiffusion.core.inference import encode_images
 from fcdiffusion.evaluation.pairs import Pair, match_pairs
-from fcdiffusion.inference import encode_images
+from fcdiffusion.train.dataset import load_image
 from ldm.util import atomic_path, atomic_write_text
 
 METRICS = ("band", "band_retrieval", "teacher_agreement", "clip_score", "dino_structure", "lpips", "fid")

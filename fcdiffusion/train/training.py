@@ -8,9 +8,9 @@ error, and a learning rate changed between runs is applied (and said).
 
 What a long run adds, all through Lightning: validation every `val_every` optimizer steps on `val_data` with the
 best `keep_best` checkpoints kept by `val/loss` (`best-*.ckpt`, beside `step-*.ckpt` and `last.ckpt`); an EMA of
-the trained weights (`fcdiffusion.ema`); a learning-rate warm-up and schedule (`fcdiffusion.lr_schedule`),
+the trained weights (`fcdiffusion.train.ema`); a learning-rate warm-up and schedule (`fcdiffusion.train.lr_schedule`),
 gradient clipping and accumulation (Trainer arguments); metrics and image grids in TensorBoard event files
-beside the CSV ones; and tar shards as training data (`fcdiffusion.shards`). A checkpoint holds the step count,
+beside the CSV ones; and tar shards as training data (`fcdiffusion.train.shards`). A checkpoint holds the step count,
 the optimizer, the scheduler, the EMA and the best-k bookkeeping, so a resumed run continues all of them.
 """
 from __future__ import annotations
@@ -37,12 +37,12 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from fcdiffusion.data_module import RunData
-from fcdiffusion.dataset import LATENT_GRID, Augment
-from fcdiffusion.ema import EMACallback, shards_parameters
-from fcdiffusion.image_logger import ImageLogger
-from fcdiffusion.lr_schedule import LRSchedule
-from fcdiffusion.paths import LAST_CHECKPOINT
+from fcdiffusion.core.paths import LAST_CHECKPOINT
+from fcdiffusion.train.data_module import RunData
+from fcdiffusion.train.dataset import LATENT_GRID, Augment
+from fcdiffusion.train.ema import EMACallback, shards_parameters
+from fcdiffusion.train.image_logger import ImageLogger
+from fcdiffusion.train.lr_schedule import LRSchedule
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fcdiffusion.frequency import CONTROL_MODES, check_control_mode
-from fcdiffusion.model import Cond, FrequencyControlledLDM
+from fcdiffusion.core.frequency import CONTROL_MODES, check_control_mode
+from fcdiffusion.core.model import Cond, FrequencyControlledLDM
 from ldm.models.diffusion.ddim import trailing_timesteps
 from ldm.modules.attention import CrossAttention
 
 TRAINABLE_PARTS = ("control_net", "output_blocks", "lora")
-STUDENT_TARGET = "fcdiffusion.student.FCDiffusionStudent"
+STUDENT_TARGET = "fcdiffusion.core.student.FCDiffusionStudent"
 STUDENT_OPTIONS = ("trainable", "lora_rank", "lora_alpha")
 MODE_LABEL_KEY = "control_model.label_emb.weight"
 GUIDANCE_PREFIX = "control_model.guidance_emb."

@@ -10,15 +10,15 @@ weighting up the band its teacher controls.
 Options beyond that (`DistillOptions`): the teacher's sub-steps may be DPM-Solver++(2M) (`teacher_sampler`); a
 guidance-conditioned student (`guidance_range`, Meng et al. 2023; CoDi samples w the same way) draws w per
 example uniformly from the range and the teacher's sub-steps use that w; feature terms (`feature_weights`,
-`fcdiffusion.feature_distill`) compare the student's intermediate features and cross-attention maps with the
+`fcdiffusion.train.feature_distill`) compare the student's intermediate features and cross-attention maps with the
 teacher's conditional forward at (x_t, t); and `loss_stages` changes the terms' weights from a given step on.
 
 Memory: teachers and student are built on the meta device and adopt their checkpoints' tensors, every frozen
-tensor held once (`fcdiffusion.weights`). Teachers are not submodules: they stay out of the distiller's
+tensor held once (`fcdiffusion.core.weights`). Teachers are not submodules: they stay out of the distiller's
 checkpoints (which hold only the student) but follow `.to()` / `.half()` through `_apply`. `distill.teacher_dtype`
 (bf16/fp16) holds the teachers' tensors and the frozen base they share with the student in that dtype, while the
 student's trained tensors stay float32 (train in fp32 or mixed precision): layers cast their inputs to their
-own weights' dtype (`fcdiffusion.precision.follow_weight_dtype`), and the noise-schedule buffers stay float32.
+own weights' dtype (`fcdiffusion.core.precision.follow_weight_dtype`), and the noise-schedule buffers stay float32.
 """
 from __future__ import annotations
 
@@ -37,16 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fcdiffusion.ema import averaged_weights
-from fcdiffusion.feature_distill import FeatureTap, check_feature_name, feature_term
-from fcdiffusion.frequency import CONTROL_MODES, band_mask, check_control_mode, dct_2d
-from fcdiffusion.inference import Translator, batch_images
-from fcdiffusion.lr_schedule import LRSchedule
-from fcdiffusion.model import Cond, FCDiffusion
-from fcdiffusion.precision import cast_parameters, follow_weight_dtype, precision_dtype, resident_bytes
-from fcdiffusion.student import STUDENT_OPTIONS, student_config
-from fcdiffusion.validation import agreement_metrics, seeded
-from fcdiffusion.weights import (
+from fcdiffusion.core.frequency import CONTROL_MODES, band_mask, check_control_mode, dct_2d
+from fcdiffusion.core.inference import Translator, batch_images
+from fcdiffusion.core.model import Cond, FCDiffusion
+from fcdiffusion.core.precision import cast_parameters, follow_weight_dtype, precision_dtype, resident_bytes
+from fcdiffusion.core.student import STUDENT_OPTIONS, student_config
+from fcdiffusion.core.weights import (
     WeightAdopter,
     adopt_student,
     build_on_meta,
@@ -54,6 +50,10 @@ from fcdiffusion.weights import (
     finish_loading,
     teacher_mode,
 )
+from fcdiffusion.train.ema import averaged_weights
+from fcdiffusion.train.feature_distill import FeatureTap, check_feature_name, feature_term
+from fcdiffusion.train.lr_schedule import LRSchedule
+from fcdiffusion.train.validation import agreement_metrics, seeded
 from ldm.checkpoint import load_checkpoint, save_state_dict
 from ldm.models.diffusion.ddim import (
     cat_cond,
@@ -470,17 +470,18 @@ class FrequencyDistiller(pl.LightningModule):
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         """`val/loss` and its parts (the training logs, renamed) over every mode and evenly over the student's steps,
         with noise and every other draw seeded by the batch's position; on the first (fixed) batch also the
-        student's agreement with its teachers and its band fidelity (`fcdiffusion.validation.agreement_metrics`)."""
+        student's agreement with its teachers and its band fidelity (`train.validation.agreement_metrics`)."""
         with seeded(batch_idx, self.device):
             z, context = self.student.get_input(batch)
             step_index = torch.arange(z.shape[0] * len(self.modes), device=z.device) % self.options.student_steps
             _, logs = self.distillation_loss(z, context, list(self.modes), step_index=step_index)
         logs = {f"val/{name.split('/', 1)[-1]}": value for name, value in logs.items()}
         if batch_idx == 0:
-            logs.update(agreement_metrics(self, batch))
+            logs.update(agreement_metrics(self.student, self.teachers, batch,
+                                             self.__dict__.setdefault("_validation_references", {})))
         self.log_dict(logs, batch_size=z.shape[0], sync_dist=True)
 
-    lr_schedule = LRSchedule()  # `fcdiffusion.training.fit` sets the run's
+    lr_schedule = LRSchedule()  # `fcdiffusion.train.training.fit` sets the run's
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the student's trained parameters, its learning rate following `lr_schedule` step by step."""
@@ -495,7 +496,7 @@ class FrequencyDistiller(pl.LightningModule):
 
     def export_student(self, path: str | os.PathLike) -> None:
         """Write the student's weights alone with their metadata (atomically): `load_student(path)` rebuilds it.
-        With EMA on (`fcdiffusion.ema`), the averaged weights."""
+        With EMA on (`fcdiffusion.train.ema`), the averaged weights."""
         with averaged_weights(self):
             save_state_dict(self.student.state_dict(), path, self.student_metadata())
 

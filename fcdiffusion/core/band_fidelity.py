@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from fcdiffusion.frequency import band_limits, band_mask, dct_2d, index_sum, scale_thresholds
-from fcdiffusion.inference import encode_images
+from fcdiffusion.core.frequency import band_limits, band_mask, dct_2d, index_sum, scale_thresholds
+from fcdiffusion.core.inference import encode_images
 
 
 def _level_energies(spectrum: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 ``export_demo_dataset(root)`` writes ``root/00000/<name>.png`` + ``<name>.txt`` with a hand-written
 caption, the layout ``training_data_prepare.py`` indexes; smoke-test training and sampling with it:
 
-    python -m fcdiffusion.demo_data --root datasets/demo
+    python -m fcdiffusion.train.demo_data --root datasets/demo
     python training_data_prepare.py --data_root datasets/demo --output datasets/demo.json
 
 Grayscale photos are replicated to three channels. Files whose content is already right are not

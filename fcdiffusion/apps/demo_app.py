@@ -2,7 +2,7 @@
 
 `load_demo` loads the weights once, at start-up: the distilled student (every mode, a few guidance-free steps)
 and/or the four teachers (one mode each, guided DDIM). `Demo.translate` checks one request and runs it through
-`fcdiffusion.inference.Translator`, the pipeline `test_distillation.py` uses, so the page shows what the script
+`fcdiffusion.core.inference.Translator`, the pipeline `test_distillation.py` uses, so the page shows what the script
 would write for the same photo, prompt, steps and seed. `build_app` wraps that in a Gradio page in which a bad
 request (no photo, an unreadable or huge file, an empty prompt, ...) becomes a message while the server keeps
 serving; `launch` starts it.
@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fcdiffusion.benchmark import synchronize
-from fcdiffusion.dataset import LATENT_GRID, prepare_image
-from fcdiffusion.demo_data import CAPTIONS, load_photo
-from fcdiffusion.frequency import CONTROL_MODES
-from fcdiffusion.images import to_uint8
-from fcdiffusion.inference import Translator
-from fcdiffusion.model import FrequencyControlledLDM
-from fcdiffusion.paths import DOWNLOAD_HELP, student_file, teacher_checkpoint
-from fcdiffusion.weights import load_student, load_teacher
+from fcdiffusion.core.devices import synchronize
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.images import to_uint8
+from fcdiffusion.core.inference import Translator
+from fcdiffusion.core.model import FrequencyControlledLDM
+from fcdiffusion.core.paths import DOWNLOAD_HELP, student_file, teacher_checkpoint
+from fcdiffusion.core.weights import load_student, load_teacher
+from fcdiffusion.train.dataset import LATENT_GRID, prepare_image
+from fcdiffusion.train.demo_data import CAPTIONS, load_photo
 
 # What `make quickstart` writes: tiny models that run on a CPU.
 DEFAULT_LOGDIR = Path("outputs/quickstart/lightning_logs")

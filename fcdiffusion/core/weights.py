@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from fcdiffusion.frequency import check_control_mode
-from fcdiffusion.model import FCDiffusion
-from fcdiffusion.precision import cast_parameters, precision_dtype
-from fcdiffusion.student import MODE_LABEL_KEY, FCDiffusionStudent, student_config
+from fcdiffusion.core.frequency import check_control_mode
+from fcdiffusion.core.model import FCDiffusion
+from fcdiffusion.core.precision import cast_parameters, precision_dtype
+from fcdiffusion.core.student import MODE_LABEL_KEY, FCDiffusionStudent, student_config
 from ldm.checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint, save_state_dict
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
@@ -207,15 +207,32 @@ def check_trained_teacher(state_dict: Mapping[str, torch.Tensor], source: str) -
             "and pass the checkpoint training writes")
 
 
+# Classes that weight files written before the layered package (0.2) name by their old module.
+MOVED_TARGETS = {f"fcdiffusion.{old}": f"fcdiffusion.core.{old}" for old in (
+    "model.FCDiffusion", "student.FCDiffusionStudent", "control_net.FreqControlNet",
+    "controlled_unet.ControlledUnetModel")}
+
+
+def upgrade_targets(config: Any) -> Any:
+    """`config` with every `target:` that names a class by its old module (`MOVED_TARGETS`) renamed, so weight
+    files and YAML configs from before the layered package still build."""
+    if isinstance(config, Mapping):
+        return {k: MOVED_TARGETS.get(v, v) if k == "target" and isinstance(v, str) else upgrade_targets(v)
+                for k, v in config.items()}
+    if isinstance(config, list):
+        return [upgrade_targets(v) for v in config]
+    return config
+
+
 def _config(metadata: Mapping[str, str], config: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
     """An explicit config wins; else the one the file records; else an error saying what to pass."""
     if config is not None:
-        return dict(config)
+        return upgrade_targets(dict(config))
     found = recorded(metadata, "config")
     if found is None:
         raise ValueError(f"{source} records no model config (written before weight files described themselves); "
                          f"pass the config it was trained with (--config)")
-    return found
+    return upgrade_targets(found)
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from typing import Any
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
-from fcdiffusion.dataset import Augment, SkipsUnreadable, load_image
-from fcdiffusion.image_folder import IMAGE_SUFFIXES
+from fcdiffusion.train.dataset import Augment, SkipsUnreadable, load_image
+from fcdiffusion.train.image_folder import IMAGE_SUFFIXES
 
 SHUFFLE_BUFFER = 1000  # encoded samples (tens of kB each) per worker
 IMAGE_MEMBERS = tuple(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)

@@ -5,7 +5,7 @@ resolved against the directory of that file (the convention the script writes), 
 directory.
 
 A sample that fails to load (missing, truncated or corrupt file) is logged, counted and replaced by the
-next index, so one bad file in a large crawl never stops training; the shard stream (`fcdiffusion.shards`) skips
+next index, so one bad file in a large crawl never stops training; the shard stream (`fcdiffusion.train.shards`) skips
 and counts bad members the same way (`SkipsUnreadable`). Counts live on the dataset object:
 each DataLoader worker process holds its own copy, so with ``num_workers > 0`` the counters of the
 dataset in the main process stay at zero and each worker's copy counts what that worker saw (they

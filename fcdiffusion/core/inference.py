@@ -8,14 +8,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from einops import rearrange
 
-if TYPE_CHECKING:
-    from fcdiffusion.model import FrequencyControlledLDM
+
+class Translatable(Protocol):
+    """What the pipeline needs of a model: the interface `fcdiffusion.core.model.FrequencyControlledLDM` gives
+    teachers and the student (declared here so the model can use the pipeline without an import circle)."""
+
+    modes: tuple[str, ...]
+    device: torch.device
+
+    def check_mode(self, mode: str) -> str: ...
+    def condition(self, z: torch.Tensor, context: torch.Tensor, mode: str,
+                  generator: torch.Generator | None = None) -> dict[str, Any]: ...
+    def sample(self, cond: dict[str, Any], x_T: torch.Tensor, steps: int | None = None,
+               guidance_scale: float | None = None, verbose: bool = False, sampler: str | None = None,
+               spacing: str | None = None) -> torch.Tensor: ...
+    def get_learned_conditioning(self, prompts: Sequence[str]) -> torch.Tensor: ...
+    def encode_first_stage(self, x: torch.Tensor) -> Any: ...
+    def get_first_stage_encoding(self, posterior: Any, sample: bool = True) -> torch.Tensor: ...
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor: ...
 
 
 def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu",
@@ -29,7 +45,7 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.devic
 
 
 @torch.no_grad()
-def encode_images(model: FrequencyControlledLDM, images: torch.Tensor) -> torch.Tensor:
+def encode_images(model: Translatable, images: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> scaled latents, the VAE posterior's mean (what translation starts from).
 
     Contiguous first: convolutions may pick other kernels (other rounding) for other strides. The latents are
@@ -65,7 +81,7 @@ class Translator:
     it learned, in a few guidance-free steps (a guidance-conditioned student at the `guidance_scale` asked for).
     """
 
-    def __init__(self, model: FrequencyControlledLDM):
+    def __init__(self, model: Translatable):
         self.model = model
 
     @property

@@ -9,8 +9,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from fcdiffusion.ema import averaged_weights
-from fcdiffusion.images import labelled_grid, save_png
+from fcdiffusion.core.images import labelled_grid, save_png
+from fcdiffusion.train.ema import averaged_weights
 
 
 class ImageLogger(pl.Callback):

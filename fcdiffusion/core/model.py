@@ -6,9 +6,9 @@ the task: `mini_pass` style-guided content creation, `low_pass` semantic manipul
 translation, `high_pass` style translation.
 
 `FrequencyControlledLDM` is what the teacher (`FCDiffusion`, one mode) and the distilled student
-(`fcdiffusion.student.FCDiffusionStudent`, every mode) share, including the interface every caller uses:
+(`fcdiffusion.core.student.FCDiffusionStudent`, every mode) share, including the interface every caller uses:
 `condition(z, context, mode, generator)` builds the conditioning for a mode and `sample(cond, steps,
-guidance_scale, x_T)` turns it into latents, each model in its own way. `fcdiffusion.inference.Translator`
+guidance_scale, x_T)` turns it into latents, each model in its own way. `fcdiffusion.core.inference.Translator`
 wraps them into encode -> condition -> sample -> decode.
 """
 from __future__ import annotations
@@ -22,15 +22,19 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from fcdiffusion.control_net import ControlPair
-from fcdiffusion.frequency import CONTROL_MODES, check_band, check_control_mode, frequency_control
-from fcdiffusion.inference import Translator, batch_images, seeded_noise
-from fcdiffusion.lr_schedule import LRSchedule
-from fcdiffusion.validation import validation_timesteps
+from fcdiffusion.core.control_net import ControlPair
+from fcdiffusion.core.frequency import CONTROL_MODES, check_band, check_control_mode, frequency_control
+from fcdiffusion.core.inference import Translator, batch_images, seeded_noise
 from ldm.models.diffusion.ddpm import LatentDiffusion, freeze
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
 Cond = dict[str, Any]  # {"c_crossattn": [context], "c_concat": [control signal]} (+ "y": mode labels, student)
+
+
+def validation_timesteps(num_timesteps: int, count: int = 5) -> list[int]:
+    """`count` timesteps spread evenly over the schedule, each in the middle of its share (100, 300, ..., 900):
+    where a teacher's validation loss is measured, the same at every validation so successive values compare."""
+    return [int((i + 0.5) * num_timesteps / count) for i in range(count)]
 
 
 class FrequencyControlledLDM(LatentDiffusion):
@@ -41,7 +45,7 @@ class FrequencyControlledLDM(LatentDiffusion):
     """
 
     kind = "model"  # what `weights_metadata` calls this model: "teacher" or "student"
-    lr_schedule = LRSchedule()  # `fcdiffusion.training.fit` sets the run's
+    lr_schedule: Any = None  # the run's `LRSchedule`, set by `fcdiffusion.train.training.fit`; None: constant
 
     def __init__(
         self,
@@ -84,7 +88,8 @@ class FrequencyControlledLDM(LatentDiffusion):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the trained parameters, its learning rate following `lr_schedule` step by step."""
-        return self.lr_schedule.attach(torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate))
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        return {"optimizer": optimizer} if self.lr_schedule is None else self.lr_schedule.attach(optimizer)
 
     def train(self, mode: bool = True) -> FrequencyControlledLDM:
         """Keep the frozen UNet encoder in eval while training (its dropout off, like the rest of SD)."""

@@ -3,7 +3,7 @@ the Lightning loaders over them.
 
 Both are opened before any model is built, so a missing or malformed `--data` / `--val_data` fails at once. The
 training loader shuffles an index (Lightning adds a `DistributedSampler` under DDP) or streams shards
-(`fcdiffusion.shards`, placed per rank and worker by webdataset). The validation loader reads its index in order,
+(`fcdiffusion.train.shards`, placed per rank and worker by webdataset). The validation loader reads its index in order,
 so its first batch is the same at every validation (the fixed batch that image grids and per-batch metrics use).
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
-from fcdiffusion.dataset import Augment, FCDiffusionDataset
-from fcdiffusion.shards import ShardStream, is_shard_spec
+from fcdiffusion.train.dataset import Augment, FCDiffusionDataset
+from fcdiffusion.train.shards import ShardStream, is_shard_spec
 
 
 def open_index(path: str, what: str, resolution: int, augment: Augment | None = None) -> FCDiffusionDataset:

@@ -4,26 +4,19 @@ values compare and differ only because the weights changed.
 Teachers (`FCDiffusion.validation_step`) report the diffusion loss at `validation_timesteps`. The distiller
 (`FrequencyDistiller.validation_step`) reports its loss, and on the first validation batch `agreement_metrics`:
 per mode, how far the student's k-step result is from its teacher's own guided sampling, and how well it keeps
-the source's controlled band (`fcdiffusion.evaluation.band_fidelity`), as `evaluate.py` measures them.
+the source's controlled band (`fcdiffusion.core.band_fidelity`), as `evaluate.py` measures them.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from fcdiffusion.evaluation.band_fidelity import latent_band_scores
-from fcdiffusion.inference import Translator, batch_images, encode_images
-
-if TYPE_CHECKING:
-    from fcdiffusion.distiller import FrequencyDistiller
-
-
-def validation_timesteps(num_timesteps: int, count: int = 5) -> list[int]:
-    """`count` timesteps spread evenly over the schedule, each in the middle of its share (100, 300, ..., 900)."""
-    return [int((i + 0.5) * num_timesteps / count) for i in range(count)]
+from fcdiffusion.core.band_fidelity import latent_band_scores
+from fcdiffusion.core.inference import Translator, batch_images, encode_images
+from fcdiffusion.core.model import FCDiffusion, FrequencyControlledLDM
 
 
 @contextmanager
@@ -36,38 +29,39 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def teacher_references(distiller: FrequencyDistiller, z: torch.Tensor, context: torch.Tensor,
-                       prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+def teacher_references(student: FrequencyControlledLDM, teachers: Mapping[str, FCDiffusion], z: torch.Tensor,
+                       context: torch.Tensor, prompts: Sequence[str], cache: dict[Any, dict[str, torch.Tensor]]
+                       ) -> dict[str, torch.Tensor]:
     """Per mode, the encoded result of the teacher's own guided sampling (its steps and scale, seed 0) of these
-    sources; computed once per batch of prompts and kept, since the teachers are frozen."""
-    cache: dict[Any, dict[str, torch.Tensor]] = distiller.__dict__.setdefault("_validation_references", {})
+    sources; computed once per batch of prompts and kept in `cache`, since the teachers are frozen."""
     key = (tuple(prompts), tuple(z.shape), z.device, float(z.double().sum()))
     if key not in cache:
         references = {}
-        for mode in distiller.modes:
-            teacher = distiller.teachers[mode]
+        for mode, teacher in teachers.items():
             result = Translator(teacher).translate_latents(z, context, [mode], seed=0, decode_control=False)[mode]
-            references[mode] = encode_images(distiller.student, result.image)
+            references[mode] = encode_images(student, result.image)
         cache[key] = references
     return cache[key]
 
 
 @torch.no_grad()
-def agreement_metrics(distiller: FrequencyDistiller, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def agreement_metrics(student: FrequencyControlledLDM, teachers: Mapping[str, FCDiffusion], batch: Mapping[str, Any],
+                      cache: dict[Any, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """On `batch`, per mode: `val/teacher_latent_mse_<mode>` (the student's k-step result, seed 0, against its
     teacher's, both decoded and re-encoded, as evaluate.py's teacher_latent_mse), `val/band_error_<mode>` and
-    `val/band_freedom_<mode>` (latent space); and `val/teacher_latent_mse`, the mean over modes."""
-    student = distiller.student
+    `val/band_freedom_<mode>` (latent space); and `val/teacher_latent_mse`, the mean over modes. `cache` keeps the
+    teachers' results between validations."""
+    modes = list(teachers)
     images, prompts = batch_images(batch, student.first_stage_key, student.cond_stage_key)
     translator = Translator(student)
     z, context = translator.encode(images, prompts)
-    results = translator.translate_latents(z, context, distiller.modes, seed=0, decode_control=False)
-    references = teacher_references(distiller, z, context, prompts)
+    results = translator.translate_latents(z, context, modes, seed=0, decode_control=False)
+    references = teacher_references(student, teachers, z, context, prompts, cache)
     logs = {}
-    for mode in distiller.modes:
+    for mode in modes:
         output = results[mode].image
         logs[f"val/teacher_latent_mse_{mode}"] = (encode_images(student, output) - references[mode]).pow(2).mean()
         error, freedom = latent_band_scores(student, images, output, mode)
         logs[f"val/band_error_{mode}"], logs[f"val/band_freedom_{mode}"] = error.mean(), freedom.mean()
-    logs["val/teacher_latent_mse"] = torch.stack([logs[f"val/teacher_latent_mse_{m}"] for m in distiller.modes]).mean()
+    logs["val/teacher_latent_mse"] = torch.stack([logs[f"val/teacher_latent_mse_{m}"] for m in modes]).mean()
     return logs

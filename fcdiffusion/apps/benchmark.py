@@ -15,7 +15,7 @@
   delta weights files of a student and a teacher (tensor data, from shapes and dtypes), all at the SD 2.1-base
   config built on the meta device.
 
-Speed runs in the chosen precision (`fcdiffusion.precision`; fidelity stays float32). On CUDA each configuration
+Speed runs in the chosen precision (`fcdiffusion.core.precision`; fidelity stays float32). On CUDA each configuration
 is warmed up first, then timed over `repeats` passes with device synchronisation (min and median), and its peak
 GPU memory is recorded. The floor of a k-step student is what no pipeline can avoid: one text encoding, one VAE
 encode, one VAE decode and k network evaluations (control net + UNet), each timed alone; the end-to-end time
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,16 +34,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fcdiffusion.dataset import load_image, prepare_image
-from fcdiffusion.demo_data import CAPTIONS, load_photo
-from fcdiffusion.distiller import FrequencyDistiller
-from fcdiffusion.frequency import CONTROL_MODES, scale_thresholds
-from fcdiffusion.image_folder import prompted_images
-from fcdiffusion.inference import Translation, Translator, encode_images
-from fcdiffusion.model import FCDiffusion
-from fcdiffusion.precision import prepare_for_inference
-from fcdiffusion.student import FCDiffusionStudent, student_config
-from fcdiffusion.weights import CONTROL_PREFIX, adopt_student, build_on_meta, delta_keys, load_student, load_teacher
+from fcdiffusion.core.devices import synchronize
+from fcdiffusion.core.frequency import CONTROL_MODES, scale_thresholds
+from fcdiffusion.core.inference import Translation, Translator, encode_images
+from fcdiffusion.core.model import FCDiffusion
+from fcdiffusion.core.precision import prepare_for_inference
+from fcdiffusion.core.student import FCDiffusionStudent, student_config
+from fcdiffusion.core.weights import (
+    CONTROL_PREFIX,
+    adopt_student,
+    build_on_meta,
+    delta_keys,
+    load_student,
+    load_teacher,
+)
+from fcdiffusion.train.dataset import load_image, prepare_image
+from fcdiffusion.train.demo_data import CAPTIONS, load_photo
+from fcdiffusion.train.distiller import FrequencyDistiller
+from fcdiffusion.train.image_folder import prompted_images
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
 STUDENT_STEPS = (1, 2, 4)
@@ -54,27 +61,6 @@ SPEED_MODE = "mid_pass"
 TEACHER_BASELINES = {"teacher": ("ddim", "uniform"), "teacher_ddim_trailing": ("ddim", "trailing"),
                      "teacher_dpmpp_2m_trailing": ("dpmpp_2m", "trailing")}
 GUIDED_BASELINE = "teacher_dpmpp_2m_trailing"  # the one beside a guidance-conditioned student at each w
-
-
-def cpu_name() -> str:
-    """The CPU's model name where the OS says it (Linux), else the architecture."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return names[0] if names else platform.machine()
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} CPU, {torch.get_num_threads()} threads"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def demo_images(n: int, resolution: int) -> tuple[torch.Tensor, list[str]]:

@@ -1,0 +1,1 @@
+"""Applications built on the pipeline: the speed/fidelity/memory benchmark and the browser demo."""

@@ -1,0 +1,2 @@
+"""The models and what every job needs of them: frequency filters, control net, teacher, student, weight files,
+precision, and the one translation pipeline. Imports only `ldm` and itself."""
