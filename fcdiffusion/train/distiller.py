@@ -1,17 +1,19 @@
 """Unified frequency-aware distillation: four FCDiffusion teachers (one per control mode) -> one few-step student.
 
 Target (progressive distillation, Salimans & Ho 2022, with the guided teachers of Meng et al. 2023): the student
-samples in k steps on `trailing_timesteps(k)`. For a random student step t_i -> t_{i-1} (alpha 1 after the last)
-the teacher of the sample's mode runs n classifier-free-guided DDIM sub-steps from x_{t_i} = q_sample(z0, t_i)
-to t_{i-1}; the student's x0 target is the x0 for which ONE guidance-free DDIM step from x_{t_i} lands exactly on
-the teacher's x_{t_{i-1}} (`ddim_x0_target`). The x0 error is weighted per DCT band of i + j, each mode
-weighting up the band its teacher controls.
+samples in k steps on `trailing_timesteps(k)` (the scheduler it records, `DISTILLED_SCHEDULER`). For a random
+student step t_i -> t_{i-1} (alpha 1 after the last) the teacher of the sample's mode runs n
+classifier-free-guided DDIM sub-steps from x_{t_i} = q_sample(z0, t_i) to t_{i-1} (the shared sampling loop,
+`ldm.models.diffusion.sampling.sample`, on a grid of per-sample timesteps); the student's x0 target is the x0 for
+which ONE guidance-free DDIM step from x_{t_i} lands exactly on the teacher's x_{t_{i-1}} (`ddim_x0_target`). The
+x0 error is weighted per DCT band of i + j, each mode weighting up the band its teacher controls.
 
 Options beyond that (`DistillOptions`): the teacher's sub-steps may be DPM-Solver++(2M) (`teacher_sampler`); a
-guidance-conditioned student (`guidance_range`, Meng et al. 2023; CoDi samples w the same way) draws w per
-example uniformly from the range and the teacher's sub-steps use that w; feature terms (`feature_weights`,
-`fcdiffusion.train.feature_distill`) compare the student's intermediate features and cross-attention maps with the
-teacher's conditional forward at (x_t, t); and `loss_stages` changes the terms' weights from a given step on.
+guidance-conditioned student (`guidance_range`, Meng et al. 2023; CoDi samples w the same way) draws its
+guidance scale per example uniformly from the range and the teacher's sub-steps use that scale; feature terms
+(`feature_weights`, `fcdiffusion.train.feature_distill`) compare the student's intermediate features and
+cross-attention maps with the teacher's conditional forward at (x_t, t); and `loss_stages` changes the terms'
+weights from a given step on.
 
 Memory: teachers and student are built on the meta device and adopt their checkpoints' tensors, every frozen
 tensor held once (`fcdiffusion.core.weights`). Teachers are not submodules: they stay out of the distiller's
@@ -38,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fcdiffusion.core.frequency import CONTROL_MODES, band_mask, check_control_mode, dct_2d
+from fcdiffusion.core.guidance import check_guidance_range, check_guidance_scale
 from fcdiffusion.core.inference import Translator, batch_images
 from fcdiffusion.core.model import Cond, FCDiffusion
 from fcdiffusion.core.precision import cast_parameters, follow_weight_dtype, precision_dtype, resident_bytes
@@ -55,16 +58,10 @@ from fcdiffusion.train.feature_distill import FeatureTap, check_feature_name, fe
 from fcdiffusion.train.lr_schedule import LRSchedule
 from fcdiffusion.train.validation import agreement_metrics, seeded
 from ldm.checkpoint import load_checkpoint, save_state_dict
-from ldm.models.diffusion.ddim import (
-    cat_cond,
-    ddim_step,
-    ddim_x0_target,
-    guided_eps,
-    predicted_x0,
-    trailing_timesteps,
-)
-from ldm.models.diffusion.ddpm import SAMPLERS, freeze
-from ldm.models.diffusion.dpm_solver import dpmpp_2m_step
+from ldm.models.diffusion.ddim import ddim_x0_target, predicted_x0
+from ldm.models.diffusion.ddpm import freeze
+from ldm.models.diffusion.sampling import cat_cond, check_sampler, sample
+from ldm.models.diffusion.scheduler import Step, spaced_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +123,11 @@ class DistillOptions:
             unknown = sorted(set(weights) - set(self.bands))
             if unknown:
                 raise ValueError(f"band_weights.{mode} names unknown bands {unknown}; bands: {list(self.bands)}")
-        if self.teacher_sampler not in SAMPLERS:
-            raise ValueError(f"teacher_sampler must be one of {', '.join(SAMPLERS)}, got {self.teacher_sampler!r}")
-        if self.guidance_range is not None and (len(self.guidance_range) != 2
-                                                or not 0 <= self.guidance_range[0] <= self.guidance_range[1]):
-            raise ValueError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {self.guidance_range}")
+        check_sampler(self.teacher_sampler)
+        if self.guidance_range is not None:
+            check_guidance_range(self.guidance_range)
+        if self.guidance_scale is not None:
+            check_guidance_scale(self.guidance_scale, self.guidance_range)
         for name in self.feature_weights:
             check_feature_name(name)
         for stage in self.loss_stages:
@@ -247,7 +244,8 @@ class FrequencyDistiller(pl.LightningModule):
         self.band_limits = self.options.band_limits()
         self.band_names = list(self.options.bands)
         self.register_buffer("band_weights", self.options.weight_matrix(), persistent=False)
-        timesteps = trailing_timesteps(self.options.student_steps, self.student.num_timesteps)
+        timesteps = spaced_timesteps(self.options.student_steps, self.student.scheduler_config["spacing"],
+                                     self.student.num_timesteps)
         self.register_buffer("student_timesteps", torch.as_tensor(timesteps, device="cpu"), persistent=False)
         counts = self.parameter_counts()
         log.info("distiller: %d teachers (%s) + student; resident parameters %.2fM (unique tensors) vs %.2fM for "
@@ -315,32 +313,29 @@ class FrequencyDistiller(pl.LightningModule):
     def teacher_condition(cond: Cond) -> Cond:
         """A student's conditioning as a teacher takes it: the same prompt and control signal, no mode label and
         no guidance scale."""
-        return {k: v for k, v in cond.items() if k not in ("y", "w")}
+        return {k: v for k, v in cond.items() if k not in ("y", "guidance_scale")}
+
+    def teacher_steps(self, t: torch.Tensor, t_prev: torch.Tensor) -> list[Step]:
+        """The teacher's n sub-steps from t to t_prev (per sample, (N,)) as `sample` takes them: (s, a_s, a_next)
+        on the integer timesteps round(t + (t_prev - t) j / n), alpha 1 at t_prev = -1."""
+        n = self.options.teacher_substeps
+        grid = [torch.round(t + (t_prev - t) * (j / n)).long() for j in range(n + 1)]
+        return [(s.clamp(min=0), self.alpha_at(s), self.alpha_at(s_next)) for s, s_next in zip(grid[:-1], grid[1:])]
 
     @torch.no_grad()
     def teacher_solve(self, mode: str, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
                       cond: Cond) -> torch.Tensor:
-        """The teacher of `mode` from x at t to t_prev: n guided sub-steps on integer timesteps in between, DDIM
+        """The teacher of `mode` from x at t to t_prev: `sample` on its guided sub-steps (`teacher_steps`) with DDIM
         or DPM-Solver++(2M) (`teacher_sampler`; its first sub-step is first order, i.e. DDIM), at each sample's
-        w (`cond["w"]`) for a guidance-conditioned student, else at the one distillation scale."""
-        teacher, n = self._teachers[mode], self.options.teacher_substeps
-        scale = cond.get("w")
-        if scale is None:
-            scale = teacher.guidance_scale if self.options.guidance_scale is None else self.options.guidance_scale
+        `cond["guidance_scale"]` for a guidance-conditioned student, else at the one distillation scale."""
+        teacher = self._teachers[mode]
+        guidance_scale = cond.get("guidance_scale")
+        if guidance_scale is None:
+            guidance_scale = self.options.guidance_scale
+            guidance_scale = teacher.guidance_scale if guidance_scale is None else guidance_scale
         cond = self.teacher_condition(cond)
-        uncond = teacher.unconditional_conditioning(cond)
-        grid = [torch.round(t + (t_prev - t) * (j / n)).long() for j in range(n + 1)]
-        x0_prev = h_prev = None
-        for s, s_next in zip(grid[:-1], grid[1:]):
-            eps = guided_eps(teacher.apply_model, x, s.clamp(min=0), cond, uncond, scale)
-            a_s, a_next = self.alpha_at(s), self.alpha_at(s_next)
-            if self.options.teacher_sampler == "ddim":
-                x, _ = ddim_step(x, eps, a_s, a_next)
-            else:
-                x0 = predicted_x0(x, eps, a_s)
-                x, h_prev = dpmpp_2m_step(x, x0, a_s, a_next, x0_prev, h_prev)
-                x0_prev = x0
-        return x
+        return sample(teacher.apply_model, x, self.teacher_steps(t, t_prev), cond,
+                      teacher.unconditional_conditioning(cond), guidance_scale, sampler=self.options.teacher_sampler)
 
     @torch.no_grad()
     def teacher_targets(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, modes: Sequence[str],
@@ -389,12 +384,13 @@ class FrequencyDistiller(pl.LightningModule):
 
     def distillation_loss(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str],
                           step_index: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                          guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                          guidance_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and logs for latents z (B, C, H, W) with text context, trained on every mode in `modes`.
 
         Samples are ordered mode-major (B per mode); `step_index` (B * len(modes),) picks each one's student step,
-        `noise` its x_t and, for a guidance-conditioned student, `guidance` its w, all random when None (give them
-        for a reproducible loss). The terms' weights are those of the current global step (`loss_stages`).
+        `noise` its x_t and, for a guidance-conditioned student, `guidance_scale` its scale, all random when None
+        (give them for a reproducible loss). The terms' weights are those of the current global step
+        (`loss_stages`).
         """
         b, m = z.shape[0], len(modes)
         if step_index is None:
@@ -404,8 +400,9 @@ class FrequencyDistiller(pl.LightningModule):
         conds = [self.student.condition(z, context, mode) for mode in modes]
         if self.student.guidance_conditioned:
             low, high = self.student.guidance_range
-            w = torch.empty(b * m, device=z.device).uniform_(low, high) if guidance is None else guidance.to(z.device)
-            conds = [{**cond, "w": w[i * b:(i + 1) * b]} for i, cond in enumerate(conds)]
+            guidance_scale = torch.empty(b * m, device=z.device).uniform_(low, high) if guidance_scale is None \
+                else guidance_scale.to(z.device)
+            conds = [{**cond, "guidance_scale": guidance_scale[i * b:(i + 1) * b]} for i, cond in enumerate(conds)]
         z0 = z.repeat(m, 1, 1, 1)
         x_t = self.student.q_sample(z0, t, noise)
         target = self.teacher_targets(x_t, t, t_prev, modes, conds)
@@ -414,8 +411,7 @@ class FrequencyDistiller(pl.LightningModule):
         recording = self._taps["student"].recording(features) if features else contextlib.nullcontext({})
         with recording as student_features:
             eps, pairs = self.student.eps_and_control(x_t, t, functools.reduce(cat_cond, conds))
-        a_t = self.alpha_at(t)
-        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x0 = predicted_x0(x_t, eps, self.alpha_at(t))
 
         weighted, energies = self.band_loss(x0, target, modes)
         loss_distill = weighted.mean()
