@@ -6,7 +6,8 @@ student step t_i -> t_{i-1} (alpha 1 after the last) the teacher of the sample's
 classifier-free-guided DDIM sub-steps from x_{t_i} = q_sample(z0, t_i) to t_{i-1} (the shared sampling loop,
 `ldm.models.diffusion.sampling.sample`, on a grid of per-sample timesteps); the student's x0 target is the x0 for
 which ONE guidance-free DDIM step from x_{t_i} lands exactly on the teacher's x_{t_{i-1}} (`ddim_x0_target`). The
-x0 error is weighted per DCT band of i + j, each mode weighting up the band its teacher controls.
+x0 error is weighted per DCT band of i + j, each mode weighting up the band its teacher controls. Batches are
+mode-major (`mode_chunks`).
 
 Options beyond that (`DistillOptions`): the teacher's sub-steps may be DPM-Solver++(2M) (`teacher_sampler`); a
 guidance-conditioned student (`guidance_range`, Meng et al. 2023; CoDi samples w the same way) draws its
@@ -77,6 +78,14 @@ def band_energies(diff: torch.Tensor, bands: Sequence[tuple[int, int | None]]) -
         h, w = spectrum.shape[-2:]
         masks = torch.stack([band_mask(h, w, low, high, spectrum.device) for low, high in bands]).float()
         return torch.einsum("nhw,bhw->nb", spectrum, masks) / (h * w)
+
+
+def mode_chunks(tensor: torch.Tensor, modes: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """`tensor`'s samples split by mode (views): the distiller's batches are mode-major, an equal share per mode in
+    the order of `modes`."""
+    if tensor.shape[0] % len(modes):
+        raise ValueError(f"a batch of {tensor.shape[0]} samples does not split evenly over {len(modes)} modes")
+    return tensor.split(tensor.shape[0] // len(modes))
 
 
 BASE_TERMS = ("distill", "denoise", "control")  # loss terms besides the feature terms, as loss_stages names them
@@ -341,29 +350,25 @@ class FrequencyDistiller(pl.LightningModule):
     def teacher_targets(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, modes: Sequence[str],
                         conds: Sequence[Cond]) -> torch.Tensor:
         """The student's x0 targets: per mode chunk, the x0 whose one DDIM step lands on the teacher's solve."""
-        b = x_t.shape[0] // len(modes)
-        x_prev = torch.cat([self.teacher_solve(mode, x_t[i * b:(i + 1) * b], t[i * b:(i + 1) * b],
-                                               t_prev[i * b:(i + 1) * b], cond)
-                            for i, (mode, cond) in enumerate(zip(modes, conds))])
+        x_prev = torch.cat([self.teacher_solve(mode, x, s, s_prev, cond) for mode, cond, x, s, s_prev
+                            in zip(modes, conds, *(mode_chunks(v, modes) for v in (x_t, t, t_prev)))])
         return ddim_x0_target(x_t, x_prev, self.alpha_at(t), self.alpha_at(t_prev))
 
     def band_loss(self, x0: torch.Tensor, target: torch.Tensor, modes: Sequence[str]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-sample band-weighted x0 error (N,), per-sample band energies (N, bands)); samples mode-major."""
         energies = band_energies(x0 - target, self.band_limits)
-        b = x0.shape[0] // len(modes)
         weights = self.band_weights.to(energies)  # rows picked by Python ints below: views, no host-to-device copy
-        per_sample = torch.cat([weights[CONTROL_MODES.index(m)].expand(b, -1) for m in modes])
+        per_sample = torch.cat([weights[CONTROL_MODES.index(mode)].expand(len(chunk), -1)
+                                for mode, chunk in zip(modes, mode_chunks(energies, modes))])
         return (energies * per_sample).sum(1), energies
 
     def control_loss(self, x_t: torch.Tensor, t: torch.Tensor, modes: Sequence[str], conds: Sequence[Cond],
                      student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Mean MSE between the student's control-net outputs and those of each sample's teacher."""
-        b = x_t.shape[0] // len(modes)
         with torch.no_grad():
-            per_mode = [self._teachers[mode].control(x_t[i * b:(i + 1) * b], t[i * b:(i + 1) * b],
-                                                     self.teacher_condition(cond))
-                        for i, (mode, cond) in enumerate(zip(modes, conds))]
+            per_mode = [self._teachers[mode].control(x, s, self.teacher_condition(cond))
+                        for mode, cond, x, s in zip(modes, conds, mode_chunks(x_t, modes), mode_chunks(t, modes))]
             teacher = [torch.cat(parts) for pair in zip(*per_mode) for parts in zip(*pair)]
         student = [tensor for pair in student_pairs for tensor in pair]
         return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
@@ -373,12 +378,10 @@ class FrequencyDistiller(pl.LightningModule):
                          names: Sequence[str]) -> dict[str, list[torch.Tensor]]:
         """Per feature term, each sample's teacher's features from its conditional forward at (x_t, t),
         concatenated over the mode chunks (mode-major, as the student's batch)."""
-        b = x_t.shape[0] // len(modes)
         per_mode = []
-        for i, (mode, cond) in enumerate(zip(modes, conds)):
+        for mode, cond, x, s in zip(modes, conds, mode_chunks(x_t, modes), mode_chunks(t, modes)):
             with self._taps[mode].recording(names) as features:
-                self._teachers[mode].apply_model(x_t[i * b:(i + 1) * b], t[i * b:(i + 1) * b],
-                                                 self.teacher_condition(cond))
+                self._teachers[mode].apply_model(x, s, self.teacher_condition(cond))
             per_mode.append(features)
         return {name: [torch.cat(parts) for parts in zip(*(f[name] for f in per_mode))] for name in names}
 
@@ -402,7 +405,8 @@ class FrequencyDistiller(pl.LightningModule):
             low, high = self.student.guidance_range
             guidance_scale = torch.empty(b * m, device=z.device).uniform_(low, high) if guidance_scale is None \
                 else guidance_scale.to(z.device)
-            conds = [{**cond, "guidance_scale": guidance_scale[i * b:(i + 1) * b]} for i, cond in enumerate(conds)]
+            conds = [{**cond, "guidance_scale": chunk}
+                     for cond, chunk in zip(conds, mode_chunks(guidance_scale, modes))]
         z0 = z.repeat(m, 1, 1, 1)
         x_t = self.student.q_sample(z0, t, noise)
         target = self.teacher_targets(x_t, t, t_prev, modes, conds)
@@ -430,8 +434,8 @@ class FrequencyDistiller(pl.LightningModule):
                 logs[f"train/feat_{name}"] = value.detach()
         for name, value in zip(self.band_names, energies.detach().mean(0)):
             logs[f"train/band_{name}"] = value
-        for i, mode in enumerate(modes):
-            logs[f"train/distill_{mode}"] = weighted[i * b:(i + 1) * b].detach().mean()
+        for mode, chunk in zip(modes, mode_chunks(weighted, modes)):
+            logs[f"train/distill_{mode}"] = chunk.detach().mean()
         logs["train/loss"] = loss.detach()
         return loss, logs
 
