@@ -61,8 +61,8 @@ from fcdiffusion.evaluation.suite import METRICS, NEEDS_REFERENCE, Evaluator, Se
 from fcdiffusion.train.dataset import LATENT_GRID, load_image
 from fcdiffusion.train.image_folder import prompted_images
 from ldm.checkpoint import CheckpointMismatchError
-from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS
-from ldm.models.diffusion.ddpm import SAMPLERS
+from ldm.models.diffusion.sampling import SAMPLERS
+from ldm.models.diffusion.scheduler import SPACINGS
 from ldm.util import load_config
 
 
@@ -82,7 +82,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                              "guidance-conditioned student's within its range")
     parser.add_argument("--sampler", choices=list(SAMPLERS),
                         help="teacher's sampler: ddim (default) or dpmpp_2m (DPM-Solver++(2M))")
-    parser.add_argument("--spacing", choices=list(TIMESTEP_SPACINGS),
+    parser.add_argument("--spacing", choices=list(SPACINGS),
                         help="teacher's timestep spacing: uniform (SD's, default) or trailing (starts at t = 999)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (image i uses seed + i)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per forward pass")

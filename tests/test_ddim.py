@@ -1,17 +1,12 @@
-"""DDIM sampler and beta schedule against the reference implementation's outputs."""
+"""DDIM sampling and the beta schedule against the reference implementation's outputs (and diffusers' DDIM with
+eta > 0)."""
 import numpy as np
 import pytest
 import torch
 
-from ldm.models.diffusion.ddim import (
-    DDIMSampler,
-    ddim_step,
-    ddim_timesteps,
-    ddim_x0_target,
-    guided_eps,
-    spaced_timesteps,
-    trailing_timesteps,
-)
+from ldm.models.diffusion.ddim import ddim_sigma, ddim_step, ddim_x0_target
+from ldm.models.diffusion.sampling import SAMPLERS, check_sampler, guided_eps, sample
+from ldm.models.diffusion.scheduler import Scheduler, ddim_timesteps
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from tests.reference import assert_close_to_reference, tensors
 
@@ -37,52 +32,73 @@ def test_linear_schedule_matches_reference():
     assert_close_to_reference(torch.from_numpy(np.cumprod(1 - betas)), ref["schedule.alphas_cumprod"], rel=1e-12)
 
 
+def ddim(model, x_T, steps, cond, uncond=None, guidance_scale=1.0, spacing="uniform", final_alpha_cumprod=None,
+         **options):
+    """The shared loop with DDIM on a `steps`-step Scheduler of `model`'s schedule."""
+    scheduler = Scheduler(model.alphas_cumprod, spacing, final_alpha_cumprod).set_timesteps(steps)
+    return sample(model.apply_model, x_T, scheduler.steps(x_T.device), cond, uncond, guidance_scale, **options)
+
+
 @pytest.mark.parametrize("steps", [50, 4])
 def test_ddim_with_guidance_matches_reference(steps):
     ref = tensors()
     p = f"ddim{steps}."
     assert np.array_equal(ddim_timesteps(steps), ref[p + "timesteps"].numpy())
-    x0 = DDIMSampler(StubModel()).sample(
-        steps, 2, (4, 6, 6), conditioning=ref[p + "cond"], x_T=ref[p + "x_T"], eta=0.0,
-        unconditional_guidance_scale=7.5, unconditional_conditioning=ref[p + "uncond"], verbose=False)
+    x0 = ddim(StubModel(), ref[p + "x_T"], steps, ref[p + "cond"], ref[p + "uncond"], 7.5)
     assert_close_to_reference(x0, ref[p + "x0"])
 
 
 def test_guidance_changes_result_and_scale_one_ignores_uncond():
     ref = tensors()
-    sampler = DDIMSampler(StubModel())
-    args = dict(conditioning=ref["ddim4.cond"], x_T=ref["ddim4.x_T"], verbose=False)
-    plain = sampler.sample(4, 2, (4, 6, 6), **args)
-    same = sampler.sample(4, 2, (4, 6, 6), unconditional_conditioning=ref["ddim4.uncond"] * 5,
-                             unconditional_guidance_scale=1.0, **args)
-    guided = sampler.sample(4, 2, (4, 6, 6), unconditional_conditioning=ref["ddim4.uncond"],
-                               unconditional_guidance_scale=7.5, **args)
+    model, x_T, cond = StubModel(), ref["ddim4.x_T"], ref["ddim4.cond"]
+    plain = ddim(model, x_T, 4, cond)
+    same = ddim(model, x_T, 4, cond, ref["ddim4.uncond"] * 5, guidance_scale=1.0)
+    guided = ddim(model, x_T, 4, cond, ref["ddim4.uncond"], guidance_scale=7.5)
     assert torch.equal(plain, same)
     assert not torch.allclose(plain, guided)
 
 
 def test_eta_adds_seeded_noise():
     ref = tensors()
-    sampler = DDIMSampler(StubModel())
-    run = lambda seed: sampler.sample(4, 2, (4, 6, 6), conditioning=ref["ddim4.cond"], x_T=ref["ddim4.x_T"], eta=1.0,
-                                      verbose=False, generator=torch.Generator().manual_seed(seed))
+    run = lambda seed: ddim(StubModel(), ref["ddim4.x_T"], 4, ref["ddim4.cond"], eta=1.0,
+                            generator=torch.Generator().manual_seed(seed))
     assert torch.equal(run(0), run(0)) and not torch.allclose(run(0), run(1))
+    with pytest.raises(ValueError, match="eta=1.0 applies to DDIM only"):
+        ddim(StubModel(), ref["ddim4.x_T"], 4, ref["ddim4.cond"], eta=1.0, sampler="dpmpp_2m")
 
 
-def test_trailing_schedule_starts_at_last_timestep():
-    assert trailing_timesteps(4).tolist() == [249, 499, 749, 999]
-    assert trailing_timesteps(1).tolist() == [999]
-    assert trailing_timesteps(2).tolist() == [499, 999]
-    assert len(trailing_timesteps(8)) == 8 and trailing_timesteps(8)[-1] == 999
-    with pytest.raises(ValueError):
-        ddim_timesteps(0)
-    assert ddim_timesteps(999)[-1] == 999
-    with pytest.raises(ValueError, match="in \\[1, 999\\]"):
-        ddim_timesteps(1000)  # its last timestep would be 1000, past the schedule
-    assert spaced_timesteps(4, "trailing").tolist() == [249, 499, 749, 999]
-    assert spaced_timesteps(4).tolist() == [1, 251, 501, 751]
-    with pytest.raises(ValueError, match="uniform, trailing"):
-        spaced_timesteps(4, "leading")
+@pytest.mark.parametrize("spacing,final_alpha_one,eta", [("uniform", False, 1.0), ("trailing", True, 0.5)])
+def test_stochastic_ddim_matches_diffusers_with_the_same_noise(spacing, final_alpha_one, eta):
+    """diffusers' DDIMScheduler.step with eta and the noise our generator draws, step by step (its 'leading'
+    spacing with steps_offset=1 is SD's uniform one; 4 steps: diffusers lands on the previous timestep too)."""
+    from diffusers import DDIMScheduler
+
+    ref, model = tensors(), StubModel()
+    x_T, cond, uncond = ref["ddim4.x_T"], ref["ddim4.cond"], ref["ddim4.uncond"]
+    ours = ddim(model, x_T, 4, cond, uncond, 7.5, spacing, 1.0 if final_alpha_one else None, eta=eta,
+                generator=torch.Generator().manual_seed(3))
+    theirs = DDIMScheduler(trained_betas=make_beta_schedule("linear", 1000, 0.00085, 0.012),
+                           timestep_spacing="leading" if spacing == "uniform" else spacing,
+                           steps_offset=1 if spacing == "uniform" else 0, clip_sample=False,
+                           set_alpha_to_one=final_alpha_one)
+    theirs.set_timesteps(4)
+    x, generator = x_T.clone(), torch.Generator().manual_seed(3)
+    for t in theirs.timesteps:
+        eps = guided_eps(model.apply_model, x, t.repeat(2), cond, uncond, 7.5)
+        noise = torch.randn(x.shape, generator=generator)
+        x = theirs.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours, ddim(model, x_T, 4, cond, uncond, 7.5, spacing), atol=1e-2)  # noise mattered
+
+
+def test_sigma_is_zero_on_a_step_to_alpha_one_and_samplers_are_checked():
+    a_t = torch.tensor([0.3, 0.6])
+    assert ddim_sigma(a_t, torch.tensor([1.0, 1.0]), 1.0).tolist() == [0.0, 0.0]
+    assert (ddim_sigma(a_t, torch.tensor([0.5, 0.9]), 1.0) > 0).all()
+    assert ddim_sigma(a_t, a_t, 1.0).dtype == torch.float64
+    assert SAMPLERS == ("ddim", "dpmpp_2m") and check_sampler("dpmpp_2m") == "dpmpp_2m"
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; valid: ddim, dpmpp_2m"):
+        sample(StubModel().apply_model, torch.zeros(1, 4, 2, 2), [], None, sampler="euler")
 
 
 def test_guidance_scale_per_sample_equals_each_samples_own_scale():

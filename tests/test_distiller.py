@@ -6,7 +6,7 @@ import torch
 
 from fcdiffusion.core.frequency import CONTROL_MODES
 from fcdiffusion.core.weights import ModeMismatchError, UntrainedTeacherError, teacher_model_config
-from fcdiffusion.train.distiller import DistillOptions, FrequencyDistiller, band_energies
+from fcdiffusion.train.distiller import DistillOptions, FrequencyDistiller, band_energies, mode_chunks
 from ldm.util import load_config
 from tests.helpers import SD_DISTILL_CONFIG, teacher_paths
 
@@ -55,6 +55,14 @@ def test_band_energies_split_the_mse_and_weights_follow_the_config():
         DistillOptions(bands={"low": 0}, band_weights={"low_pass": {"mid": 2.0}})
     with pytest.raises(ValueError, match="from 0"):
         DistillOptions(bands={"low": 3})
+
+
+def test_mode_chunks_split_a_mode_major_batch():
+    batch = torch.arange(6)
+    low, high = mode_chunks(batch, ["low_pass", "high_pass"])
+    assert low.tolist() == [0, 1, 2] and high.tolist() == [3, 4, 5] and low.data_ptr() == batch.data_ptr()
+    with pytest.raises(ValueError, match="6 samples does not split evenly over 4 modes"):
+        mode_chunks(batch, CONTROL_MODES)
 
 
 def test_teachers_frozen_shared_and_untouched_while_the_student_learns(workdir, model_config, distill_config):

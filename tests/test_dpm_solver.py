@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSampler, ddim_step, guided_eps, spaced_timesteps
-from ldm.models.diffusion.dpm_solver import DPMSolverSampler, dpmpp_2m_step
+from ldm.models.diffusion.ddim import ddim_step
+from ldm.models.diffusion.dpm_solver import dpmpp_2m_step
+from ldm.models.diffusion.sampling import guided_eps, sample
+from ldm.models.diffusion.scheduler import Scheduler
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 
 BETAS = make_beta_schedule("linear", 1000, 0.00085, 0.012)  # SD's schedule
@@ -40,6 +42,13 @@ class GaussianModel(FakeModel):
         return a_end**0.5 * self.mu + z * (a_end * self.s**2 + 1 - a_end) ** 0.5
 
 
+def solve(model, x_T, steps, sampler, cond=None, uncond=None, guidance_scale=1.0, spacing="uniform",
+          final_alpha_cumprod=None):
+    """The shared loop with `sampler` on a `steps`-step Scheduler of `model`'s schedule."""
+    scheduler = Scheduler(model.alphas_cumprod, spacing, final_alpha_cumprod).set_timesteps(steps)
+    return sample(model.apply_model, x_T, scheduler.steps(x_T.device), cond, uncond, guidance_scale, sampler=sampler)
+
+
 def test_first_order_step_is_ddim_and_a_step_to_alpha_one_lands_on_x0():
     g = torch.Generator().manual_seed(0)
     x, eps = torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 4, 5, 5, generator=g)
@@ -66,23 +75,20 @@ def test_matches_the_published_update_of_diffusers_dpm_solver_multistep(spacing,
     model = FakeModel()
     g = torch.Generator().manual_seed(0)
     x_T, cond, uncond = torch.randn(2, 3, 6, 6, generator=g), torch.randn(2, 3, generator=g), torch.zeros(2, 3)
-    timesteps = spaced_timesteps(steps, spacing)
-    ours = DPMSolverSampler(model).sample(steps, 2, (3, 6, 6), cond, x_T=x_T, unconditional_guidance_scale=7.5,
-                                          unconditional_conditioning=uncond, verbose=False, timesteps=timesteps,
-                                          final_alpha_cumprod=1.0 if final == "zero" else None)
+    final_alpha_cumprod = 1.0 if final == "zero" else None
+    ours = solve(model, x_T, steps, "dpmpp_2m", cond, uncond, 7.5, spacing, final_alpha_cumprod)
+    timesteps = Scheduler(model.alphas_cumprod, spacing).set_timesteps(steps).timesteps
 
     scheduler = DPMSolverMultistepScheduler(trained_betas=BETAS, algorithm_type="dpmsolver++", solver_order=2,
                                             solver_type="midpoint", prediction_type="epsilon",
                                             final_sigmas_type=final, lower_order_final=False)
-    scheduler.set_timesteps(timesteps=timesteps[::-1].tolist())
+    scheduler.set_timesteps(timesteps=timesteps.tolist())
     x = x_T.clone()
     for t in scheduler.timesteps:
         eps = guided_eps(model.apply_model, x, t.repeat(2), cond, uncond, 7.5)
         x = scheduler.step(eps, t, x).prev_sample
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
-    plain = DDIMSampler(model).sample(steps, 2, (3, 6, 6), cond, x_T=x_T, unconditional_guidance_scale=7.5,
-                                      unconditional_conditioning=uncond, verbose=False, timesteps=timesteps,
-                                      final_alpha_cumprod=1.0 if final == "zero" else None)
+    plain = solve(model, x_T, steps, "ddim", cond, uncond, 7.5, spacing, final_alpha_cumprod)
     assert (ours - plain).abs().max() > 1e-2  # so the comparison above could tell the solvers apart
 
 
@@ -94,10 +100,9 @@ def test_many_steps_agree_with_ddim_and_few_steps_are_closer_to_the_ode_solution
     x_T = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     errors = {}
     for steps in (1, 4, 10, 25, 999):
-        timesteps = spaced_timesteps(steps, "uniform")
-        exact = model.solution(x_T, int(timesteps[-1]), model.alphas_cumprod[0].item())
-        ddim = DDIMSampler(model).sample(steps, 2, (4, 6, 6), x_T=x_T, verbose=False)
-        dpm = DPMSolverSampler(model).sample(steps, 2, (4, 6, 6), x_T=x_T, verbose=False)
+        start = int(Scheduler(model.alphas_cumprod).set_timesteps(steps).timesteps[0])
+        exact = model.solution(x_T, start, model.alphas_cumprod[0].item())
+        ddim, dpm = (solve(model, x_T, steps, sampler) for sampler in ("ddim", "dpmpp_2m"))
         errors[steps] = ((ddim - exact).abs().max().item(), (dpm - exact).abs().max().item(),
                          (dpm - ddim).abs().max().item())
     assert errors[1][2] < 1e-6  # one step: first order, DDIM itself

@@ -12,13 +12,15 @@ import torch
 import fcdiffusion_distill
 from fcdiffusion.apps import benchmark
 from fcdiffusion.apps.demo_app import DemoInputError, load_demo, model_resolution
+from fcdiffusion.core.guidance import check_guidance_range, check_guidance_scale
 from fcdiffusion.core.inference import Translator
 from fcdiffusion.core.paths import student_file
 from fcdiffusion.core.student import FCDiffusionStudent
 from fcdiffusion.core.weights import load_student, recorded
-from fcdiffusion.train.distiller import FrequencyDistiller
+from fcdiffusion.train import distiller as distiller_module
+from fcdiffusion.train.distiller import DistillOptions, FrequencyDistiller
 from ldm.checkpoint import load_checkpoint
-from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.models.diffusion.sampling import sample
 from tests.helpers import PHOTOS, ROOT, distill_args, teacher_paths
 
 
@@ -44,22 +46,31 @@ def distiller(workdir, model_config, distill_config):
 
 
 def test_dpm_solver_teacher_substeps_are_the_sampler_on_their_grid(distiller, monkeypatch):
-    """`teacher_sampler: dpmpp_2m`: the teacher's n sub-steps from t to t_prev are DPMSolverSampler's n steps on
-    the same integer grid, guided at each example's w."""
+    """`teacher_sampler: dpmpp_2m`: the teacher's n sub-steps from t to t_prev (a timestep and alpha per sample) are
+    the shared loop's n DPM-Solver++(2M) steps on the same integer grid (one timestep for the batch), guided at each
+    example's scale; and `teacher_solve` is that loop on `teacher_steps`."""
     monkeypatch.setattr(distiller.options, "teacher_sampler", "dpmpp_2m")
     monkeypatch.setattr(distiller.options, "teacher_substeps", 3)
     teacher, size = distiller.teachers["low_pass"], distiller.student.image_size
     generator = torch.Generator().manual_seed(3)
     z, x = (torch.randn(2, 4, size, size, generator=generator) for _ in range(2))
     cond = distiller.student.condition(z, distiller.student.get_learned_conditioning(["a", "b"]), "low_pass")
-    solved = distiller.teacher_solve("low_pass", x, torch.tensor([999, 999]), torch.tensor([749, 749]),
-                                     {**cond, "w": torch.tensor([4.0, 4.0])})
+    t, t_prev = torch.tensor([999, 999]), torch.tensor([749, 749])
+    calls = []
+    monkeypatch.setattr(distiller_module, "sample", lambda *a, **k: calls.append(k["sampler"]) or sample(*a, **k))
+    solved = distiller.teacher_solve("low_pass", x, t, t_prev, {**cond, "guidance_scale": torch.tensor([4.0, 4.0])})
+    assert calls == ["dpmpp_2m"]  # one run of the shared loop
     plain = distiller.teacher_condition(cond)
-    expected = DPMSolverSampler(teacher).sample(
-        3, 2, x.shape[1:], plain, x_T=x, unconditional_guidance_scale=4.0,
-        unconditional_conditioning=teacher.unconditional_conditioning(plain), verbose=False,
-        timesteps=[832, 916, 999], final_alpha_cumprod=teacher.alphas_cumprod[749].item())  # round(999 - 250 j/3)
+    uncond, alphas = teacher.unconditional_conditioning(plain), teacher.alphas_cumprod
+    grid = [999, 916, 832, 749]  # round(999 - 250 j / 3)
+    steps = [(s, alphas[s], alphas[s_next]) for s, s_next in zip(grid[:-1], grid[1:])]
+    expected = sample(teacher.apply_model, x, steps, plain, uncond, 4.0, sampler="dpmpp_2m")
     torch.testing.assert_close(solved, expected, rtol=1e-4, atol=1e-4)
+    per_sample = distiller.teacher_steps(t, t_prev)
+    assert [s.tolist() for s, _, _ in per_sample] == [[999, 999], [916, 916], [832, 832]]
+    assert per_sample[0][1].shape == (2, 1, 1, 1) and per_sample[-1][2].flatten().tolist() == [alphas[749].item()] * 2
+    looped = sample(teacher.apply_model, x, per_sample, plain, uncond, torch.tensor([4.0, 4.0]), sampler="dpmpp_2m")
+    assert torch.equal(solved, looped)
 
 
 def test_w_embedding_starts_as_a_no_op_and_two_w_differ_after_training(distiller):
@@ -69,11 +80,11 @@ def test_w_embedding_starts_as_a_no_op_and_two_w_differ_after_training(distiller
     z, x = (torch.randn(2, 4, size, size, generator=generator) for _ in range(2))
     context, t = student.get_learned_conditioning(["a boat", "a tree"]), torch.tensor([500, 800])
     cond = student.condition(z, context, "mid_pass")
-    assert cond["w"].tolist() == [9.0, 9.0]
+    assert cond["guidance_scale"].tolist() == [9.0, 9.0]
 
-    def eps(w: float) -> torch.Tensor:
+    def eps(guidance_scale: float) -> torch.Tensor:
         with torch.no_grad():
-            return student.apply_model(x, t, {**cond, "w": torch.full((2,), w)})
+            return student.apply_model(x, t, {**cond, "guidance_scale": torch.full((2,), guidance_scale)})
 
     with torch.no_grad():
         init = teacher.apply_model(x, t, distiller.teacher_condition(cond))
@@ -81,9 +92,9 @@ def test_w_embedding_starts_as_a_no_op_and_two_w_differ_after_training(distiller
 
     # The teacher target follows each example's own w: one batch of two scales = each scale on its own.
     t_prev = torch.tensor([300, 600])
-    mixed = distiller.teacher_solve("high_pass", x, t, t_prev, {**cond, "w": torch.tensor([2.0, 12.0])})
+    mixed = distiller.teacher_solve("high_pass", x, t, t_prev, {**cond, "guidance_scale": torch.tensor([2.0, 12.0])})
     for i, w in enumerate((2.0, 12.0)):
-        alone = distiller.teacher_solve("high_pass", x, t, t_prev, {**cond, "w": torch.full((2,), w)})
+        alone = distiller.teacher_solve("high_pass", x, t, t_prev, {**cond, "guidance_scale": torch.full((2,), w)})
         torch.testing.assert_close(mixed[i], alone[i])
     assert not torch.allclose(mixed[0], distiller.teacher_solve("high_pass", x, t, t_prev, cond)[0])
 
@@ -113,7 +124,7 @@ def test_distilled_file_samples_any_w_in_its_range_at_one_evaluation_per_step(gu
     calls = []
     original = FCDiffusionStudent.apply_model
     monkeypatch.setattr(FCDiffusionStudent, "apply_model",
-                        lambda self, *a: calls.append(a[2]["w"]) or original(self, *a))
+                        lambda self, *a: calls.append(a[2]["guidance_scale"]) or original(self, *a))
     translator = Translator(student)
     results = {w: translator(image, ["a house"], ["low_pass"], guidance_scale=w)["low_pass"].latents
                for w in (3.0, 11.0)}
@@ -183,3 +194,22 @@ def test_benchmark_compares_every_few_step_alternative_on_held_out_photos(guided
     best = min(figures["mid_pass"][f"{name}_k1_mse"] for name in baselines)
     assert rows[1].startswith("| mid_pass | 2 |") and rows[1].endswith(f"| {best:.4f} |")  # 2 NFE: 1 guided step
     assert any("2k NFE" in line for line in tables) and rows[2].startswith("| mid_pass | 3 |")
+
+
+def test_one_check_for_guidance_scales_and_ranges():
+    """`check_guidance_scale` is what the student, its sampling and the distill options check a scale with."""
+    assert check_guidance_scale(7) == 7.0 and check_guidance_scale(2, [2, 12]) == 2.0
+    for bad in (-1.0, float("nan"), float("inf"), "7"):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            check_guidance_scale(bad)
+    with pytest.raises(ValueError, match=r"guidance_scale=13 is outside the range \[2, 12\]"):
+        check_guidance_scale(13.0, [2.0, 12.0])
+    for bad_range in ([3.0, 2.0], [-1.0, 2.0], [1.0, 2.0, 3.0]):
+        with pytest.raises(ValueError, match="guidance_range must be \\[lo, hi\\] with 0 <= lo <= hi"):
+            check_guidance_range(bad_range)
+    with pytest.raises(ValueError, match=r"outside the range \[2, 12\]"):
+        DistillOptions(guidance_range=[2.0, 12.0], guidance_scale=1.0)
+    with pytest.raises(ValueError, match="guidance_range must be"):
+        DistillOptions(guidance_range=[12.0, 2.0])
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        DistillOptions(teacher_sampler="euler")

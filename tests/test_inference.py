@@ -146,7 +146,7 @@ def test_bad_flags_are_usage_errors(distilled, workdir, script, capsys):
     assert script.main([*base, "--guidance_scale", "7.5"]) == 2  # a fixed-w student: only its own w
     assert "fixed guidance scale (w=9)" in capsys.readouterr().err
     assert script.main([*base, "--sampler", "dpmpp_2m"]) == 2
-    assert "DDIM on the trailing schedule" in capsys.readouterr().err
+    assert "samples with ddim on the trailing schedule" in capsys.readouterr().err
     assert script.main([*base, "--steps", "0"]) == 2
     assert "at least 1" in capsys.readouterr().err
     assert script.main([*base, "model.params.scale_factor=1"]) == 2

@@ -5,6 +5,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import CheckpointMismatchError, load_state_dict, load_weights, save_state_dict
+from ldm.models.diffusion.sampling import sample
+from ldm.models.diffusion.scheduler import Scheduler
 from ldm.util import instantiate_from_config, load_config, without_text_encoder_file
 from tests.reference import assert_close_to_reference, sd21_shapes, tensors
 
@@ -91,15 +93,17 @@ def test_training_step_lowers_loss_on_a_fixed_batch_and_keeps_frozen_parts(tiny)
     assert all(torch.equal(v, tiny.first_stage_model.state_dict()[k]) for k, v in vae_before.items())
 
 
-def test_text_to_image_ddim_sample_is_seeded(tiny):
+def test_text_to_image_samples_are_guided_ddim_from_seeded_noise(tiny):
+    """log_images' samples: the shared loop with guided DDIM on SD's uniform Scheduler, from noise seeded by `seed`."""
     tiny.eval()
-    c = tiny.get_learned_conditioning(["a cat"])
-    uc = tiny.get_learned_conditioning([""])
-    sample = lambda seed: tiny.sample_ddim(c, 1, steps=4, guidance_scale=7.5, uncond=uc,
-                                           generator=torch.Generator().manual_seed(seed))
-    a, b = sample(0), sample(0)
-    assert a.shape == (1, 4, 32, 32) and torch.equal(a, b) and not torch.equal(a, sample(1))
-    assert tiny.decode_first_stage(a).shape == (1, 3, 128, 128)
+    batch = {"jpg": torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1, "txt": ["a cat"]}
+    images = lambda seed: tiny.log_images(batch, N=1, steps=4, guidance_scale=7.5, seed=seed)["samples"]
+    a = images(0)
+    assert a.shape == (1, 3, 128, 128) and torch.equal(a, images(0)) and not torch.equal(a, images(1))
+    c, uc = tiny.get_learned_conditioning(["a cat"]), tiny.get_learned_conditioning([""])
+    x_T = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(0))
+    latents = sample(tiny.apply_model, x_T, Scheduler(tiny.alphas_cumprod).set_timesteps(4).steps("cpu"), c, uc, 7.5)
+    assert torch.equal(a, tiny.decode_first_stage(latents).clamp(-1, 1))
 
 
 def test_unsupported_options_fail_loudly():

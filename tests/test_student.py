@@ -1,13 +1,17 @@
 """The distilled student: a mode label per control mode, few-step sampling, LoRA, and what it refuses."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from fcdiffusion.core.student import FCDiffusionStudent, LoRALinear, student_config
-from fcdiffusion.core.weights import build_on_meta, load_student
+from fcdiffusion.core.student import DISTILLED_SCHEDULER, FCDiffusionStudent, LoRALinear, student_config
+from fcdiffusion.core.weights import build_on_meta, load_student, recorded
 from fcdiffusion.train.distiller import FrequencyDistiller
-from ldm.checkpoint import CheckpointMismatchError, load_state_dict, save_state_dict
+from ldm.checkpoint import CheckpointMismatchError, load_checkpoint, load_state_dict, save_state_dict
+from ldm.models.diffusion.sampling import sample
+from ldm.models.diffusion.scheduler import Scheduler
 from ldm.util import instantiate_from_config
 from tests.helpers import teacher_paths, with_params
 
@@ -92,7 +96,7 @@ def test_student_refuses_guidance_and_modes_it_did_not_learn(initial_student, mo
         student.sample(cond, torch.randn(1, 4, 16, 16), guidance_scale=7.5)
     student.sample(cond, torch.randn(1, 4, 16, 16), steps=1, guidance_scale=9.0)  # its own w: nothing to refuse
     for request in ({"sampler": "dpmpp_2m"}, {"spacing": "uniform"}):
-        with pytest.raises(ValueError, match="DDIM on the trailing schedule"):
+        with pytest.raises(ValueError, match="samples with ddim on the trailing schedule it was distilled for"):
             student.sample(cond, torch.randn(1, 4, 16, 16), **request)
     with pytest.raises(ValueError, match="steps"):
         student.sample(cond, torch.randn(1, 4, 16, 16), steps=0)
@@ -101,6 +105,53 @@ def test_student_refuses_guidance_and_modes_it_did_not_learn(initial_student, mo
         partial.check_mode("mid_pass")
     with pytest.raises(ValueError, match="valid modes"):
         partial.check_mode("band_pass")
+
+
+def test_student_file_records_its_scheduler_and_files_from_before_sample_as_before(initial_student, tmp_path):
+    state, metadata = load_checkpoint(initial_student)
+    config = recorded(metadata, "config")
+    assert config["params"]["scheduler"] == DISTILLED_SCHEDULER == {"sampler": "ddim", "spacing": "trailing",
+                                                                    "final_alpha_cumprod": 1.0}
+    # A file from before students recorded their scheduler: no `scheduler` entry, sampled exactly as before.
+    del config["params"]["scheduler"]
+    old = tmp_path / "old_scheduler.safetensors"
+    save_state_dict(state, old, {**metadata, "fcdiffusion.config": json.dumps(config)})
+    student, before = load_student(initial_student).eval(), load_student(old).eval()
+    assert before.scheduler_config == DISTILLED_SCHEDULER
+    assert recorded(before.weights_metadata(), "config")["params"]["scheduler"] == DISTILLED_SCHEDULER
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = student.condition(z, student.get_learned_conditioning(["a tree"]), "mid_pass")
+    x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    for steps in (1, 3):
+        expected = sample(student.apply_model, x_T,
+                          Scheduler(student.alphas_cumprod, "trailing", 1.0).set_timesteps(steps).steps("cpu"), cond)
+        assert torch.equal(student.sample(cond, x_T, steps), expected)
+        assert torch.equal(before.sample(cond, x_T, steps), expected)
+
+
+def test_sampling_follows_the_recorded_scheduler(initial_student):
+    """`sample` builds its Scheduler from the record, and `check_sampling` refuses anything else."""
+    _, metadata = load_checkpoint(initial_student)
+    config = recorded(metadata, "config")
+    other = {"sampler": "dpmpp_2m", "spacing": "uniform", "final_alpha_cumprod": None}
+    config["params"]["scheduler"] = other
+    student = load_student(initial_student, config).eval()
+    assert student.scheduler_config == other and student.model_config()["params"]["scheduler"] == other
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = student.condition(z, student.get_learned_conditioning(["a tree"]), "mid_pass")
+    x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    expected = sample(student.apply_model, x_T, Scheduler(student.alphas_cumprod).set_timesteps(3).steps("cpu"), cond,
+                      sampler="dpmpp_2m")
+    assert torch.equal(student.sample(cond, x_T, 3, sampler="dpmpp_2m", spacing="uniform"), expected)
+    with pytest.raises(ValueError, match="samples with dpmpp_2m on the uniform schedule"):
+        student.check_sampling(sampler="ddim")
+    for broken, message in [({**other, "sampler": "euler"}, "unknown sampler"),
+                            ({**other, "spacing": "leading"}, "unknown timestep spacing"),
+                            ({**other, "final_alpha_cumprod": 0.0}, "final_alpha_cumprod"),
+                            ({"sampler": "ddim", "spacing": "trailing"}, "records exactly sampler, spacing")]:
+        config["params"]["scheduler"] = broken
+        with pytest.raises(ValueError, match=message):
+            build_on_meta(config)
 
 
 def test_a_student_file_from_before_label_emb_loads_with_its_config(initial_student, model_config, tmp_path):

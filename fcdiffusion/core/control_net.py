@@ -37,8 +37,8 @@ class GuidanceEmbedding(nn.Module):
         self.layers[0].reset_parameters()
         zero_module(self.layers[2])
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.layers(timestep_embedding(w, self.channels))
+    def forward(self, guidance_scale: torch.Tensor) -> torch.Tensor:
+        return self.layers(timestep_embedding(guidance_scale, self.channels))
 
 
 class FreqControlNet(UNetEncoder):
@@ -70,21 +70,21 @@ class FreqControlNet(UNetEncoder):
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
-        guidance: torch.Tensor | None = None,
+        guidance_scale: torch.Tensor | None = None,
     ) -> list[ControlPair]:
         """Return len(input_blocks) + 1 pairs (add, mul): one per input block, then the middle block's.
 
         `y` (N,) is the class label when the net has `num_classes` (SD's `label_emb`, added to the time
-        embedding); the distilled student uses it for the control-mode index. `guidance` (N,) is the guidance
-        scale w, given exactly when the net has a guidance embedding.
+        embedding); the distilled student uses it for the control-mode index. `guidance_scale` (N,) is the
+        classifier-free guidance scale w, given exactly when the net has a guidance embedding.
         """
-        if (guidance is None) != (self.guidance_emb is None):
+        if (guidance_scale is None) != (self.guidance_emb is None):
             raise ValueError("a guidance scale must be given exactly when the control net has a guidance embedding "
                              f"(guidance embedding {'missing' if self.guidance_emb is None else 'present'}, "
-                             f"guidance {'missing' if guidance is None else 'given'})")
+                             f"guidance_scale {'missing' if guidance_scale is None else 'given'})")
         emb = self.embed_time(timesteps, y)
-        if guidance is not None:
-            emb = emb + self.guidance_emb(guidance)
+        if guidance_scale is not None:
+            emb = emb + self.guidance_emb(guidance_scale)
         guide = self.input_hint_block(hint)
         h = self.input_blocks[0](x.type(self.dtype), emb, context)
         h = h * (1 + self.hint_mul(guide)) + self.hint_add(guide)

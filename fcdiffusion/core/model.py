@@ -26,9 +26,13 @@ from fcdiffusion.core.control_net import ControlPair
 from fcdiffusion.core.frequency import CONTROL_MODES, check_band, check_control_mode, frequency_control
 from fcdiffusion.core.inference import Translator, batch_images, seeded_noise
 from ldm.models.diffusion.ddpm import LatentDiffusion, freeze
+from ldm.models.diffusion.sampling import sample
+from ldm.models.diffusion.scheduler import Scheduler
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
-Cond = dict[str, Any]  # {"c_crossattn": [context], "c_concat": [control signal]} (+ "y": mode labels, student)
+# {"c_crossattn": [context], "c_concat": [control signal]}, for the student also "y" (mode labels) and, when
+# guidance-conditioned, "guidance_scale" (per sample)
+Cond = dict[str, Any]
 
 
 def validation_timesteps(num_timesteps: int, count: int = 5) -> list[int]:
@@ -154,7 +158,7 @@ class FrequencyControlledLDM(LatentDiffusion):
         """The control net's scaled (add, mul) pairs."""
         pairs = self.control_model(x=x_noisy, hint=torch.cat(cond["c_concat"], 1), timesteps=t,
                                    context=torch.cat(cond["c_crossattn"], 1), y=cond.get("y"),
-                                   guidance=cond.get("w"))
+                                   guidance_scale=cond.get("guidance_scale"))
         return [(add * s, mul * s) for (add, mul), s in zip(pairs, self.control_scales)]
 
     def eps_and_control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, list]:
@@ -235,11 +239,12 @@ class FCDiffusion(FrequencyControlledLDM):
                spacing: str | None = None) -> torch.Tensor:
         """Guided sampling, by default DDIM on SD's uniform timesteps (`ddim_steps`, `guidance_scale` by default);
         `sampler="dpmpp_2m"` is DPM-Solver++(2M), `spacing="trailing"` starts at t = T-1."""
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        uncond = self.unconditional_conditioning(cond) if scale != 1.0 else None
-        return self.sample_latents(cond, x_T.shape[0], self.ddim_steps if steps is None else steps, scale, uncond,
-                                   x_T=x_T, sampler=sampler or "ddim", spacing=spacing or "uniform",
-                                   verbose=verbose)
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        uncond = self.unconditional_conditioning(cond) if guidance_scale != 1.0 else None
+        scheduler = Scheduler(self.alphas_cumprod, spacing or "uniform")
+        scheduler.set_timesteps(self.ddim_steps if steps is None else steps)
+        return sample(self.apply_model, x_T, scheduler.steps(x_T.device), cond, uncond, guidance_scale,
+                      sampler=sampler or "ddim", verbose=verbose)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ It is the teacher architecture whose control net also takes the control mode as 
 UNet takes class labels: `num_classes` = len(CONTROL_MODES), `label_emb` added to the time embedding, the
 label `cond["y"]` (an index into `CONTROL_MODES`) per sample. The label embedding starts at zero, so at the
 start the student is exactly the network it was initialised from. A guidance-conditioned student
-(`guidance_range`) also takes the classifier-free guidance scale w it should reproduce, `cond["w"]`, through a
+(`guidance_range`) also takes the classifier-free guidance scale w it should reproduce, `cond["guidance_scale"]`,
+through a
 zero-initialised Fourier embedding added to its control net's time embedding (Meng et al. 2023, "On Distillation
 of Guided Diffusion Models"), so w is chosen at inference at one network evaluation per step; a fixed-w student
 (the default) learned one scale. What trains is configurable:
@@ -24,8 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fcdiffusion.core.frequency import CONTROL_MODES, check_control_mode
+from fcdiffusion.core.guidance import check_guidance_range, check_guidance_scale
 from fcdiffusion.core.model import Cond, FrequencyControlledLDM
-from ldm.models.diffusion.ddim import trailing_timesteps
+from ldm.models.diffusion.sampling import check_sampler, sample
+from ldm.models.diffusion.scheduler import Scheduler, check_spacing
 from ldm.modules.attention import CrossAttention
 
 TRAINABLE_PARTS = ("control_net", "output_blocks", "lora")
@@ -35,6 +38,23 @@ MODE_LABEL_KEY = "control_model.label_emb.weight"
 GUIDANCE_PREFIX = "control_model.guidance_emb."
 # Teacher-only constructor arguments that a student config does not take.
 TEACHER_ONLY_PARAMS = ("control_mode", "guidance_scale", "ddim_steps", "sd_locked")
+# How a distilled student samples, as its config records it (`scheduler`): each of its steps learned one DDIM step
+# on the trailing spacing, the last one landing on clean data (alpha 1). Files from before the record sample so.
+DISTILLED_SCHEDULER = {"sampler": "ddim", "spacing": "trailing", "final_alpha_cumprod": 1.0}
+
+
+def check_scheduler(scheduler: Mapping[str, Any]) -> dict[str, Any]:
+    """A student's recorded `scheduler` as a dict, if it has the keys of `DISTILLED_SCHEDULER` with a known sampler
+    and spacing and a final alpha in (0, 1] (or None, SD's alphas_cumprod[0]); else a ValueError."""
+    scheduler = dict(scheduler)
+    if set(scheduler) != set(DISTILLED_SCHEDULER):
+        raise ValueError(f"a student's scheduler records exactly {', '.join(DISTILLED_SCHEDULER)}, got {scheduler}")
+    check_sampler(scheduler["sampler"])
+    check_spacing(scheduler["spacing"])
+    final = scheduler["final_alpha_cumprod"]
+    if final is not None and not 0 < final <= 1:
+        raise ValueError(f"the scheduler's final_alpha_cumprod must be in (0, 1] or None, got {final}")
+    return scheduler
 
 
 class LoRALinear(nn.Module):
@@ -85,7 +105,8 @@ class FCDiffusionStudent(FrequencyControlledLDM):
     config must have `num_classes: 4`; `student_config` builds such a config from a teacher's.
     `guidance_range` [lo, hi] makes a guidance-conditioned student (its control net needs `guidance_embedding:
     true`), whose default w is `guidance_scale`; without it, `guidance_scale` is the one scale it was distilled
-    at (None in files from before students recorded it).
+    at (None in files from before students recorded it). `scheduler` is how it samples (`check_scheduler`; None,
+    in files from before students recorded it: `DISTILLED_SCHEDULER`, what they were distilled for).
     """
 
     kind = "student"
@@ -93,7 +114,8 @@ class FCDiffusionStudent(FrequencyControlledLDM):
     def __init__(self, trainable: Sequence[str] = ("control_net",), lora_rank: int = 8,
                  lora_alpha: float | None = None, student_steps: int = 4,
                  modes: Sequence[str] = CONTROL_MODES, guidance_scale: float | None = None,
-                 guidance_range: Sequence[float] | None = None, **kwargs: Any):
+                 guidance_range: Sequence[float] | None = None, scheduler: Mapping[str, Any] | None = None,
+                 **kwargs: Any):
         trainable = tuple(trainable)
         unknown = sorted(set(trainable) - set(TRAINABLE_PARTS))
         if unknown or not trainable:
@@ -101,12 +123,13 @@ class FCDiffusionStudent(FrequencyControlledLDM):
         if student_steps < 1:
             raise ValueError(f"student_steps must be >= 1, got {student_steps}")
         if guidance_range is not None:
-            guidance_range = [float(v) for v in guidance_range]
-            if len(guidance_range) != 2 or not 0 <= guidance_range[0] <= guidance_range[1]:
-                raise ValueError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {guidance_range}")
-            if guidance_scale is None or not guidance_range[0] <= guidance_scale <= guidance_range[1]:
+            guidance_range = check_guidance_range(guidance_range)
+            if guidance_scale is None:
                 raise ValueError(f"a guidance-conditioned student needs a default guidance_scale within its "
-                                 f"guidance_range {guidance_range}, got {guidance_scale}")
+                                 f"guidance_range {guidance_range}, got None")
+        if guidance_scale is not None:
+            check_guidance_scale(guidance_scale, guidance_range)
+        scheduler = check_scheduler(DISTILLED_SCHEDULER if scheduler is None else scheduler)
         kwargs["sd_locked"] = "output_blocks" not in trainable
         super().__init__(**kwargs)
         if self.control_model.num_classes != len(CONTROL_MODES):
@@ -118,11 +141,13 @@ class FCDiffusionStudent(FrequencyControlledLDM):
                              "guidance_embedding: true, and only it has one; build its config with student_config()")
         self.trainable, self.student_steps = trainable, student_steps
         self.guidance_scale, self.guidance_range = guidance_scale, guidance_range
+        self.scheduler_config = scheduler
         self._modes = tuple(check_control_mode(m) for m in modes)
         self.build_params.pop("sd_locked")
         self.build_params.update(trainable=list(trainable), lora_rank=lora_rank, lora_alpha=lora_alpha,
                                  student_steps=student_steps, modes=list(self._modes),
-                                 guidance_scale=guidance_scale, guidance_range=guidance_range)
+                                 guidance_scale=guidance_scale, guidance_range=guidance_range,
+                                 scheduler=scheduler)
         self.lora_layers: list[LoRALinear] = []
         if "lora" in trainable:
             self.lora_layers = add_lora(self.model.diffusion_model.output_blocks, lora_rank,
@@ -176,22 +201,24 @@ class FCDiffusionStudent(FrequencyControlledLDM):
     def condition(self, z: torch.Tensor, context: torch.Tensor, mode: str,
                   generator: torch.Generator | None = None) -> Cond:
         """The teacher's conditioning for `mode` plus the mode's class label `y` for the control net, and for a
-        guidance-conditioned student its default guidance scale `w` (per sample)."""
+        guidance-conditioned student its default `guidance_scale` (per sample)."""
         cond = super().condition(z, context, mode, generator)
         cond["y"] = torch.full((z.shape[0],), CONTROL_MODES.index(mode), dtype=torch.long, device=z.device)
         if self.guidance_conditioned:
-            cond["w"] = torch.full((z.shape[0],), float(self.guidance_scale), device=z.device)
+            cond["guidance_scale"] = torch.full((z.shape[0],), float(self.guidance_scale), device=z.device)
         return cond
 
     def check_sampling(self, guidance_scale: float | None = None, sampler: str | None = None,
                        spacing: str | None = None) -> float | None:
-        """The guidance scale w to condition on (None for a fixed-w student), or a ValueError saying why the
-        request does not apply: the student samples with DDIM on the trailing schedule it was distilled for, a
-        fixed-w student at its one w, a guidance-conditioned one at any w in its `guidance_range`."""
-        if sampler not in (None, "ddim") or spacing not in (None, "trailing"):
-            raise ValueError(f"the distilled student samples with DDIM on the trailing schedule it was distilled for "
-                             f"(each of its steps learned one DDIM step); sampler={sampler!r}, spacing={spacing!r} "
-                             "apply to teachers")
+        """The guidance scale to condition on (None for a fixed-w student), or a ValueError saying why the request
+        does not apply: the student samples with the sampler and spacing it was distilled for (its recorded
+        `scheduler_config`), a fixed-w student at its one scale, a guidance-conditioned one at any scale in its
+        `guidance_range`."""
+        recorded = self.scheduler_config
+        if sampler not in (None, recorded["sampler"]) or spacing not in (None, recorded["spacing"]):
+            raise ValueError(f"the distilled student samples with {recorded['sampler']} on the {recorded['spacing']} "
+                             "schedule it was distilled for (each of its steps learned one such step); "
+                             f"sampler={sampler!r}, spacing={spacing!r} apply to teachers")
         if not self.guidance_conditioned:
             if guidance_scale is not None and guidance_scale != self.guidance_scale:
                 learned = "its teachers' one scale" if self.guidance_scale is None else f"w={self.guidance_scale:g}"
@@ -199,29 +226,27 @@ class FCDiffusionStudent(FrequencyControlledLDM):
                                  f"without classifier-free guidance; guidance_scale={guidance_scale:g} needs a "
                                  "guidance-conditioned student (distil one with distill.guidance_range: [lo, hi])")
             return None
-        w = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        low, high = self.guidance_range
-        if not low <= w <= high:
-            raise ValueError(f"guidance_scale={w:g} is outside the range [{low:g}, {high:g}] this student was "
-                             "distilled on")
-        return w
+        return check_guidance_scale(self.guidance_scale if guidance_scale is None else guidance_scale,
+                                    self.guidance_range)
 
     @torch.no_grad()
     def sample(self, cond: Cond, x_T: torch.Tensor, steps: int | None = None,
                guidance_scale: float | None = None, verbose: bool = False, sampler: str | None = None,
                spacing: str | None = None) -> torch.Tensor:
-        """Guidance-free DDIM in `steps` (default `student_steps`) on the trailing schedule, ending at alpha 1.
+        """Guidance-free sampling in `steps` (default `student_steps`) with its recorded scheduler (a distilled
+        student: DDIM on the trailing spacing, ending at alpha 1).
 
         A guidance-conditioned student reproduces the teachers' guidance at `guidance_scale` (default its own) in
         one network evaluation per step; a fixed-w student refuses another scale (`check_sampling`).
         """
-        w = self.check_sampling(guidance_scale, sampler, spacing)
-        if w is not None:
-            cond = {**cond, "w": torch.full((x_T.shape[0],), w, device=x_T.device)}
-        steps = self.student_steps if steps is None else steps
-        return self.sample_ddim(cond, x_T.shape[0], steps, guidance_scale=1.0, uncond=None, x_T=x_T,
-                                verbose=verbose, timesteps=trailing_timesteps(steps, self.num_timesteps),
-                                final_alpha_cumprod=1.0)
+        guidance_scale = self.check_sampling(guidance_scale, sampler, spacing)
+        if guidance_scale is not None:
+            cond = {**cond, "guidance_scale": torch.full((x_T.shape[0],), guidance_scale, device=x_T.device)}
+        recorded = self.scheduler_config
+        scheduler = Scheduler(self.alphas_cumprod, recorded["spacing"], recorded["final_alpha_cumprod"])
+        scheduler.set_timesteps(self.student_steps if steps is None else steps)
+        return sample(self.apply_model, x_T, scheduler.steps(x_T.device), cond, sampler=recorded["sampler"],
+                      verbose=verbose)
 
 
 def student_config(model_config: Mapping[str, Any], trainable: Sequence[str] = ("control_net",),
@@ -232,7 +257,7 @@ def student_config(model_config: Mapping[str, Any], trainable: Sequence[str] = (
 
     The teacher-only arguments go, the control net gets one class label per control mode (and a guidance
     embedding with `guidance_range`). `guidance_scale` (default: the teachers') is the w the student learns, or
-    its default w when guidance-conditioned.
+    its default w when guidance-conditioned. The student samples with `DISTILLED_SCHEDULER`, which it records.
     """
     if isinstance(trainable, str):
         raise ValueError(f"trainable is a list of parts, got the string {trainable!r}")
@@ -246,5 +271,6 @@ def student_config(model_config: Mapping[str, Any], trainable: Sequence[str] = (
     params.update(control_stage_config=control, trainable=list(trainable), lora_rank=lora_rank,
                   lora_alpha=lora_alpha, student_steps=student_steps, modes=list(modes),
                   guidance_scale=teacher.get("guidance_scale") if guidance_scale is None else guidance_scale,
-                  guidance_range=None if guidance_range is None else list(guidance_range))
+                  guidance_range=None if guidance_range is None else list(guidance_range),
+                  scheduler=dict(DISTILLED_SCHEDULER))
     return {"target": STUDENT_TARGET, "params": params}

@@ -1,17 +1,20 @@
 """Unified frequency-aware distillation: four FCDiffusion teachers (one per control mode) -> one few-step student.
 
 Target (progressive distillation, Salimans & Ho 2022, with the guided teachers of Meng et al. 2023): the student
-samples in k steps on `trailing_timesteps(k)`. For a random student step t_i -> t_{i-1} (alpha 1 after the last)
-the teacher of the sample's mode runs n classifier-free-guided DDIM sub-steps from x_{t_i} = q_sample(z0, t_i)
-to t_{i-1}; the student's x0 target is the x0 for which ONE guidance-free DDIM step from x_{t_i} lands exactly on
-the teacher's x_{t_{i-1}} (`ddim_x0_target`). The x0 error is weighted per DCT band of i + j, each mode
-weighting up the band its teacher controls.
+samples in k steps on `trailing_timesteps(k)` (the scheduler it records, `DISTILLED_SCHEDULER`). For a random
+student step t_i -> t_{i-1} (alpha 1 after the last) the teacher of the sample's mode runs n
+classifier-free-guided DDIM sub-steps from x_{t_i} = q_sample(z0, t_i) to t_{i-1} (the shared sampling loop,
+`ldm.models.diffusion.sampling.sample`, on a grid of per-sample timesteps); the student's x0 target is the x0 for
+which ONE guidance-free DDIM step from x_{t_i} lands exactly on the teacher's x_{t_{i-1}} (`ddim_x0_target`). The
+x0 error is weighted per DCT band of i + j, each mode weighting up the band its teacher controls. Batches are
+mode-major (`mode_chunks`).
 
 Options beyond that (`DistillOptions`): the teacher's sub-steps may be DPM-Solver++(2M) (`teacher_sampler`); a
-guidance-conditioned student (`guidance_range`, Meng et al. 2023; CoDi samples w the same way) draws w per
-example uniformly from the range and the teacher's sub-steps use that w; feature terms (`feature_weights`,
-`fcdiffusion.train.feature_distill`) compare the student's intermediate features and cross-attention maps with the
-teacher's conditional forward at (x_t, t); and `loss_stages` changes the terms' weights from a given step on.
+guidance-conditioned student (`guidance_range`, Meng et al. 2023; CoDi samples w the same way) draws its
+guidance scale per example uniformly from the range and the teacher's sub-steps use that scale; feature terms
+(`feature_weights`, `fcdiffusion.train.feature_distill`) compare the student's intermediate features and
+cross-attention maps with the teacher's conditional forward at (x_t, t); and `loss_stages` changes the terms'
+weights from a given step on.
 
 Memory: teachers and student are built on the meta device and adopt their checkpoints' tensors, every frozen
 tensor held once (`fcdiffusion.core.weights`). Teachers are not submodules: they stay out of the distiller's
@@ -38,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fcdiffusion.core.frequency import CONTROL_MODES, band_mask, check_control_mode, dct_2d
+from fcdiffusion.core.guidance import check_guidance_range, check_guidance_scale
 from fcdiffusion.core.inference import Translator, batch_images
 from fcdiffusion.core.model import Cond, FCDiffusion
 from fcdiffusion.core.precision import cast_parameters, follow_weight_dtype, precision_dtype, resident_bytes
@@ -55,16 +59,10 @@ from fcdiffusion.train.feature_distill import FeatureTap, check_feature_name, fe
 from fcdiffusion.train.lr_schedule import LRSchedule
 from fcdiffusion.train.validation import agreement_metrics, seeded
 from ldm.checkpoint import load_checkpoint, save_state_dict
-from ldm.models.diffusion.ddim import (
-    cat_cond,
-    ddim_step,
-    ddim_x0_target,
-    guided_eps,
-    predicted_x0,
-    trailing_timesteps,
-)
-from ldm.models.diffusion.ddpm import SAMPLERS, freeze
-from ldm.models.diffusion.dpm_solver import dpmpp_2m_step
+from ldm.models.diffusion.ddim import ddim_x0_target, predicted_x0
+from ldm.models.diffusion.ddpm import freeze
+from ldm.models.diffusion.sampling import cat_cond, check_sampler, sample
+from ldm.models.diffusion.scheduler import Step, spaced_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +78,14 @@ def band_energies(diff: torch.Tensor, bands: Sequence[tuple[int, int | None]]) -
         h, w = spectrum.shape[-2:]
         masks = torch.stack([band_mask(h, w, low, high, spectrum.device) for low, high in bands]).float()
         return torch.einsum("nhw,bhw->nb", spectrum, masks) / (h * w)
+
+
+def mode_chunks(tensor: torch.Tensor, modes: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    """`tensor`'s samples split by mode (views): the distiller's batches are mode-major, an equal share per mode in
+    the order of `modes`."""
+    if tensor.shape[0] % len(modes):
+        raise ValueError(f"a batch of {tensor.shape[0]} samples does not split evenly over {len(modes)} modes")
+    return tensor.split(tensor.shape[0] // len(modes))
 
 
 BASE_TERMS = ("distill", "denoise", "control")  # loss terms besides the feature terms, as loss_stages names them
@@ -126,11 +132,11 @@ class DistillOptions:
             unknown = sorted(set(weights) - set(self.bands))
             if unknown:
                 raise ValueError(f"band_weights.{mode} names unknown bands {unknown}; bands: {list(self.bands)}")
-        if self.teacher_sampler not in SAMPLERS:
-            raise ValueError(f"teacher_sampler must be one of {', '.join(SAMPLERS)}, got {self.teacher_sampler!r}")
-        if self.guidance_range is not None and (len(self.guidance_range) != 2
-                                                or not 0 <= self.guidance_range[0] <= self.guidance_range[1]):
-            raise ValueError(f"guidance_range must be [lo, hi] with 0 <= lo <= hi, got {self.guidance_range}")
+        check_sampler(self.teacher_sampler)
+        if self.guidance_range is not None:
+            check_guidance_range(self.guidance_range)
+        if self.guidance_scale is not None:
+            check_guidance_scale(self.guidance_scale, self.guidance_range)
         for name in self.feature_weights:
             check_feature_name(name)
         for stage in self.loss_stages:
@@ -247,7 +253,8 @@ class FrequencyDistiller(pl.LightningModule):
         self.band_limits = self.options.band_limits()
         self.band_names = list(self.options.bands)
         self.register_buffer("band_weights", self.options.weight_matrix(), persistent=False)
-        timesteps = trailing_timesteps(self.options.student_steps, self.student.num_timesteps)
+        timesteps = spaced_timesteps(self.options.student_steps, self.student.scheduler_config["spacing"],
+                                     self.student.num_timesteps)
         self.register_buffer("student_timesteps", torch.as_tensor(timesteps, device="cpu"), persistent=False)
         counts = self.parameter_counts()
         log.info("distiller: %d teachers (%s) + student; resident parameters %.2fM (unique tensors) vs %.2fM for "
@@ -315,60 +322,53 @@ class FrequencyDistiller(pl.LightningModule):
     def teacher_condition(cond: Cond) -> Cond:
         """A student's conditioning as a teacher takes it: the same prompt and control signal, no mode label and
         no guidance scale."""
-        return {k: v for k, v in cond.items() if k not in ("y", "w")}
+        return {k: v for k, v in cond.items() if k not in ("y", "guidance_scale")}
+
+    def teacher_steps(self, t: torch.Tensor, t_prev: torch.Tensor) -> list[Step]:
+        """The teacher's n sub-steps from t to t_prev (per sample, (N,)) as `sample` takes them: (s, a_s, a_next)
+        on the integer timesteps round(t + (t_prev - t) j / n), alpha 1 at t_prev = -1."""
+        n = self.options.teacher_substeps
+        grid = [torch.round(t + (t_prev - t) * (j / n)).long() for j in range(n + 1)]
+        return [(s.clamp(min=0), self.alpha_at(s), self.alpha_at(s_next)) for s, s_next in zip(grid[:-1], grid[1:])]
 
     @torch.no_grad()
     def teacher_solve(self, mode: str, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
                       cond: Cond) -> torch.Tensor:
-        """The teacher of `mode` from x at t to t_prev: n guided sub-steps on integer timesteps in between, DDIM
+        """The teacher of `mode` from x at t to t_prev: `sample` on its guided sub-steps (`teacher_steps`) with DDIM
         or DPM-Solver++(2M) (`teacher_sampler`; its first sub-step is first order, i.e. DDIM), at each sample's
-        w (`cond["w"]`) for a guidance-conditioned student, else at the one distillation scale."""
-        teacher, n = self._teachers[mode], self.options.teacher_substeps
-        scale = cond.get("w")
-        if scale is None:
-            scale = teacher.guidance_scale if self.options.guidance_scale is None else self.options.guidance_scale
+        `cond["guidance_scale"]` for a guidance-conditioned student, else at the one distillation scale."""
+        teacher = self._teachers[mode]
+        guidance_scale = cond.get("guidance_scale")
+        if guidance_scale is None:
+            guidance_scale = self.options.guidance_scale
+            guidance_scale = teacher.guidance_scale if guidance_scale is None else guidance_scale
         cond = self.teacher_condition(cond)
-        uncond = teacher.unconditional_conditioning(cond)
-        grid = [torch.round(t + (t_prev - t) * (j / n)).long() for j in range(n + 1)]
-        x0_prev = h_prev = None
-        for s, s_next in zip(grid[:-1], grid[1:]):
-            eps = guided_eps(teacher.apply_model, x, s.clamp(min=0), cond, uncond, scale)
-            a_s, a_next = self.alpha_at(s), self.alpha_at(s_next)
-            if self.options.teacher_sampler == "ddim":
-                x, _ = ddim_step(x, eps, a_s, a_next)
-            else:
-                x0 = predicted_x0(x, eps, a_s)
-                x, h_prev = dpmpp_2m_step(x, x0, a_s, a_next, x0_prev, h_prev)
-                x0_prev = x0
-        return x
+        return sample(teacher.apply_model, x, self.teacher_steps(t, t_prev), cond,
+                      teacher.unconditional_conditioning(cond), guidance_scale, sampler=self.options.teacher_sampler)
 
     @torch.no_grad()
     def teacher_targets(self, x_t: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, modes: Sequence[str],
                         conds: Sequence[Cond]) -> torch.Tensor:
         """The student's x0 targets: per mode chunk, the x0 whose one DDIM step lands on the teacher's solve."""
-        b = x_t.shape[0] // len(modes)
-        x_prev = torch.cat([self.teacher_solve(mode, x_t[i * b:(i + 1) * b], t[i * b:(i + 1) * b],
-                                               t_prev[i * b:(i + 1) * b], cond)
-                            for i, (mode, cond) in enumerate(zip(modes, conds))])
+        x_prev = torch.cat([self.teacher_solve(mode, x, s, s_prev, cond) for mode, cond, x, s, s_prev
+                            in zip(modes, conds, *(mode_chunks(v, modes) for v in (x_t, t, t_prev)))])
         return ddim_x0_target(x_t, x_prev, self.alpha_at(t), self.alpha_at(t_prev))
 
     def band_loss(self, x0: torch.Tensor, target: torch.Tensor, modes: Sequence[str]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-sample band-weighted x0 error (N,), per-sample band energies (N, bands)); samples mode-major."""
         energies = band_energies(x0 - target, self.band_limits)
-        b = x0.shape[0] // len(modes)
         weights = self.band_weights.to(energies)  # rows picked by Python ints below: views, no host-to-device copy
-        per_sample = torch.cat([weights[CONTROL_MODES.index(m)].expand(b, -1) for m in modes])
+        per_sample = torch.cat([weights[CONTROL_MODES.index(mode)].expand(len(chunk), -1)
+                                for mode, chunk in zip(modes, mode_chunks(energies, modes))])
         return (energies * per_sample).sum(1), energies
 
     def control_loss(self, x_t: torch.Tensor, t: torch.Tensor, modes: Sequence[str], conds: Sequence[Cond],
                      student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Mean MSE between the student's control-net outputs and those of each sample's teacher."""
-        b = x_t.shape[0] // len(modes)
         with torch.no_grad():
-            per_mode = [self._teachers[mode].control(x_t[i * b:(i + 1) * b], t[i * b:(i + 1) * b],
-                                                     self.teacher_condition(cond))
-                        for i, (mode, cond) in enumerate(zip(modes, conds))]
+            per_mode = [self._teachers[mode].control(x, s, self.teacher_condition(cond))
+                        for mode, cond, x, s in zip(modes, conds, mode_chunks(x_t, modes), mode_chunks(t, modes))]
             teacher = [torch.cat(parts) for pair in zip(*per_mode) for parts in zip(*pair)]
         student = [tensor for pair in student_pairs for tensor in pair]
         return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
@@ -378,23 +378,22 @@ class FrequencyDistiller(pl.LightningModule):
                          names: Sequence[str]) -> dict[str, list[torch.Tensor]]:
         """Per feature term, each sample's teacher's features from its conditional forward at (x_t, t),
         concatenated over the mode chunks (mode-major, as the student's batch)."""
-        b = x_t.shape[0] // len(modes)
         per_mode = []
-        for i, (mode, cond) in enumerate(zip(modes, conds)):
+        for mode, cond, x, s in zip(modes, conds, mode_chunks(x_t, modes), mode_chunks(t, modes)):
             with self._taps[mode].recording(names) as features:
-                self._teachers[mode].apply_model(x_t[i * b:(i + 1) * b], t[i * b:(i + 1) * b],
-                                                 self.teacher_condition(cond))
+                self._teachers[mode].apply_model(x, s, self.teacher_condition(cond))
             per_mode.append(features)
         return {name: [torch.cat(parts) for parts in zip(*(f[name] for f in per_mode))] for name in names}
 
     def distillation_loss(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str],
                           step_index: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                          guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                          guidance_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and logs for latents z (B, C, H, W) with text context, trained on every mode in `modes`.
 
         Samples are ordered mode-major (B per mode); `step_index` (B * len(modes),) picks each one's student step,
-        `noise` its x_t and, for a guidance-conditioned student, `guidance` its w, all random when None (give them
-        for a reproducible loss). The terms' weights are those of the current global step (`loss_stages`).
+        `noise` its x_t and, for a guidance-conditioned student, `guidance_scale` its scale, all random when None
+        (give them for a reproducible loss). The terms' weights are those of the current global step
+        (`loss_stages`).
         """
         b, m = z.shape[0], len(modes)
         if step_index is None:
@@ -404,8 +403,10 @@ class FrequencyDistiller(pl.LightningModule):
         conds = [self.student.condition(z, context, mode) for mode in modes]
         if self.student.guidance_conditioned:
             low, high = self.student.guidance_range
-            w = torch.empty(b * m, device=z.device).uniform_(low, high) if guidance is None else guidance.to(z.device)
-            conds = [{**cond, "w": w[i * b:(i + 1) * b]} for i, cond in enumerate(conds)]
+            guidance_scale = torch.empty(b * m, device=z.device).uniform_(low, high) if guidance_scale is None \
+                else guidance_scale.to(z.device)
+            conds = [{**cond, "guidance_scale": chunk}
+                     for cond, chunk in zip(conds, mode_chunks(guidance_scale, modes))]
         z0 = z.repeat(m, 1, 1, 1)
         x_t = self.student.q_sample(z0, t, noise)
         target = self.teacher_targets(x_t, t, t_prev, modes, conds)
@@ -414,8 +415,7 @@ class FrequencyDistiller(pl.LightningModule):
         recording = self._taps["student"].recording(features) if features else contextlib.nullcontext({})
         with recording as student_features:
             eps, pairs = self.student.eps_and_control(x_t, t, functools.reduce(cat_cond, conds))
-        a_t = self.alpha_at(t)
-        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x0 = predicted_x0(x_t, eps, self.alpha_at(t))
 
         weighted, energies = self.band_loss(x0, target, modes)
         loss_distill = weighted.mean()
@@ -434,8 +434,8 @@ class FrequencyDistiller(pl.LightningModule):
                 logs[f"train/feat_{name}"] = value.detach()
         for name, value in zip(self.band_names, energies.detach().mean(0)):
             logs[f"train/band_{name}"] = value
-        for i, mode in enumerate(modes):
-            logs[f"train/distill_{mode}"] = weighted[i * b:(i + 1) * b].detach().mean()
+        for mode, chunk in zip(modes, mode_chunks(weighted, modes)):
+            logs[f"train/distill_{mode}"] = chunk.detach().mean()
         logs["train/loss"] = loss.detach()
         return loss, logs
 

@@ -17,12 +17,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ldm.checkpoint import load_weights
-from ldm.models.diffusion.ddim import DDIMSampler, spaced_timesteps
-from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.models.diffusion.sampling import sample
+from ldm.models.diffusion.scheduler import Scheduler
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.util import count_params, instantiate_from_config
-
-SAMPLERS = {"ddim": DDIMSampler, "dpmpp_2m": DPMSolverSampler}  # deterministic samplers by name
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -210,33 +208,6 @@ class LatentDiffusion(pl.LightningModule):
 
     # ---- sampling -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_ddim(self, cond: Any, batch_size: int, steps: int = 50, guidance_scale: float = 1.0,
-                    uncond: Any = None, x_T: torch.Tensor | None = None, eta: float = 0.0,
-                    generator: torch.Generator | None = None, verbose: bool = False,
-                    **sampler_kwargs: Any) -> torch.Tensor:
-        """DDIM latents for `cond`, with classifier-free guidance when `uncond` is given."""
-        size = self.image_size
-        shape = (self.channels, size, size) if x_T is None else tuple(x_T.shape[1:])
-        return DDIMSampler(self).sample(
-            steps, batch_size, shape, cond, eta=eta, x_T=x_T, unconditional_guidance_scale=guidance_scale,
-            unconditional_conditioning=uncond, verbose=verbose, generator=generator, **sampler_kwargs)
-
-    @torch.no_grad()
-    def sample_latents(self, cond: Any, batch_size: int, steps: int = 50, guidance_scale: float = 1.0,
-                       uncond: Any = None, x_T: torch.Tensor | None = None, sampler: str = "ddim",
-                       spacing: str = "uniform", verbose: bool = False) -> torch.Tensor:
-        """Latents for `cond` with the deterministic sampler named `sampler` (`SAMPLERS`: DDIM or DPM-Solver++(2M))
-        on `steps` timesteps of `spacing` (SD's 'uniform', or 'trailing' from T-1), ending at alphas_cumprod[0];
-        classifier-free guidance when `uncond` is given."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
-        timesteps = spaced_timesteps(steps, spacing, self.num_timesteps)
-        shape = (self.channels, self.image_size, self.image_size) if x_T is None else tuple(x_T.shape[1:])
-        return SAMPLERS[sampler](self).sample(
-            steps, batch_size, shape, cond, x_T=x_T, unconditional_guidance_scale=guidance_scale,
-            unconditional_conditioning=uncond, verbose=verbose, timesteps=timesteps)
-
-    @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 4, steps: int = 25, guidance_scale: float = 5.0,
                    seed: int = 0) -> dict[str, torch.Tensor]:
         """Images in [-1, 1] for grids: the sources, their reconstructions, and text-to-image samples of their
@@ -244,7 +215,8 @@ class LatentDiffusion(pl.LightningModule):
         z, context = self.get_input(batch, bs=N, sample_posterior=False)
         uncond = self.get_learned_conditioning([""] * z.shape[0])
         x_T = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z)
-        samples = self.sample_ddim(context, z.shape[0], steps, guidance_scale, uncond, x_T=x_T)
+        scheduler = Scheduler(self.alphas_cumprod).set_timesteps(steps)
+        samples = sample(self.apply_model, x_T, scheduler.steps(z.device), context, uncond, guidance_scale)
         x = torch.as_tensor(np.asarray(batch[self.first_stage_key]))[:N]
         return {"source": rearrange(x, "b h w c -> b c h w").float(), "reconstruction": self.decode_first_stage(z),
                 "samples": self.decode_first_stage(samples).clamp(-1, 1)}
