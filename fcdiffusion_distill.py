@@ -2,9 +2,9 @@
 
     python fcdiffusion_distill.py                                       # configs/distill_config.yaml (SD 2.1-base)
     python fcdiffusion_distill.py --config configs/distill_config_tiny.yaml --max_steps 50
-    python fcdiffusion_distill.py --devices 8 --strategy ddp --num_nodes 2 --precision bf16-mixed
+    python fcdiffusion_distill.py --devices 8 --strategy ddp --num_nodes 2 --precision bf16
     python fcdiffusion_distill.py --trainable control_net lora --teacher_substeps 4 --guidance_scale 7.5
-    python fcdiffusion_distill.py --teacher_dtype bf16 --precision bf16-mixed   # teachers in half the memory
+    python fcdiffusion_distill.py --teacher_dtype bf16 --precision bf16   # teachers in half the memory
     python fcdiffusion_distill.py --val_data datasets/training_data_val.json --val_every 500 --ema_decay 0.999
     python fcdiffusion_distill.py --guidance_range 2 14 --teacher_sampler dpmpp_2m   # w chosen at inference
 

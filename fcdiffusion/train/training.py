@@ -38,6 +38,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from fcdiffusion.core.paths import LAST_CHECKPOINT
+from fcdiffusion.core.precision import lightning_precision
 from fcdiffusion.train.data_module import RunData
 from fcdiffusion.train.dataset import LATENT_GRID, Augment
 from fcdiffusion.train.ema import EMACallback, shards_parameters
@@ -66,7 +67,8 @@ RUN_FLAGS = {
     "num_workers": (int, "data loader processes"),
     "checkpoint_every": (int, "save a checkpoint every N steps"),
     "log_images_every": (int, "save an image grid every N steps (0: never)"),
-    "precision": (str, "Lightning precision: 32, 16-mixed, bf16-mixed, ..."),
+    "precision": (str, "fp32, bf16 or fp16 (Lightning's 32-true, bf16-mixed, 16-mixed): bf16 and fp16 train in "
+                       "mixed precision, float32 weights with the passes autocast to that dtype"),
     "accelerator": (str, "Lightning accelerator: auto, cpu, gpu, ..."),
     "devices": (str, "Lightning devices: auto, 1, 8, '0,1', ..."),
     "strategy": (str, "Lightning strategy: auto, ddp, deepspeed_stage_2, ..."),
@@ -143,8 +145,8 @@ def build_trainer(train: DictConfig, ckpt_dir: str, run_name: str, callbacks: Se
     tensorboard = TensorBoardLogger(train.logdir, name=run_name, version=csv.version, default_hp_metric=False)
     return pl.Trainer(
         max_steps=train.max_steps, accelerator=train.accelerator, devices=devices_arg(train.devices),
-        strategy=train.strategy, num_nodes=train.num_nodes, precision=train.precision, callbacks=callbacks,
-        logger=[csv, tensorboard], default_root_dir=train.logdir,
+        strategy=train.strategy, num_nodes=train.num_nodes, precision=lightning_precision(train.precision),
+        callbacks=callbacks, logger=[csv, tensorboard], default_root_dir=train.logdir,
         log_every_n_steps=train.get("log_every", 50), enable_model_summary=False,
         gradient_clip_val=float(train.gradient_clip_val) or None, accumulate_grad_batches=batches_per_step,
         # Validation counts training batches: N optimizer steps are N x accumulate batches, across epochs.
@@ -177,6 +179,7 @@ def check_train_section(train: DictConfig) -> None:
         raise ValueError(f"--ema_decay must be in [0, 1) (0: no EMA), got {train.ema_decay}")
     if float(train.gradient_clip_val) < 0:
         raise ValueError(f"--gradient_clip_val must be at least 0 (0: no clipping), got {train.gradient_clip_val}")
+    lightning_precision(train.precision)
     LRSchedule.from_train(train)
     Augment.from_config(train.get("augment"))
 
