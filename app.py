@@ -14,23 +14,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import torch
-
-from fcdiffusion.apps.demo_app import (
-    DEFAULT_LOGDIR,
-    MAX_PIXELS,
-    MissingWeightsError,
-    build_app,
-    launch,
-    load_demo,
-    weight_files,
-)
+from fcdiffusion import cli
+from fcdiffusion.apps.demo_app import DEFAULT_LOGDIR, MAX_PIXELS, build_app, launch, load_demo, weight_files
+from fcdiffusion.core.devices import resolve_device
 from fcdiffusion.core.frequency import CONTROL_MODES
-from ldm.checkpoint import CheckpointMismatchError
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument("--student", help="distilled student: student.safetensors or a distiller checkpoint "
                         f"(default, when no teacher is named: the quickstart's, under {DEFAULT_LOGDIR})")
     parser.add_argument("--teacher_dir", nargs="?", const=str(DEFAULT_LOGDIR), metavar="LOGDIR",
@@ -43,29 +34,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "the tiny models, 512 for SD 2.1)")
     parser.add_argument("--max_pixels", type=int, default=MAX_PIXELS,
                         help="larger photos are refused with a message (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda:1, ...")
+    cli.add_device_flag(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
     parser.add_argument("--share", action="store_true", help="also create a temporary public link (gradio.live)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Load the weights once, then serve the page until stopped."""
+    student, teachers = weight_files(args.student, args.teacher_dir,
+                                     {m: getattr(args, f"teacher_{m}") for m in CONTROL_MODES})
+    demo = load_demo(student, teachers, resolve_device(args.device), args.resolution, args.max_pixels)
+    launch(build_app(demo), args.host, args.port, args.share)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    try:
-        student, teachers = weight_files(args.student, args.teacher_dir,
-                                         {m: getattr(args, f"teacher_{m}") for m in CONTROL_MODES})
-        demo = load_demo(student, teachers, device, args.resolution, args.max_pixels)
-    except (MissingWeightsError, CheckpointMismatchError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    try:
-        launch(build_app(demo), args.host, args.port, args.share)
-    except OSError as error:
-        print(f"error: cannot serve on {args.host}:{args.port} ({error}); pick another --port", file=sys.stderr)
-        return 1
-    return 0
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

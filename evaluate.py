@@ -25,22 +25,20 @@ file loads over --base. Every weight file is local: a missing one is an error sa
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-import torch
-
+from fcdiffusion import cli
+from fcdiffusion.core.devices import resolve_device
 from fcdiffusion.core.paths import SD_CHECKPOINT
 from fcdiffusion.core.precision import PRECISIONS, prepare_for_inference
 from fcdiffusion.core.weights import load_model
 from fcdiffusion.evaluation.suite import METRICS, Evaluator, Settings, evaluate_folder, markdown_table
-from ldm.checkpoint import CheckpointMismatchError
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument("--results", required=True, help="folder of <name>_<mode>.png results")
     parser.add_argument("--input_dir", required=True, help="the source folder the results were translated from")
     parser.add_argument("--prompt", help="the one prompt all images were translated with (instead of .txt files)")
@@ -60,48 +58,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--kid_subset_size", type=int, default=defaults.kid_subset_size)
     parser.add_argument("--out", help="metrics.json to write (default: RESULTS/metrics.json)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per batch")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_device_flag(parser)
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="dtype of --model's weights")
     parser.add_argument("--base", default=SD_CHECKPOINT, help="SD 2.1-base checkpoint a delta --model applies over")
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+def run(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Check the folders, load the model and every metric's network, then evaluate the results and write them."""
     for flag in ("results", "input_dir", "reference"):
         if getattr(args, flag) is not None and not os.path.isdir(getattr(args, flag)):
-            print(f"error: --{flag} folder not found: {getattr(args, flag)}", file=sys.stderr)
-            return 2
+            raise cli.UsageError(f"--{flag} folder not found: {getattr(args, flag)}")
     if args.batch_size < 1:
-        print(f"error: --batch_size must be at least 1, got {args.batch_size}", file=sys.stderr)
-        return 2
-    try:
-        model = (prepare_for_inference(load_model(args.model, args.base), args.device, args.precision)
-                 if args.model else None)
-        settings = Settings(model=model, clip_arch=args.clip_arch, clip_weights=args.clip_weights,
-                            clip_arch_config=args.clip_arch_config, dino_weights=args.dino_weights,
-                            lpips_net=args.lpips_net, lpips_weights=args.lpips_weights,
-                            inception_weights=args.inception_weights, fid_dims=args.fid_dims,
-                            kid_subset_size=args.kid_subset_size,
-                            device=args.device)
-        evaluator = Evaluator(args.metrics, settings)
-        evaluator.prepare()
-    except (FileNotFoundError, CheckpointMismatchError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        raise cli.UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    device = str(resolve_device(args.device))
+    model = prepare_for_inference(load_model(args.model, args.base), device, args.precision) if args.model else None
+    settings = Settings(model=model, clip_arch=args.clip_arch, clip_weights=args.clip_weights,
+                        clip_arch_config=args.clip_arch_config, dino_weights=args.dino_weights,
+                        lpips_net=args.lpips_net, lpips_weights=args.lpips_weights,
+                        inception_weights=args.inception_weights, fid_dims=args.fid_dims,
+                        kid_subset_size=args.kid_subset_size, device=device)
+    evaluator = Evaluator(args.metrics, settings)
+    evaluator.prepare()
     out = args.out or os.path.join(args.results, "metrics.json")
-    try:
-        per_mode, problems = evaluate_folder(evaluator, args.results, args.input_dir, args.prompt, args.reference,
-                                             out, args.batch_size)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    per_mode, problems = evaluate_folder(evaluator, args.results, args.input_dir, args.prompt, args.reference,
+                                         out, args.batch_size)
     for message in problems:
         print(message, file=sys.stderr)
     print(markdown_table(per_mode))
     print(f"wrote {out}" + (f"; skipped {len(problems)}" if problems else ""))
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -12,39 +12,35 @@ checkpoint with its SHA-256. Load it with the base (`--base` of test_distillatio
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from fcdiffusion import cli
 from fcdiffusion.core.paths import SD_CHECKPOINT
 from fcdiffusion.core.weights import export_delta, read_model
-from ldm.checkpoint import CheckpointMismatchError
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument("model", help="full student or teacher weights file (self-describing)")
     parser.add_argument("out", help="the delta file to write (.safetensors)")
     parser.add_argument("--base", default=SD_CHECKPOINT, help="the SD 2.1-base checkpoint the model was trained from")
-    return parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Read the full model, write its delta over --base and say how small it is."""
+    if not args.out.endswith(".safetensors"):
+        raise cli.UsageError(f"the delta file must be a .safetensors file, got {args.out}")
+    model, metadata = read_model(args.model)
+    sizes = export_delta(model, args.out, args.base, metadata)
+    print(f"wrote {args.out}: {os.path.getsize(args.out):,} bytes ({sizes['delta_bytes']:,} bytes of tensors, "
+          f"{100 * sizes['delta_bytes'] / sizes['full_bytes']:.1f}% of the full model's {sizes['full_bytes']:,})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    if not args.out.endswith(".safetensors"):
-        print(f"error: the delta file must be a .safetensors file, got {args.out}", file=sys.stderr)
-        return 2
-    try:
-        model, metadata = read_model(args.model)
-        sizes = export_delta(model, args.out, args.base, metadata)
-    except (FileNotFoundError, CheckpointMismatchError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out}: {os.path.getsize(args.out):,} bytes ({sizes['delta_bytes']:,} bytes of tensors, "
-          f"{100 * sizes['delta_bytes'] / sizes['full_bytes']:.1f}% of the full model's {sizes['full_bytes']:,})")
-    return 0
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
     python fcdiffusion_distill.py                                       # configs/distill_config.yaml (SD 2.1-base)
     python fcdiffusion_distill.py --config configs/distill_config_tiny.yaml --max_steps 50
-    python fcdiffusion_distill.py --devices 8 --strategy ddp --num_nodes 2 --precision bf16-mixed
+    python fcdiffusion_distill.py --devices 8 --strategy ddp --num_nodes 2 --precision bf16
     python fcdiffusion_distill.py --trainable control_net lora --teacher_substeps 4 --guidance_scale 7.5
-    python fcdiffusion_distill.py --teacher_dtype bf16 --precision bf16-mixed   # teachers in half the memory
+    python fcdiffusion_distill.py --teacher_dtype bf16 --precision bf16   # teachers in half the memory
     python fcdiffusion_distill.py --val_data datasets/training_data_val.json --val_every 500 --ema_decay 0.999
     python fcdiffusion_distill.py --guidance_range 2 14 --teacher_sampler dpmpp_2m   # w chosen at inference
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from fcdiffusion import cli
 from fcdiffusion.core.frequency import CONTROL_MODES
 from fcdiffusion.core.paths import (
     DOWNLOAD_HELP,
@@ -38,18 +39,13 @@ from fcdiffusion.core.weights import distilled_student_config, teacher_model_con
 from fcdiffusion.train.data_module import RunData
 from fcdiffusion.train.distiller import FrequencyDistiller, StudentExport
 from fcdiffusion.train.training import (
-    RUN_FLAGS,
-    add_flags,
-    apply_flags,
     build_trainer,
     check_train_section,
     fit,
     locked_run,
-    resolve_command_line,
     resume_checkpoint,
     resume_conflicts,
 )
-from ldm.checkpoint import CheckpointMismatchError
 from ldm.util import load_config
 
 log = logging.getLogger("fcdiffusion_distill")
@@ -70,8 +66,8 @@ DISTILL_FLAGS = {
 }
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument("--config", default="configs/distill_config.yaml", help="distillation config (YAML)")
     parser.add_argument("--model_config", help="the teachers' model config (default: the config's model_config)")
     for mode in CONTROL_MODES:
@@ -81,15 +77,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--lora_rank", type=int, help="LoRA rank (with --trainable lora)")
     parser.add_argument("--guidance_range", type=float, nargs=2, metavar=("LO", "HI"),
                         help="distil a guidance-conditioned student: w drawn per example from [LO, HI]")
-    add_flags(parser, {**DISTILL_FLAGS, **RUN_FLAGS})
-    return parser.parse_known_args(argv)
+    cli.add_flags(parser, {**DISTILL_FLAGS, **cli.RUN_FLAGS})
+    return parser
 
 
 def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig:
     """The config with flags applied: flags win over dotlist overrides, which win over the file."""
     config = load_config(args.config, overrides)
-    apply_flags(config.train, args, RUN_FLAGS)
-    apply_flags(config.distill, args, DISTILL_FLAGS)
+    cli.apply_flags(config.train, args, cli.RUN_FLAGS)
+    cli.apply_flags(config.distill, args, DISTILL_FLAGS)
     if args.guidance_range is not None:
         config.distill.guidance_range = args.guidance_range
     for mode in CONTROL_MODES:
@@ -114,14 +110,16 @@ def missing_teacher_message(config: DictConfig, mode: str, path: str) -> str:
             f"or point teachers.{mode} (--teacher_{mode}) at an existing {mode} teacher checkpoint.")
 
 
-def check_inputs(config: DictConfig, resume: bool) -> list[str]:
-    """Error messages for missing teacher / student-initialisation files (the student init is not needed to resume)."""
+def check_inputs(config: DictConfig, resume: bool) -> None:
+    """Raise a FileNotFoundError naming every missing teacher / student-initialisation file (the student init is
+    not needed to resume)."""
     errors = [missing_teacher_message(config, mode, path) for mode, path in config.teachers.items()
               if not os.path.isfile(path)]
     if not resume and not os.path.isfile(config.student.init):
         errors.append(f"student initialisation not found: {config.student.init}\nUse a teacher checkpoint, or "
                       f"build the FCDiffusion init with tool_add_control_sd21.py:\n{DOWNLOAD_HELP}")
-    return errors
+    if errors:
+        raise FileNotFoundError("\n\nerror: ".join(errors))
 
 
 def build_distiller(config: DictConfig, student_init: str) -> FrequencyDistiller:
@@ -132,45 +130,42 @@ def build_distiller(config: DictConfig, student_init: str) -> FrequencyDistiller
         distill=OmegaConf.to_container(config.distill, resolve=True), learning_rate=config.train.learning_rate)
 
 
-def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callback] = ()) -> int:
-    config = resolve_command_line(argv, parse_args, resolve_config)
-    if config is None:
-        return 2
-    return locked_run(config.train, checkpoint_folder(config), lambda data: run(config, data, extra_callbacks))
-
-
 def checkpoint_folder(config: DictConfig) -> str:
     """Where this distillation's checkpoints go."""
-    train = config.train
-    return os.fspath(distill_checkpoint_dir(train.logdir))
+    return os.fspath(distill_checkpoint_dir(config.train.logdir))
 
 
-def run(config: DictConfig, data: RunData, extra_callbacks: Sequence[pl.Callback]) -> int:
-    """The run itself, in a locked checkpoint folder: resume or initialise, then fit; the exit status."""
+def run(args: argparse.Namespace, overrides: list[str], extra_callbacks: Sequence[pl.Callback] = ()) -> None:
+    """Resolve the config, open the data and lock the checkpoint folder (all before any model is built), then
+    resume or initialise the distiller and fit it."""
+    config = resolve_config(args, overrides)
+    with locked_run(config.train, checkpoint_folder(config)) as data:
+        distill(config, data, extra_callbacks)
+
+
+def distill(config: DictConfig, data: RunData, extra_callbacks: Sequence[pl.Callback]) -> None:
+    """The run itself, in a locked checkpoint folder: resume or initialise, then fit."""
     train, folder = config.train, Path(checkpoint_folder(config))
     resume = resume_checkpoint(folder)
-    errors = check_inputs(config, resume is not None)
-    if errors:
-        print("error: " + "\n\nerror: ".join(errors), file=sys.stderr)
-        return 1
+    check_inputs(config, resume is not None)
     if resume:
         conflicts = resume_conflicts(resume[1], distilled_student_config(config)["params"], RESUME_FIXED)
         if conflicts:
-            print(f"error: {resume[0]} was distilled with other student options ({'; '.join(conflicts)}); resume "
-                  "with the same options, or distil into another --logdir", file=sys.stderr)
-            return 2
+            raise ValueError(f"{resume[0]} was distilled with other student options ({'; '.join(conflicts)}); "
+                             "resume with the same options, or distil into another --logdir")
     pl.seed_everything(train.seed, workers=True)
-    try:
-        # On resume the student (with the values it is sharing) comes from the checkpoint; fit() restores the rest.
-        distiller = build_distiller(config, resume[0] if resume else config.student.init)
-    except (CheckpointMismatchError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    # On resume the student (with the values it is sharing) comes from the checkpoint; fit() restores the rest.
+    distiller = build_distiller(config, resume[0] if resume else config.student.init)
     if resume:
         log.info("resuming from %s", resume[0])
     trainer = build_trainer(train, os.fspath(folder), "fcdiffusion_distill",
                             [StudentExport(student_file(train.logdir)), *extra_callbacks])
-    return fit(distiller, data, train, trainer, resume[0] if resume else None, folder / LAST_CHECKPOINT)
+    fit(distiller, data, train, trainer, resume[0] if resume else None, folder / LAST_CHECKPOINT)
+
+
+def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callback] = ()) -> int:
+    return cli.main(build_parser(), lambda args, overrides: run(args, overrides, extra_callbacks), argv,
+                    unknown="overrides")
 
 
 if __name__ == "__main__":

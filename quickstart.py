@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fcdiffusion import cli
+from fcdiffusion.core.errors import RunError
 from fcdiffusion.core.frequency import CONTROL_MODES
 from fcdiffusion.core.paths import student_file, teacher_checkpoint
 from fcdiffusion.train.demo_data import CAPTIONS, HELDOUT
@@ -42,8 +44,8 @@ STUDENT_STEP_COUNTS = (1, 2, 4)
 PHOTO_SIDE = 512  # photos are stored at most this large: training and inference run at 128 px
 
 
-class StepFailed(RuntimeError):
-    """A quickstart step failed; the message names the step."""
+class StepFailed(RunError):
+    """A quickstart step failed, or the quickstart cannot start; the message says which and why."""
 
 
 @dataclass
@@ -398,11 +400,12 @@ def check_disk(path: Path, need_gb: float) -> None:
     path.mkdir(parents=True, exist_ok=True)
     free_gb = shutil.disk_usage(path).free / 2**30
     if free_gb < need_gb:
-        raise StepFailed(f"only {free_gb:.1f} GiB free at {path}, the quickstart needs {need_gb:.1f} GiB")
+        raise StepFailed(f"quickstart refused to start: only {free_gb:.1f} GiB free at {path}, it needs "
+                         f"{need_gb:.1f} GiB")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument("--root", default=".", help="where models/, CLIP-ViT-H-14/ and datasets/ are")
     parser.add_argument("--out", default="outputs/quickstart", help="where logs, pictures and tables go")
     parser.add_argument("--restart", action="store_true", help="delete what an earlier run built, start over")
@@ -426,32 +429,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sd_resolution", type=int, default=128, help="image size for the SD-architecture timing")
     parser.add_argument("--benchmark_images", type=int, default=4, help="photos per benchmark measurement")
     parser.add_argument("--min_free_gb", type=float, default=2.0, help="refuse to start with less free disk")
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Check the disk, then run every step in order; a failing step stops the quickstart, naming it."""
     layout = Layout(Path(args.root), Path(args.out))
     if args.restart:
         for path in (layout.out, layout.sd, layout.clip, layout.init, layout.autoencoder, layout.photos.parent):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     steps = build_steps(layout, args)
     start = time.time()
-    try:
-        check_disk(layout.out, args.min_free_gb)
-    except StepFailed as error:
-        print(f"quickstart refused to start: {error}", file=sys.stderr)
-        return 1
+    check_disk(layout.out, args.min_free_gb)
     for number, (name, action) in enumerate(steps, 1):
         print(f"\n[{number}/{len(steps)}] {name}  ({time.time() - start:.0f} s so far)", flush=True)
         try:
             action()
         except Exception as error:  # any failure: say which step, keep the traceback short
             detail = str(error) if isinstance(error, StepFailed) else f"{type(error).__name__}: {error}"
-            print(f"\nquickstart failed at step {number}/{len(steps)} ({name}): {detail}", file=sys.stderr)
-            return 1
+            raise StepFailed(f"quickstart failed at step {number}/{len(steps)} ({name}): {detail}") from error
     print(f"\ndone in {time.time() - start:.0f} s: open {layout.out / 'report.md'}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

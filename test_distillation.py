@@ -32,7 +32,6 @@ overflows fp16). `--compile` compiles the UNet and the control net with torch.co
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections import defaultdict
@@ -43,6 +42,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fcdiffusion import cli
+from fcdiffusion.core.devices import resolve_device
 from fcdiffusion.core.frequency import CONTROL_MODES
 from fcdiffusion.core.images import labelled_grid, save_image, save_png
 from fcdiffusion.core.inference import Translator
@@ -50,24 +51,17 @@ from fcdiffusion.core.model import FrequencyControlledLDM
 from fcdiffusion.core.paths import SD_CHECKPOINT
 from fcdiffusion.core.precision import PRECISIONS, prepare_for_inference
 from fcdiffusion.core.student import FCDiffusionStudent
-from fcdiffusion.core.weights import (
-    ModeMismatchError,
-    distilled_student_config,
-    load_student,
-    load_teacher,
-    teacher_model_config,
-)
+from fcdiffusion.core.weights import distilled_student_config, load_student, load_teacher, teacher_model_config
 from fcdiffusion.evaluation.suite import METRICS, NEEDS_REFERENCE, Evaluator, Settings, evaluate_folder, markdown_table
 from fcdiffusion.train.dataset import LATENT_GRID, load_image
 from fcdiffusion.train.image_folder import prompted_images
-from ldm.checkpoint import CheckpointMismatchError
 from ldm.models.diffusion.sampling import SAMPLERS
 from ldm.models.diffusion.scheduler import SPACINGS
 from ldm.util import load_config
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument("--input_dir", required=True, help="folder of images, each with a same-named .txt prompt")
     parser.add_argument("--prompt", help="one prompt for every image (instead of the .txt files)")
     parser.add_argument("--mode", choices=[*CONTROL_MODES, "all"],
@@ -95,43 +89,43 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         metavar="METRIC", help="after translating, run these evaluation metrics on the results "
                         "(band, clip_score, dino_structure, lpips: default weight files; see evaluate.py) and "
                         "write <out_dir>/metrics.json")
-    parser.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda:1, ...")
+    cli.add_device_flag(parser)
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="dtype of the networks and the text encoder (the VAE: fp32 with fp16, see above)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the control net")
     parser.add_argument("--base", default=SD_CHECKPOINT,
                         help="SD 2.1-base checkpoint that a delta weights file applies over (full files ignore it)")
-    return parser.parse_known_args(argv)
+    return parser
 
 
-def usage_error(args: argparse.Namespace, overrides: list[str]) -> str | None:
-    """What is wrong with the command line before anything is loaded, if anything."""
+def check_usage(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Raise a UsageError for a command line that cannot work, before anything is loaded."""
     if args.teacher and args.mode == "all":
-        return "a teacher serves one control mode; drop --mode (it uses its own) or pass the teacher's mode"
+        raise cli.UsageError("a teacher serves one control mode; drop --mode (it uses its own) or pass the "
+                             "teacher's mode")
     if args.steps is not None and args.steps < 1:
-        return f"--steps must be at least 1, got {args.steps}"
+        raise cli.UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 1:
-        return f"--batch_size must be at least 1, got {args.batch_size}"
+        raise cli.UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.resolution < 1 or args.resolution % LATENT_GRID:
-        return (f"--resolution must be a positive multiple of {LATENT_GRID}, got {args.resolution} (the VAE and "
-                f"the UNet downsample it {LATENT_GRID}x in all)")
+        raise cli.UsageError(f"--resolution must be a positive multiple of {LATENT_GRID}, got {args.resolution} "
+                             f"(the VAE and the UNet downsample it {LATENT_GRID}x in all)")
     if overrides and not args.config:
-        return f"unrecognised arguments {overrides} (key.sub=value overrides need --config)"
+        raise cli.UsageError(f"unrecognised arguments {overrides} (key.sub=value overrides need --config)")
     if not os.path.isdir(args.input_dir):
-        return f"input folder not found: {args.input_dir}"
-    return out_dir_problem(args.out_dir)
+        raise cli.UsageError(f"input folder not found: {args.input_dir}")
+    check_out_dir(args.out_dir)
 
 
-def out_dir_problem(out_dir: str) -> str | None:
-    """Why the outputs could not be written under `out_dir`, if they could not; creates nothing."""
+def check_out_dir(out_dir: str) -> None:
+    """Raise a UsageError when the outputs could not be written under `out_dir`; creates nothing."""
     existing = Path(os.path.abspath(out_dir))
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        return f"cannot write outputs to --out_dir {out_dir}: {existing} is a file, not a folder"
+        raise cli.UsageError(f"cannot write outputs to --out_dir {out_dir}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot write outputs to --out_dir {out_dir}: {existing} is not writable"
-    return None
+        raise cli.UsageError(f"cannot write outputs to --out_dir {out_dir}: {existing} is not writable")
 
 
 def output_names(paths: Sequence[Path]) -> tuple[dict[Path, str], list[str]]:
@@ -168,43 +162,19 @@ def load_model(args: argparse.Namespace, overrides: list[str]) -> FrequencyContr
     return load_teacher(args.teacher, mode, teacher_model_config(config) if config else None, args.base)
 
 
-def sampling_problem(model: FrequencyControlledLDM, args: argparse.Namespace) -> str | None:
-    """Why the student cannot sample as --guidance_scale, --sampler and --spacing ask, if it cannot (teachers take
-    any of them)."""
-    if not isinstance(model, FCDiffusionStudent):
-        return None
-    try:
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Check the command line, load the model (and the evaluation's networks), translate every input; status 1
+    when no image could be translated."""
+    check_usage(args, overrides)
+    device = resolve_device(args.device)
+    model = load_model(args, overrides)
+    modes = list(model.modes) if args.mode in (None, "all") else [model.check_mode(args.mode)]
+    if isinstance(model, FCDiffusionStudent):  # teachers take any sampler, spacing and scale
         model.check_sampling(args.guidance_scale, args.sampler, args.spacing)
-    except ValueError as error:
-        return str(error)
-    return None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args, overrides = parse_args(argv)
-    problem = usage_error(args, overrides)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    try:
-        model = load_model(args, overrides)
-        modes = list(model.modes) if args.mode in (None, "all") else [model.check_mode(args.mode)]
-        problem = sampling_problem(model, args)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
-        model = prepare_for_inference(model, device, args.precision, args.compile)
-        evaluator = Evaluator(args.evaluate, Settings(model=model, device=device)) if args.evaluate else None
-        if evaluator is not None:
-            evaluator.prepare()  # a missing weights file fails now, not after the translations
-    except ModeMismatchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, CheckpointMismatchError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    model = prepare_for_inference(model, device, args.precision, args.compile)
+    evaluator = Evaluator(args.evaluate, Settings(model=model, device=device)) if args.evaluate else None
+    if evaluator is not None:
+        evaluator.prepare()  # a missing weights file fails now, not after the translations
     translator = Translator(model)
     pairs, problems = prompted_images(args.input_dir, args.prompt)
     names, notes = output_names([path for path, _ in pairs])
@@ -246,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       batch_size=args.batch_size)
         print(markdown_table(per_mode) + f"wrote {os.path.join(args.out_dir, 'metrics.json')}")
     return 0 if done else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv, unknown="overrides")
 
 
 if __name__ == "__main__":

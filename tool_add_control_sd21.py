@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 
 import torch
 from omegaconf import OmegaConf
 
+from fcdiffusion import cli
 from fcdiffusion.core.paths import DOWNLOAD_HELP
 from ldm.checkpoint import CheckpointMismatchError, check_state_dict, group_keys, load_state_dict, save_state_dict
 from ldm.util import instantiate_from_config, load_config, without_text_encoder_file
@@ -46,34 +48,36 @@ def add_control(sd_state: dict, model_state: dict, source: str = "SRC") -> tuple
     return out, copied, new
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument("src", help="SD 2.x checkpoint (.ckpt or .safetensors)")
     parser.add_argument("dst", help="output FCDiffusion checkpoint (.ckpt or .safetensors)")
     parser.add_argument("--config", default="configs/model_config.yaml", help="FCDiffusion model config")
     parser.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new control-net layers' initialisation")
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Build the FCDiffusion model from the config, fill it from SRC (`add_control`) and write DST."""
     if os.path.exists(args.dst) and not args.force:
-        print(f"error: {args.dst} exists; pass --force to overwrite it", file=sys.stderr)
-        return 1
-    try:
-        sd_state = load_state_dict(args.src, hint=DOWNLOAD_HELP)
-        config = OmegaConf.to_container(load_config(args.config, overrides).model, resolve=True)
-        # The text encoder's weights come from SRC, so its own file is not needed here. The seed fixes the random
-        # initialisation of the new layers without touching the caller's random state.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            model = instantiate_from_config(without_text_encoder_file(config))
-        state, copied, new = add_control(sd_state, model.state_dict(), args.src)
-    except (FileNotFoundError, CheckpointMismatchError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        raise cli.UsageError(f"{args.dst} exists; pass --force to overwrite it")
+    sd_state = load_state_dict(args.src, hint=DOWNLOAD_HELP)
+    config = OmegaConf.to_container(load_config(args.config, overrides).model, resolve=True)
+    # The text encoder's weights come from SRC, so its own file is not needed here. The seed fixes the random
+    # initialisation of the new layers without touching the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = instantiate_from_config(without_text_encoder_file(config))
+    state, copied, new = add_control(sd_state, model.state_dict(), args.src)
     print(f"copied from the SD UNet into the control net ({len(copied)} tensors):\n{group_keys(copied, 3)}")
     print(f"new control-net layers, kept at their initialisation ({len(new)} tensors):\n{group_keys(new, 2)}")
     save_state_dict(state, args.dst)
     print(f"wrote {args.dst} ({len(state)} tensors)")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv, unknown="overrides")
 
 
 if __name__ == "__main__":

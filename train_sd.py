@@ -28,23 +28,14 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from fcdiffusion import cli
 from fcdiffusion.core.paths import LAST_CHECKPOINT
 from fcdiffusion.train.data_module import RunData
 from fcdiffusion.train.dataset import FCDiffusionDataset
 from fcdiffusion.train.pretraining import SD_SCALE_FACTOR, normalise_latents, reconstruction_psnr
 from fcdiffusion.train.resampler_init import init_as_resampler
-from fcdiffusion.train.training import (
-    RUN_FLAGS,
-    add_flags,
-    apply_flags,
-    build_trainer,
-    check_train_section,
-    fit,
-    locked_run,
-    resolve_command_line,
-    resume_checkpoint,
-)
-from ldm.checkpoint import CheckpointMismatchError, save_state_dict
+from fcdiffusion.train.training import build_trainer, check_train_section, fit, locked_run, resume_checkpoint
+from ldm.checkpoint import save_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.util import instantiate_from_config, load_config
 
@@ -54,21 +45,21 @@ log = logging.getLogger("train_sd")
 AUTOENCODER_INITS = {"resampler": init_as_resampler}
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument("--config", required=True, help="an AutoencoderKL or LatentDiffusion config with train:")
     parser.add_argument("--autoencoder", help="trained autoencoder weights for a LatentDiffusion config "
                         "(sets model.params.first_stage_config.params.ckpt_path)")
     parser.add_argument("--export", help="when training is done, write the weights here (.ckpt or .safetensors)")
-    add_flags(parser, RUN_FLAGS)
-    return parser.parse_known_args(argv)
+    cli.add_flags(parser, cli.RUN_FLAGS)
+    return parser
 
 
 def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig:
     config = load_config(args.config, overrides)
     if "train" not in config:
         raise ValueError(f"{args.config} has no train: section")
-    apply_flags(config.train, args, RUN_FLAGS)
+    cli.apply_flags(config.train, args, cli.RUN_FLAGS)
     if args.autoencoder is not None:
         config.model.params.first_stage_config.params.ckpt_path = args.autoencoder
     config.model.params.learning_rate = config.train.learning_rate
@@ -86,31 +77,33 @@ def checkpoint_folder(config: DictConfig) -> str:
     return os.path.join(config.train.logdir, f"{config.name}_checkpoint")
 
 
-def run(config: DictConfig, dataset: RunData) -> int:
+def run(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Resolve the config, open the data and lock the checkpoint folder (all before any model is built), then
+    train and export."""
+    config = resolve_config(args, overrides)
+    with locked_run(config.train, checkpoint_folder(config)) as data:
+        train_model(config, data)
+
+
+def train_model(config: DictConfig, data: RunData) -> None:
+    """The run itself, in a locked checkpoint folder: build, resume or initialise, fit, then export."""
     train, folder = config.train, checkpoint_folder(config)
     pl.seed_everything(train.seed, workers=True)
-    try:
-        module = instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
-    except (FileNotFoundError, CheckpointMismatchError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    module = instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
     if not hasattr(module, "training_step"):
-        print(f"error: {config.model.target} has no training step", file=sys.stderr)
-        return 2
+        raise ValueError(f"{config.model.target} has no training step")
     resume = resume_checkpoint(folder)
     if resume:
         log.info("resuming from %s", resume[0])
     elif config.init is not None:
         if not isinstance(module, AutoencoderKL):
-            print(f"error: train.init applies to an AutoencoderKL, not {config.model.target}", file=sys.stderr)
-            return 2
+            raise ValueError(f"train.init applies to an AutoencoderKL, not {config.model.target}")
         AUTOENCODER_INITS[config.init](module)
         log.info("autoencoder starts as a %s", config.init)
     trainer = build_trainer(train, folder, config.name)
-    status = fit(module, dataset, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))
-    if status == 0 and config.export and trainer.is_global_zero:
+    fit(module, data, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))
+    if config.export and trainer.is_global_zero:
         export(module, config, trainer.global_step)
-    return status
 
 
 def export(module: pl.LightningModule, config: DictConfig, step: int) -> None:
@@ -130,10 +123,7 @@ def export(module: pl.LightningModule, config: DictConfig, step: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = resolve_command_line(argv, parse_args, resolve_config)
-    if config is None:
-        return 2
-    return locked_run(config.train, checkpoint_folder(config), lambda dataset: run(config, dataset))
+    return cli.main(build_parser(), run, argv, unknown="overrides")
 
 
 if __name__ == "__main__":

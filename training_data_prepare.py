@@ -29,6 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fcdiffusion import cli
 from fcdiffusion.train.image_folder import SKIP_REASONS, collect_pairs
 from ldm.util import atomic_write_text
 
@@ -41,8 +42,8 @@ def count_records(index: Path) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__.split("\n")[0])
     parser.add_argument("--data_root", default="datasets/laion_aesthetics_6.5", help="folder of image + caption pairs")
     parser.add_argument("--output", default="datasets/training_data.json", help="JSON-lines index to write")
     parser.add_argument("--workers", type=int, default=4, help="threads verifying images")
@@ -51,36 +52,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val_fraction", type=float, default=0.0,
                         help="hold out this fraction of the pairs (by a hash of each path) for validation")
     parser.add_argument("--val_output", help="the held-out index (default: the output with _val before the suffix)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Scan the data root, then write the index (and the held-out one); status 1 when no pair was found."""
     if not os.path.isdir(args.data_root):
-        print(f"error: data root {args.data_root!r} is not a directory", file=sys.stderr)
-        return 1
+        raise cli.UsageError(f"data root {args.data_root!r} is not a directory")
     if not 0.0 <= args.val_fraction < 1.0:
-        print(f"error: --val_fraction must be in [0, 1), got {args.val_fraction}", file=sys.stderr)
-        return 2
+        raise cli.UsageError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     output = Path(args.output)
+    val_output = Path(args.val_output or output.with_name(f"{output.stem}_val{output.suffix}"))
+    if args.val_fraction > 0 and val_output.resolve() == output.resolve():
+        raise cli.UsageError("--val_output must differ from --output")
     records, held, skipped = collect_pairs(args.data_root, output.parent, args.workers, args.val_fraction)
     print(f"found {len(records) + len(held) + sum(skipped.values())} images under {args.data_root}")
     for reason in SKIP_REASONS:
         print(f"skipped {reason}: {skipped[reason]}")
-    outputs = {output: records}
-    if args.val_fraction > 0:
-        val_output = Path(args.val_output or output.with_name(f"{output.stem}_val{output.suffix}"))
-        if val_output.resolve() == output.resolve():
-            print("error: --val_output must differ from --output", file=sys.stderr)
-            return 2
-        outputs[val_output] = held
+    outputs = {output: records, **({val_output: held} if args.val_fraction > 0 else {})}
     for path, lines in outputs.items():
         existing = count_records(path)
         if existing is not None and len(lines) < existing and not args.force:
-            print(f"error: refusing to replace {path} ({existing} records) with {len(lines)} records found under "
-                  f"{args.data_root}; left it unchanged (pass --force to replace it anyway)", file=sys.stderr)
-            return 1
+            raise ValueError(f"refusing to replace {path} ({existing} records) with {len(lines)} records found "
+                             f"under {args.data_root}; left it unchanged (pass --force to replace it anyway)")
     for path, lines in outputs.items():
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
         print(f"wrote {len(lines)} pairs to {path}")
     return 0 if records else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

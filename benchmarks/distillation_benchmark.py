@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from fcdiffusion import cli
 from fcdiffusion.apps.benchmark import config_resolution, fidelity, format_tables, memory, speed
-from fcdiffusion.core.devices import device_name
+from fcdiffusion.core.devices import device_name, resolve_device
 from fcdiffusion.core.frequency import CONTROL_MODES
 from fcdiffusion.core.paths import teacher_checkpoint
 from fcdiffusion.core.precision import PRECISIONS, vae_dtype
@@ -35,8 +36,8 @@ def model_node(config_path: str, overrides: Sequence[str] = ()) -> dict[str, Any
     return OmegaConf.to_container(load_config(config_path, list(overrides)).model, resolve=True)
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument("--tiny_config", default="configs/model_config_tiny.yaml")
     parser.add_argument("--sd_config", default="configs/model_config.yaml")
     parser.add_argument("--sd", action=argparse.BooleanOptionalAction, default=True,
@@ -58,17 +59,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="w at which a guidance-conditioned student is compared with its teachers")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--teacher_steps", type=int, default=50)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_device_flag(parser)
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="dtype of the timed models' weights (the VAE stays float32 with fp16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and control net when timing")
     parser.add_argument("--out", help="also write the figures to this JSON file")
-    return parser.parse_known_args(argv)
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args, overrides = parse_args(argv)
-    device = torch.device(args.device)
+def run(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Time the tiny (and SD-architecture) models, measure fidelity where trained models exist, size the memory,
+    print the tables and write the JSON."""
+    device = resolve_device(args.device)
     tiny = model_node(args.tiny_config, overrides)
     sd_resolution = args.sd_resolution or (512 if device.type == "cuda" else 256)
     results: dict[str, Any] = {
@@ -101,7 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out:
         atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.out}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv, unknown="overrides")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from fcdiffusion import cli
+from fcdiffusion.core.errors import RunError
 from fcdiffusion.train.demo_data import CAPTIONS, load_photo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +35,8 @@ RESULT_IMAGES = "document.querySelectorAll('.result-gallery img')"
 ERROR_TOAST = ".toast-body.error"
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument("--out", default="docs/demo.png", help="where the PNG goes")
     parser.add_argument("--photo", default="chelsea", choices=list(CAPTIONS), help="the scikit-image photo to use")
     parser.add_argument("--prompt", default="a watercolor painting of a tabby cat with green eyes",
@@ -44,7 +46,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--width", type=int, default=1280, help="browser window width in pixels")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the app and the results")
     parser.add_argument("--max_kb", type=int, default=290, help="PNG size limit in KB (fewer colours until it fits)")
-    return parser.parse_known_args(argv)
+    return parser
 
 
 def free_port() -> int:
@@ -103,11 +105,10 @@ def small_png(png: bytes, max_bytes: int) -> bytes:
     return out.getvalue()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args, app_args = parse_args(argv)
+def run(args: argparse.Namespace, app_args: list[str]) -> None:
+    """Serve app.py with `app_args` on a free port, take the screenshot and write it to --out."""
     if not args.chromium:
-        print("error: no Chromium found: install it (apt-get install chromium) or pass --chromium", file=sys.stderr)
-        return 1
+        raise cli.UsageError("no Chromium found: install it (apt-get install chromium) or pass --chromium")
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,20 +123,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             wait_for_server(url, app, deadline)
             shot = shoot(url, photo, args.prompt, args.chromium, args.width, deadline - time.monotonic())
             png = small_png(shot, args.max_kb * 1024)
-        except Exception as error:
-            print(f"error: {error}\n--- app.py's output ---\n{log.read_text()}", file=sys.stderr)
-            return 1
+        except Exception as error:  # any failure of the app or the browser: show it with the app's output
+            raise RunError(f"{error}\n--- app.py's output ---\n{log.read_text()}") from error
         finally:
             app.terminate()
             app.wait(timeout=30)
     if len(png) > args.max_kb * 1024:
-        print(f"error: the screenshot is {len(png) // 1024} KB, over --max_kb {args.max_kb}", file=sys.stderr)
-        return 1
+        raise RunError(f"the screenshot is {len(png) // 1024} KB, over --max_kb {args.max_kb}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(png)
     print(f"wrote {out} ({len(png) // 1024} KB)")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.main(build_parser(), run, argv, unknown="forward")
 
 
 if __name__ == "__main__":

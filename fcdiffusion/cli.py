@@ -1,30 +1,75 @@
-"""The command-line skeleton every top-level script shares: arguments, YAML config with `key.sub=value` overrides,
-logging, and the mapping of known errors to a one-line message and exit status 1.
+"""The command-line skeleton every top-level script shares: its parser, the run flags of the training scripts, the
+`--device` flag, `key.sub=value` config overrides, logging, and the mapping of errors to exit statuses.
 
-A script builds its parser with `parser(__doc__)`, writes `run(args, overrides) -> int` with library calls that
-raise, and ends with `sys.exit(main(argv))` where `main = lambda argv=None: cli.main(build_parser(), run, argv)`.
-Library code never prints errors or returns exit codes: it raises, and only `main` turns that into a status.
+A script is thin: it builds its parser, writes `run(args, overrides)` out of library calls (which raise, never
+print errors or return statuses) and ends with
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return cli.main(build_parser(), run, argv, unknown="overrides")
+
+    if __name__ == "__main__":
+        sys.exit(main())
+
+Exit statuses: 0 when `run` returns (or the status it returns: e.g. 1 when nothing could be done); 1 for a known
+error (`KNOWN_ERRORS`), printed as one `error: <message>`; a `RunError`'s own status and label (an interrupted
+training run: `interrupted: ...`, 128 + the signal); 2 for argparse's own usage errors (an unknown flag, a bad
+value, a missing argument). Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 from omegaconf import DictConfig
 
+from fcdiffusion.core.errors import RunError
 from ldm.checkpoint import CheckpointMismatchError
-from ldm.util import load_config
 
 
 class UsageError(ValueError):
     """A command line that cannot work, found before any model is built or file written."""
 
 
-# What a script reports as `error: <message>` with exit status 1 instead of a traceback.
-KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, CheckpointMismatchError,
-                                                 PermissionError, IsADirectoryError, NotADirectoryError)
+# What a script reports as `error: <message>` with exit status 1 instead of a traceback (with `RunError`).
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                                 PermissionError, CheckpointMismatchError)
+
+# A flag table: `--name` -> (type, help); a flag left out is None, which means "keep the config's value".
+Flags = Mapping[str, tuple[Callable[[str], Any], str]]
+
+# Flags of the training scripts (fcdiffusion_train.py, fcdiffusion_distill.py, train_sd.py): each overrides the
+# config's `train:` entry of the same name.
+RUN_FLAGS: Flags = {
+    "data": (str, "training data: the index written by training_data_prepare.py, or WebDataset tar shards such as "
+                  "'shards/{00000..00123}.tar' (img2dataset's layout)"),
+    "val_data": (str, "validation index (training_data_prepare.py --val_fraction); empty: no validation"),
+    "val_every": (int, "validate every N optimizer steps"),
+    "val_batches": (int, "validation batches per device at each validation (0: the whole index)"),
+    "keep_best": (int, "keep the K checkpoints with the lowest val/loss (best-*.ckpt)"),
+    "ema_decay": (float, "keep an EMA of the trained weights with this decay, e.g. 0.999 (0: off)"),
+    "lr_schedule": (str, "learning rate after the warm-up: constant, or cosine (to 0 at max_steps)"),
+    "warmup_steps": (int, "linear learning-rate warm-up over the first N optimizer steps (0: none)"),
+    "gradient_clip_val": (float, "clip the gradient norm to this value (0: no clipping)"),
+    "accumulate_grad_batches": (int, "batches per optimizer step (effective batch: batch_size x devices x N)"),
+    "max_steps": (int, "total optimizer steps (a resumed run continues up to this)"),
+    "batch_size": (int, "images per device per step"),
+    "learning_rate": (float, "AdamW learning rate"),
+    "resolution": (int, "training image size in pixels"),
+    "num_workers": (int, "data loader processes"),
+    "checkpoint_every": (int, "save a checkpoint every N steps"),
+    "log_images_every": (int, "save an image grid every N steps (0: never)"),
+    "precision": (str, "fp32, bf16 or fp16 (Lightning's 32-true, bf16-mixed, 16-mixed): bf16 and fp16 train in "
+                       "mixed precision, float32 weights with the passes autocast to that dtype"),
+    "accelerator": (str, "Lightning accelerator: auto, cpu, gpu, ..."),
+    "devices": (str, "Lightning devices: auto, 1, 8, '0,1', ..."),
+    "strategy": (str, "Lightning strategy: auto, ddp, deepspeed_stage_2, ..."),
+    "num_nodes": (int, "number of nodes"),
+    "logdir": (str, "root folder of logs and checkpoints"),
+    "seed": (int, "random seed"),
+}
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -32,28 +77,56 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def config_with_overrides(path: str, overrides: Sequence[str]) -> DictConfig:
-    """The YAML config at `path` with `key.sub=value` overrides applied (anything else is a UsageError)."""
-    bad = [o for o in overrides if "=" not in o or o.startswith("-")]
-    if bad:
-        raise UsageError(f"unrecognised arguments {bad} (overrides are key.sub=value)")
-    return load_config(path, list(overrides))
+def add_flags(arguments: argparse.ArgumentParser, flags: Flags) -> None:
+    """Add `--name` for each entry of `flags`, defaulting to None (the config's value)."""
+    for name, (kind, help_text) in flags.items():
+        arguments.add_argument(f"--{name}", type=kind, help=help_text)
+
+
+def apply_flags(section: DictConfig, args: argparse.Namespace, flags: Flags) -> None:
+    """Copy every flag of `flags` that was given into the config `section`."""
+    for name in flags:
+        if getattr(args, name) is not None:
+            section[name] = getattr(args, name)
+
+
+def str2bool(value: str) -> bool:
+    """A boolean flag's value: true/false, yes/no, 1/0 (y/n)."""
+    if value.lower() in ("1", "true", "yes", "y"):
+        return True
+    if value.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+
+
+def add_device_flag(arguments: argparse.ArgumentParser) -> None:
+    """`--device` (default auto), for `fcdiffusion.core.devices.resolve_device`."""
+    arguments.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda:1, ...")
 
 
 def main(arguments: argparse.ArgumentParser, run: Callable[[argparse.Namespace, list[str]], int | None],
-         argv: Sequence[str] | None = None, overrides: bool = False) -> int:
-    """Parse `argv`, set up logging and call `run(args, overrides)`; its return value is the exit status (None: 0).
+         argv: Sequence[str] | None = None, unknown: Literal["error", "overrides", "forward"] = "error") -> int:
+    """Parse `argv`, set up logging and call `run(args, rest)`; its return value is the exit status (None: 0).
 
-    With `overrides`, arguments the parser does not know are passed on as config overrides; without, they are an
-    argparse error (status 2). A known error (`KNOWN_ERRORS`) becomes `error: <message>` and status 1.
+    `unknown` says what becomes of arguments the parser does not know: "error", an argparse error (status 2);
+    "overrides", config overrides (`rest`), each of which must be `key.sub=value` (else an argparse error);
+    "forward", `rest` as they are (for a script that passes them to another). Errors map to statuses as the
+    module docstring says.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if overrides:
-        args, rest = arguments.parse_known_args(argv)
-    else:
+    if unknown == "error":
         args, rest = arguments.parse_args(argv), []
+    else:
+        args, rest = arguments.parse_known_args(argv)
+    if unknown == "overrides":
+        bad = [a for a in rest if "=" not in a or a.startswith("-")]
+        if bad:
+            arguments.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are key.sub=value)")
     try:
         status = run(args, rest)
+    except RunError as error:
+        print(f"{error.label}: {error}", file=sys.stderr)
+        return error.status
     except KNOWN_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

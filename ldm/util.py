@@ -1,7 +1,8 @@
 """Config-driven construction and small helpers shared across the project.
 
 `instantiate_from_config` is the latent-diffusion convention: a config node with a dotted `target:` and
-optional `params:` builds that object, so SD 2.x YAML files work unchanged.
+optional `params:` builds that object, so SD 2.x YAML files work unchanged: the keys they carry for parts of SD's
+code this codebase does not have are accepted in one place, `SD_ONLY_PARAMS`, and no constructor takes them.
 """
 from __future__ import annotations
 
@@ -28,13 +29,59 @@ def get_obj_from_str(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+ANY_VALUE = object()  # an `SD_ONLY_PARAMS` entry whose value does not matter here
+
+# Keys of SD 2.x YAML `params:` (configs/sd21_base.yaml mirrors SD's v2-inference.yaml) for parts of SD's code this
+# codebase does not have: SD's own training loop and logging (Lightning's callbacks log, checkpoint and keep EMAs
+# here), an EMA copy of the weights, a trainable text encoder. Per class (its subclasses included): key -> the one
+# value that builds the model as this codebase does (another value is an error, not silently a different model),
+# or ANY_VALUE. `instantiate_from_config` checks and drops them, so each constructor takes only what it uses.
+SD_ONLY_PARAMS: dict[str, dict[str, Any]] = {
+    "ldm.models.diffusion.ddpm.LatentDiffusion": {
+        "monitor": ANY_VALUE,  # the metric of SD's checkpoint callback
+        "log_every_t": ANY_VALUE,  # how often SD's sampler logged intermediate steps
+        "num_timesteps_cond": 1,  # SD's shortened conditioning schedule, off in SD 2.x
+        "use_ema": False,  # SD 2.1-base inference checkpoints hold no EMA weights
+        "cond_stage_trainable": False,  # the text encoder stays frozen
+    },
+    "ldm.models.autoencoder.AutoencoderKL": {
+        "monitor": ANY_VALUE,  # the metric of SD's checkpoint callback
+        "colorize_nlabels": ANY_VALUE,  # SD's logging of segmentation-map inputs
+        "ema_decay": None,  # no EMA copy of the autoencoder
+        "learn_logvar": False,  # the loss's log-variance is not trained
+    },
+    "ldm.modules.diffusionmodules.openaimodel.UNetEncoder": {
+        "image_size": ANY_VALUE,  # the UNet and the control net work at any latent size
+    },
+    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": {
+        "device": ANY_VALUE,  # the tokens follow the weights, which move with the module
+    },
+}
+
+
+def without_sd_only_params(target: type, params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` without the `SD_ONLY_PARAMS` of `target` and its base classes; a ValueError for such a key set to
+    a value other than the one supported."""
+    kept = dict(params)
+    for cls in target.__mro__:
+        for key, supported in SD_ONLY_PARAMS.get(f"{cls.__module__}.{cls.__qualname__}", {}).items():
+            if key not in kept:
+                continue
+            value = kept.pop(key)
+            if supported is not ANY_VALUE and value != supported:
+                raise ValueError(f"{target.__name__}: {key}={value!r} is not supported (an SD option for code this "
+                                 f"codebase does not have); leave it out or set {supported!r}")
+    return kept
+
+
 def instantiate_from_config(config: Mapping[str, Any], **overrides: Any) -> Any:
-    """Build `config.target(**config.params, **overrides)`."""
+    """Build `config.target(**config.params, **overrides)`, less the target's `SD_ONLY_PARAMS`."""
     if "target" not in config:
         raise KeyError(f"expected a config node with a 'target' key, got keys {sorted(config)}")
     params = dict(config.get("params") or {})
     params.update(overrides)
-    return get_obj_from_str(config["target"])(**params)
+    target = get_obj_from_str(config["target"])
+    return target(**without_sd_only_params(target, params)) if isinstance(target, type) else target(**params)
 
 
 def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:

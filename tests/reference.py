@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.util import without_sd_only_params
+
 FIXTURES = Path(__file__).parent / "fixtures"
 SD21_BASE_CONFIG = Path(__file__).parents[1] / "configs" / "sd21_base.yaml"
 
@@ -40,8 +43,15 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, rel: float =
     assert err <= rel * scale, f"max abs error {err:.3e} > {rel} * scale {scale:.3e}"
 
 
+def unet_params() -> dict:
+    """The fixture's UNet parameters as the constructor takes them: SD's `image_size` dropped, as
+    `instantiate_from_config` drops it."""
+    return without_sd_only_params(UNetModel, configs()["unet_config"])
+
+
 def sd21_unet_params() -> dict:
-    """The UNet parameters of configs/sd21_base.yaml: the SD 2.1-base layout."""
+    """The UNet parameters of configs/sd21_base.yaml (the SD 2.1-base layout) as the constructor takes them."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(SD21_BASE_CONFIG).model.params.unet_config.params)
+    params = OmegaConf.to_container(OmegaConf.load(SD21_BASE_CONFIG).model.params.unet_config.params)
+    return without_sd_only_params(UNetModel, params)

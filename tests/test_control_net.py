@@ -11,7 +11,7 @@ from ldm.checkpoint import load_weights
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.util import instantiate_from_config
-from tests.reference import configs, sd21_unet_params
+from tests.reference import sd21_unet_params, unet_params
 
 PREFIX = "model.diffusion_model."
 ENCODER_PREFIXES = ("time_embed.", "input_blocks.", "middle_block.")
@@ -20,7 +20,7 @@ CONTROL_ONLY_PREFIXES = ("input_hint_block.", "hint_", "zero_convs_", "middle_bl
 
 @pytest.fixture(scope="module")
 def unet_config() -> dict:
-    return configs()["unet_config"]
+    return unet_params()
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def test_metrics_needing_a_model_or_weights_say_so(translated, workdir, tmp_path
     assert evaluate.main([*base, "--metrics", "fid", "--reference", str(translated / "reference"),
                           "--inception_weights", str(tmp_path / "missing.pth")]) == 1
     assert "missing.pth" in capsys.readouterr().err
-    assert evaluate.main([*base, "--results", str(tmp_path / "nowhere")]) == 2
+    assert evaluate.main([*base, "--results", str(tmp_path / "nowhere")]) == 1
 
 
 def test_evaluate_runs_clip_score_and_dino_structure_from_local_files(translated, workdir, tmp_path, clip_file,

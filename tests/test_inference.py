@@ -121,10 +121,10 @@ def test_teacher_serves_its_own_mode_and_refuses_another(workdir, script, tmp_pa
                                                  spacing="trailing")["low_pass"].image
     written = np.asarray(Image.open(tmp_path / "teacher" / "astronaut_low_pass.png")).astype(int)
     assert np.abs(written - to_uint8(expected[0]).astype(int)).max() <= 1
-    assert script.main([*common, "--mode", "high_pass", "--out_dir", str(tmp_path / "wrong")]) == 2
+    assert script.main([*common, "--mode", "high_pass", "--out_dir", str(tmp_path / "wrong")]) == 1
     error = capsys.readouterr().err
     assert "'low_pass'" in error and "'high_pass'" in error and not (tmp_path / "wrong").exists()
-    assert script.main([*common, "--mode", "all"]) == 2
+    assert script.main([*common, "--mode", "all"]) == 1
 
 
 def test_teacher_samples_with_dpm_solver_on_trailing_steps(workdir, monkeypatch):
@@ -143,13 +143,13 @@ def test_teacher_samples_with_dpm_solver_on_trailing_steps(workdir, monkeypatch)
 def test_bad_flags_are_usage_errors(distilled, workdir, script, capsys):
     student = str(student_file(distilled))
     base = ["--input_dir", str(workdir / "photos"), "--student", student]
-    assert script.main([*base, "--guidance_scale", "7.5"]) == 2  # a fixed-w student: only its own w
+    assert script.main([*base, "--guidance_scale", "7.5"]) == 1  # a fixed-w student: only its own w
     assert "fixed guidance scale (w=9)" in capsys.readouterr().err
-    assert script.main([*base, "--sampler", "dpmpp_2m"]) == 2
+    assert script.main([*base, "--sampler", "dpmpp_2m"]) == 1
     assert "samples with ddim on the trailing schedule" in capsys.readouterr().err
-    assert script.main([*base, "--steps", "0"]) == 2
+    assert script.main([*base, "--steps", "0"]) == 1
     assert "at least 1" in capsys.readouterr().err
-    assert script.main([*base, "model.params.scale_factor=1"]) == 2
+    assert script.main([*base, "model.params.scale_factor=1"]) == 1
     assert "need --config" in capsys.readouterr().err
 
 

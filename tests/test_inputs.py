@@ -119,7 +119,7 @@ def test_bad_flags_are_one_error_line_before_any_model_is_loaded(script, tmp_pat
     monkeypatch.setattr(script, "load_model", lambda *args: loaded.append(args) or pytest.fail("model loaded"))
     flags = [flag.format(tmp=tmp_path) for flag in flags]
     assert script.main(["--input_dir", str(tmp_path), "--student", str(tmp_path / "student.safetensors"),
-                        *flags]) == 2
+                        *flags]) == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: ") and message in error[0]
     assert not loaded and not (tmp_path / "locked" / "out").exists()

@@ -109,3 +109,17 @@ def test_text_to_image_samples_are_guided_ddim_from_seeded_noise(tiny):
 def test_unsupported_options_fail_loudly():
     with pytest.raises(ValueError, match="parameterization"):
         build("configs/sd21_tiny.yaml", "model.params.parameterization=v")
+
+
+def test_sd_only_keys_are_accepted_in_one_place_and_checked():
+    """SD's YAML files carry keys for code this codebase does not have (configs/sd21_base.yaml builds above, with
+    `monitor`, `use_ema`, the UNet's `image_size`, ...): `ldm.util.SD_ONLY_PARAMS` drops them, refuses a value that
+    would make another model, and leaves every other key to the constructor."""
+    assert "monitor" in load_config("configs/sd21_base.yaml").model.params
+    for override, message in [("model.params.use_ema=true", "use_ema=True is not supported"),
+                              ("model.params.num_timesteps_cond=2", "num_timesteps_cond=2 is not supported"),
+                              ("model.params.first_stage_config.params.ema_decay=0.9", "ema_decay=0.9")]:
+        with pytest.raises(ValueError, match=message):
+            build("configs/sd21_tiny.yaml", override)
+    with pytest.raises(TypeError, match="image_sise"):  # a misspelt key is no SD key: the constructor refuses it
+        build("configs/sd21_tiny.yaml", "model.params.unet_config.params.image_sise=32")

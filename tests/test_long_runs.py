@@ -24,6 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import fcdiffusion_distill
 import fcdiffusion_train
 from fcdiffusion.core.paths import LAST_CHECKPOINT, distill_checkpoint_dir, student_file, teacher_checkpoint_dir
+from fcdiffusion.core.precision import LIGHTNING_PRECISIONS, lightning_precision
 from fcdiffusion.train.ema import EMACallback, ExponentialMovingAverage, averaged_weights
 from fcdiffusion.train.lr_schedule import LRSchedule
 from fcdiffusion.train.shards import ShardStream
@@ -275,3 +276,18 @@ def test_ema_turned_on_when_resuming_starts_from_the_checkpoint_weights(distille
     assert after["global_step"] == 3 and after["ema"]["num_updates"] == 1
     for key, value in after["ema"]["shadow"].items():  # one update (decay 1/10) from step 2's weights
         assert torch.allclose(value, torch.lerp(before[key], after["state_dict"][key], 0.9), atol=1e-7), key
+
+
+def test_training_precision_takes_the_inference_names(tmp_path):
+    assert LIGHTNING_PRECISIONS == {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+    train = OmegaConf.load(TINY_CONFIG).train
+    train.update(precision="bf16", logdir=str(tmp_path))
+    check_train_section(train)
+    assert build_trainer(train, str(tmp_path / "ckpt"), "run").precision == "bf16-mixed"
+    for lightning in ("32", "bf16-mixed", "16"):
+        train.precision = lightning
+        with pytest.raises(ValueError, match=r"--precision must be one of fp32 \(32-true\), bf16 \(bf16-mixed\), "
+                                             r"fp16 \(16-mixed\), got"):
+            check_train_section(train)
+    with pytest.raises(ValueError, match="'fp64'"):
+        lightning_precision("fp64")

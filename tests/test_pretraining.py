@@ -144,7 +144,7 @@ def test_train_sd_trains_exports_and_resumes_the_autoencoder_then_the_unet(tiny_
 
 
 def test_train_sd_names_a_bad_config(tmp_path, capsys):
-    assert train_sd.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert train_sd.main(["--config", str(tmp_path / "missing.yaml")]) == 1
     assert "missing.yaml" in capsys.readouterr().err
 
 
@@ -192,5 +192,5 @@ def test_resampler_start_needs_norm_groups_of_four_channels(tiny_files, capsys):
     config = OmegaConf.to_container(load_config(AUTOENCODER_CONFIG).model.params.ddconfig)
     with pytest.raises(ValueError, match="norm_groups"):
         init_as_resampler(tiny_autoencoder(ddconfig={**config, "norm_groups": 32}))
-    assert train_sd.main(["--config", AUTOENCODER_CONFIG, "--data", str(tiny_files.data), "train.init=lanczos"]) == 2
+    assert train_sd.main(["--config", AUTOENCODER_CONFIG, "--data", str(tiny_files.data), "train.init=lanczos"]) == 1
     assert "unknown train.init 'lanczos'; valid: resampler" in capsys.readouterr().err

@@ -74,7 +74,8 @@ def test_small_quickstart_trains_the_decoders_it_says(small_run):
         assert not torch.equal(teacher[key], base[key]) and torch.equal(teacher[frozen], base[frozen])
     _, metadata = load_checkpoint(out / "lightning_logs" / "fcdiffusion_distill_checkpoint" / "student.safetensors")
     assert "output_blocks" in recorded(metadata, "config")["params"]["trainable"]
-    assert recorded(metadata, "distill")["denoise_weight"] == quickstart.parse_args([]).denoise_weight > 0
+    default = quickstart.build_parser().parse_args([]).denoise_weight
+    assert recorded(metadata, "distill")["denoise_weight"] == default > 0
 
 
 def test_small_quickstart_tables_and_report(small_run):

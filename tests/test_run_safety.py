@@ -98,15 +98,15 @@ def test_a_changed_learning_rate_is_applied_on_resume(tiny_files, four_steps, ca
 
 def test_resuming_with_other_trained_parts_or_steps_is_refused(tiny_files, four_steps, distilled, workdir, tmp_path,
                                                                capsys):
-    assert fcdiffusion_train.main(train_args(tiny_files, four_steps, "--max_steps", "5", "--sd_locked", "false")) == 2
+    assert fcdiffusion_train.main(train_args(tiny_files, four_steps, "--max_steps", "5", "--sd_locked", "false")) == 1
     assert "sd_locked: checkpoint True, now False" in capsys.readouterr().err
     logdir = tmp_path / "distill"
     shutil.copytree(distilled, logdir)
     before = (distill_checkpoint_dir(logdir) / LAST_CHECKPOINT).read_bytes()
-    assert fcdiffusion_distill.main(distill_args(workdir, logdir, 4, "--student_steps", "2")) == 2
+    assert fcdiffusion_distill.main(distill_args(workdir, logdir, 4, "--student_steps", "2")) == 1
     assert "student_steps: checkpoint 3, now 2" in capsys.readouterr().err
     assert fcdiffusion_distill.main(distill_args(workdir, logdir, 4, "--student_steps", "3", "--trainable",
-                                                 "control_net", "lora")) == 2
+                                                 "control_net", "lora")) == 1
     assert "trainable: checkpoint ['control_net'], now ['control_net', 'lora']" in capsys.readouterr().err
     assert (distill_checkpoint_dir(logdir) / LAST_CHECKPOINT).read_bytes() == before
 
@@ -126,7 +126,7 @@ def test_a_non_finite_loss_stops_the_run_with_an_error(tiny_files, tmp_path, cap
     ("--num_workers", "-2", "--num_workers must be at least 0"),
 ])
 def test_bad_flags_fail_before_any_model_is_built(tiny_files, tmp_path, capsys, flag, value, message):
-    assert fcdiffusion_train.main([*train_args(tiny_files, tmp_path), flag, value]) == 2
+    assert fcdiffusion_train.main([*train_args(tiny_files, tmp_path), flag, value]) == 1
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 

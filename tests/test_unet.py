@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
-from tests.reference import assert_close_to_reference, configs, sd21_shapes, sd21_unet_params
+from tests.reference import assert_close_to_reference, sd21_shapes, sd21_unet_params, unet_params
 from tests.reference import weights as reference_weights
 
 PREFIX = "model.diffusion_model."
@@ -13,7 +13,7 @@ PREFIX = "model.diffusion_model."
 
 @pytest.fixture(scope="module")
 def tiny_config() -> dict:
-    return configs()["unet_config"]
+    return unet_params()
 
 
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fcdiffusion.core.devices import synchronize
+from fcdiffusion.core.errors import RunError
 from fcdiffusion.core.frequency import CONTROL_MODES
 from fcdiffusion.core.images import to_uint8
 from fcdiffusion.core.inference import Translator
@@ -385,9 +386,12 @@ def build_app(demo: Demo) -> Any:
 
 def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True) -> str:
     """Serve `app` on host:port (and a public link with `share`); returns the local URL. `block=False` returns
-    at once, leaving the server running until `app.close()`."""
+    at once, leaving the server running until `app.close()`. Raises a `RunError` when it cannot serve there."""
     app.queue(default_concurrency_limit=1)  # one translation at a time: the models are shared
-    _, url, _ = app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                           show_error=True, max_file_size=MAX_UPLOAD, ssr_mode=False, css=CSS,
-                           footer_links=["api"])
+    try:
+        _, url, _ = app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                               show_error=True, max_file_size=MAX_UPLOAD, ssr_mode=False, css=CSS,
+                               footer_links=["api"])
+    except OSError as error:
+        raise RunError(f"cannot serve on {host}:{port} ({error}); pick another --port") from error
     return url

@@ -1,4 +1,5 @@
-"""Numeric precision of inference and of the distiller's frozen tensors: fp32, fp16 or bf16 weights.
+"""The precision names every flag takes (`fp32`, `bf16`, `fp16`): of inference, of the distiller's frozen tensors,
+and of training, which runs them as Lightning's mixed precision (`lightning_precision`).
 
 A model is cast parameter by parameter (`cast_parameters`), never buffer by buffer: the noise-schedule buffers
 (`alphas_cumprod`, ...) stay float32, so DDIM's arithmetic does not change with the network's precision. Where
@@ -19,6 +20,8 @@ import torch
 import torch.nn as nn
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Training keeps float32 weights: bf16 and fp16 autocast the passes (fp16 with loss scaling), fp32 is plain float32.
+LIGHTNING_PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 _HOOKED = "_fcdiffusion_follows_weight_dtype"
 
 
@@ -27,6 +30,15 @@ def precision_dtype(precision: str) -> torch.dtype:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     return PRECISIONS[precision]
+
+
+def lightning_precision(precision: str) -> str:
+    """Lightning's `precision` for a training run in `precision` (a name of `PRECISIONS`); a ValueError naming the
+    valid ones otherwise (Lightning's own spellings, "32" or "bf16-mixed", included)."""
+    if precision not in LIGHTNING_PRECISIONS:
+        names = ", ".join(f"{name} ({lightning})" for name, lightning in LIGHTNING_PRECISIONS.items())
+        raise ValueError(f"--precision must be one of {names}, got {precision!r}")
+    return LIGHTNING_PRECISIONS[precision]
 
 
 def vae_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 STUDENT_PREFIX = "student."
 CONTROL_PREFIX = "control_model."
 DELTA_BASE, DELTA_BASE_SHA256 = "fcdiffusion.delta.base", "fcdiffusion.delta.base_sha256"
-LEGACY_STUDENT_KEYS = {"mode_embedding.weight": MODE_LABEL_KEY}  # the mode embedding's name before it was label_emb
+# Student files of the first distillation release (before self-describing weight files, loaded with --config) name
+# the mode embedding `mode_embedding.weight`; it is the control net's `label_emb` now. Kept so those files load.
+LEGACY_STUDENT_KEYS = {"mode_embedding.weight": MODE_LABEL_KEY}
 
 
 class ModeMismatchError(ValueError):

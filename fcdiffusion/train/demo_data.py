@@ -3,7 +3,7 @@
 ``export_demo_dataset(root)`` writes ``root/00000/<name>.png`` + ``<name>.txt`` with a hand-written
 caption, the layout ``training_data_prepare.py`` indexes; smoke-test training and sampling with it:
 
-    python -m fcdiffusion.train.demo_data --root datasets/demo
+    python -c "from fcdiffusion.train.demo_data import export_demo_dataset; export_demo_dataset('datasets/demo')"
     python training_data_prepare.py --data_root datasets/demo --output datasets/demo.json
 
 Grayscale photos are replicated to three channels. Files whose content is already right are not
@@ -11,10 +11,8 @@ rewritten, so re-running is cheap and leaves modification times alone.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -91,16 +89,3 @@ def export_demo_dataset(root: str | os.PathLike, names: Sequence[str] | None = N
         written += _write_if_changed(target / f"{name}.txt", (CAPTIONS[name] + "\n").encode("utf-8"))
     return written
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export scikit-image's photos as a captioned training set.")
-    parser.add_argument("--root", default="datasets/demo", help="output folder (photos go in ROOT/00000)")
-    parser.add_argument("--names", nargs="+", choices=list(CAPTIONS), help="photos to export (default: all)")
-    args = parser.parse_args(argv)
-    written = export_demo_dataset(args.root, args.names)
-    print(f"{len(args.names or CAPTIONS)} demo photos in {Path(args.root, '00000')} ({written} files written)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

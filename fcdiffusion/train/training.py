@@ -1,10 +1,11 @@
-"""The Lightning run shared by teacher training and distillation: run flags, Trainer, data, fit and resume.
+"""The Lightning run shared by teacher training, distillation and train_sd.py: the `train:` section, Trainer, data,
+fit and resume (the scripts' flags for it: `fcdiffusion.cli.RUN_FLAGS`).
 
 Nothing a run has done is lost: SIGINT or SIGTERM (a cluster preempting the job) finishes the current step,
-saves `last.ckpt` and exits with 128 + the signal number, so a scheduler sees the run did not finish and the
-same command resumes it. Resume takes `last.ckpt`, or the newest intact `step-*.ckpt` when `last.ckpt` is
-missing or unreadable. A log folder in use by another run is refused, a non-finite loss stops the run with an
-error, and a learning rate changed between runs is applied (and said).
+saves `last.ckpt` and raises `TrainingStopped`, with which a script exits with 128 + the signal number, so a
+scheduler sees the run did not finish and the same command resumes it. Resume takes `last.ckpt`, or the newest
+intact `step-*.ckpt` when `last.ckpt` is missing or unreadable. A log folder in use by another run is refused, a
+non-finite loss stops the run with an error, and a learning rate changed between runs is applied (and said).
 
 What a long run adds, all through Lightning: validation every `val_every` optimizer steps on `val_data` with the
 best `keep_best` checkpoints kept by `val/loss` (`best-*.ckpt`, beside `step-*.ckpt` and `last.ckpt`); an EMA of
@@ -15,7 +16,6 @@ the optimizer, the scheduler, the EMA and the best-k bookkeeping, so a resumed r
 """
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import logging
@@ -23,8 +23,7 @@ import math
 import os
 import re
 import signal
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,9 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from fcdiffusion.core.errors import RunError
 from fcdiffusion.core.paths import LAST_CHECKPOINT
+from fcdiffusion.core.precision import lightning_precision
 from fcdiffusion.train.data_module import RunData
 from fcdiffusion.train.dataset import LATENT_GRID, Augment
 from fcdiffusion.train.ema import EMACallback, shards_parameters
@@ -46,72 +47,9 @@ from fcdiffusion.train.lr_schedule import LRSchedule
 
 log = logging.getLogger(__name__)
 
-# Flags that override `train:` entries of a config; None means "take the config's value".
-RUN_FLAGS = {
-    "data": (str, "training data: the index written by training_data_prepare.py, or WebDataset tar shards such as "
-                  "'shards/{00000..00123}.tar' (img2dataset's layout)"),
-    "val_data": (str, "validation index (training_data_prepare.py --val_fraction); empty: no validation"),
-    "val_every": (int, "validate every N optimizer steps"),
-    "val_batches": (int, "validation batches per device at each validation (0: the whole index)"),
-    "keep_best": (int, "keep the K checkpoints with the lowest val/loss (best-*.ckpt)"),
-    "ema_decay": (float, "keep an EMA of the trained weights with this decay, e.g. 0.999 (0: off)"),
-    "lr_schedule": (str, "learning rate after the warm-up: constant, or cosine (to 0 at max_steps)"),
-    "warmup_steps": (int, "linear learning-rate warm-up over the first N optimizer steps (0: none)"),
-    "gradient_clip_val": (float, "clip the gradient norm to this value (0: no clipping)"),
-    "accumulate_grad_batches": (int, "batches per optimizer step (effective batch: batch_size x devices x N)"),
-    "max_steps": (int, "total optimizer steps (a resumed run continues up to this)"),
-    "batch_size": (int, "images per device per step"),
-    "learning_rate": (float, "AdamW learning rate"),
-    "resolution": (int, "training image size in pixels"),
-    "num_workers": (int, "data loader processes"),
-    "checkpoint_every": (int, "save a checkpoint every N steps"),
-    "log_images_every": (int, "save an image grid every N steps (0: never)"),
-    "precision": (str, "Lightning precision: 32, 16-mixed, bf16-mixed, ..."),
-    "accelerator": (str, "Lightning accelerator: auto, cpu, gpu, ..."),
-    "devices": (str, "Lightning devices: auto, 1, 8, '0,1', ..."),
-    "strategy": (str, "Lightning strategy: auto, ddp, deepspeed_stage_2, ..."),
-    "num_nodes": (int, "number of nodes"),
-    "logdir": (str, "root folder of logs and checkpoints"),
-    "seed": (int, "random seed"),
-}
-
-
 # `train:` entries a config may leave out, with the values that keep a run as it was before they existed.
 RUN_DEFAULTS = {"val_data": None, "val_every": 1000, "val_batches": 0, "keep_best": 5, "ema_decay": 0.0,
                 "lr_schedule": "constant", "warmup_steps": 0, "gradient_clip_val": 0.0, "accumulate_grad_batches": 1}
-
-
-def resolve_command_line(argv: Sequence[str] | None, parse_args: Callable, resolve_config: Callable
-                         ) -> DictConfig | None:
-    """Set up logging, parse `argv` and resolve the config with its flags; on bad input print why, return None."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args, overrides = parse_args(argv)
-    try:
-        return resolve_config(args, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return None
-
-
-def add_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[type, str]]) -> None:
-    """Add `--name` for each entry of `flags` (type, help), defaulting to None (the config's value)."""
-    for name, (kind, help_text) in flags.items():
-        parser.add_argument(f"--{name}", type=kind, help=help_text)
-
-
-def apply_flags(section: DictConfig, args: argparse.Namespace, flags: dict[str, tuple[type, str]]) -> None:
-    """Copy every flag that was given into `section`."""
-    for name in flags:
-        if getattr(args, name) is not None:
-            section[name] = getattr(args, name)
-
-
-def str2bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "y"):
-        return True
-    if value.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
 
 
 def devices_arg(value: Any) -> Any:
@@ -143,8 +81,8 @@ def build_trainer(train: DictConfig, ckpt_dir: str, run_name: str, callbacks: Se
     tensorboard = TensorBoardLogger(train.logdir, name=run_name, version=csv.version, default_hp_metric=False)
     return pl.Trainer(
         max_steps=train.max_steps, accelerator=train.accelerator, devices=devices_arg(train.devices),
-        strategy=train.strategy, num_nodes=train.num_nodes, precision=train.precision, callbacks=callbacks,
-        logger=[csv, tensorboard], default_root_dir=train.logdir,
+        strategy=train.strategy, num_nodes=train.num_nodes, precision=lightning_precision(train.precision),
+        callbacks=callbacks, logger=[csv, tensorboard], default_root_dir=train.logdir,
         log_every_n_steps=train.get("log_every", 50), enable_model_summary=False,
         gradient_clip_val=float(train.gradient_clip_val) or None, accumulate_grad_batches=batches_per_step,
         # Validation counts training batches: N optimizer steps are N x accumulate batches, across epochs.
@@ -177,28 +115,22 @@ def check_train_section(train: DictConfig) -> None:
         raise ValueError(f"--ema_decay must be in [0, 1) (0: no EMA), got {train.ema_decay}")
     if float(train.gradient_clip_val) < 0:
         raise ValueError(f"--gradient_clip_val must be at least 0 (0: no clipping), got {train.gradient_clip_val}")
+    lightning_precision(train.precision)
     LRSchedule.from_train(train)
     Augment.from_config(train.get("augment"))
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(RunError):
     """The checkpoint folder cannot take this run: another run is using it, or it cannot be written."""
 
 
-def locked_run(train: DictConfig, folder: str | os.PathLike, run: Callable[[RunData], int]) -> int:
-    """Open the data (`RunData`), lock the checkpoint `folder`, then `run(data)`; its exit status, or 1 with one
-    message when the data or the folder cannot be used (before any model is built)."""
-    try:
-        data = RunData.from_train(train)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    try:
-        with run_folder_lock(folder):
-            return run(data)
-    except RunFolderError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+@contextmanager
+def locked_run(train: DictConfig, folder: str | os.PathLike) -> Iterator[RunData]:
+    """What a run does before any model is built: open its data (`RunData`, yielded) and lock its checkpoint
+    `folder` for the run's duration; raises when either cannot be used."""
+    data = RunData.from_train(train)
+    with run_folder_lock(folder):
+        yield data
 
 
 @contextmanager
@@ -270,12 +202,12 @@ def resume_conflicts(metadata: Mapping[str, str], current: Mapping[str, Any], ke
             if key in recorded and recorded.get(key) != current.get(key)]
 
 
-class TrainingStopped(Exception):
-    """A run stopped before `max_steps`: interrupted (its progress saved) or failed; `exit_code` says which."""
+class TrainingStopped(RunError):
+    """A run stopped before `max_steps`: failed (status 1), or interrupted by a signal with its progress saved
+    (status 128 + signal, labelled `interrupted`)."""
 
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def __init__(self, message: str, status: int):
+        super().__init__(message, status, "error" if status == 1 else "interrupted")
 
 
 class RunGuard(pl.Callback):
@@ -341,29 +273,21 @@ class RunGuard(pl.Callback):
 
 
 def fit(module: pl.LightningModule, data: RunData, train: DictConfig, trainer: pl.Trainer,
-        resume_from: str | None, last: str | os.PathLike) -> int:
-    """Train `module` on `data`, resuming from `resume_from` if given, and leave `last` up to date; the exit status.
+        resume_from: str | None, last: str | os.PathLike) -> None:
+    """Train `module` on `data` up to `max_steps`, resuming from `resume_from` if given, and leave `last` up to date.
 
-    0 when `max_steps` is reached, 128 + signal when interrupted (progress saved), 1 when the run failed, 2 when the
-    module cannot do what `train` asks (validate, follow a learning-rate schedule).
+    Raises a ValueError when the module cannot do what `train` asks (validate, follow a learning-rate schedule),
+    before training starts, and `TrainingStopped` when the run failed or was interrupted (its progress saved).
     """
     schedule = LRSchedule.from_train(train)
     if hasattr(module, "lr_schedule"):
         module.lr_schedule = schedule
     elif schedule != LRSchedule(total_steps=schedule.total_steps):
-        print(f"error: {type(module).__name__} takes no --lr_schedule or --warmup_steps", file=sys.stderr)
-        return 2
+        raise ValueError(f"{type(module).__name__} takes no --lr_schedule or --warmup_steps")
     if train.ema_decay and shards_parameters(trainer.strategy):
-        print(f"error: --ema_decay needs whole parameters on every device, which {type(trainer.strategy).__name__} "
-              "splits; use ddp or deepspeed_stage_2, or leave EMA off", file=sys.stderr)
-        return 2
+        raise ValueError(f"--ema_decay needs whole parameters on every device, which "
+                         f"{type(trainer.strategy).__name__} splits; use ddp or deepspeed_stage_2, or leave EMA off")
     if data.val_set is not None and not is_overridden("validation_step", module):
-        print(f"error: {type(module).__name__} does not validate; leave out --val_data", file=sys.stderr)
-        return 2
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
-    except TrainingStopped as stop:
-        print(f"{'error' if stop.exit_code == 1 else 'interrupted'}: {stop}", file=sys.stderr)
-        return stop.exit_code
+        raise ValueError(f"{type(module).__name__} does not validate; leave out --val_data")
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     trainer.save_checkpoint(os.fspath(last))
-    return 0

@@ -2,9 +2,8 @@
 
 SD 2.x inference configs set `lossconfig` to `torch.nn.Identity`; a training config names a loss such as
 `ldm.modules.losses.ReconstructionKLLoss` (see there why SD's LPIPS + discriminator loss is not offered). Losses
-hold no parameters, so the state dict keeps SD's layout either way. `monitor`, `colorize_nlabels` and
-`learn_logvar` configure parts of SD's training code this codebase does not use and are accepted for config
-compatibility; EMA is refused rather than ignored.
+hold no parameters, so the state dict keeps SD's layout either way. The keys SD's files carry for its own training
+code (`monitor`, `colorize_nlabels`, ...) are accepted and checked by `ldm.util.instantiate_from_config`.
 """
 from __future__ import annotations
 
@@ -22,6 +21,9 @@ from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
+# SD's `ddconfig` is one dict for both halves; these of its keys belong to one half only.
+ENCODER_ONLY, DECODER_ONLY = ("in_channels", "double_z"), ("out_ch", "give_pre_end", "tanh_out")
+
 
 class AutoencoderKL(pl.LightningModule):
     """Image <-> latent. Keys: `encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*` (SD's layout).
@@ -38,23 +40,17 @@ class AutoencoderKL(pl.LightningModule):
         ckpt_path: str | os.PathLike | None = None,
         ignore_keys: Sequence[str] = (),
         image_key: str = "image",
-        colorize_nlabels: int | None = None,
-        monitor: str | None = None,
-        ema_decay: float | None = None,
-        learn_logvar: bool = False,
         learning_rate: float = 4.5e-6,
     ):
         super().__init__()
         if not ddconfig.get("double_z", True):
             raise ValueError("AutoencoderKL needs ddconfig.double_z=True: the encoder must output mean and logvar")
-        if ema_decay is not None:
-            raise ValueError("ema_decay is not supported for the autoencoder")
         self.image_key = image_key
         self.learning_rate = learning_rate
         self.loss = instantiate_from_config(lossconfig) if lossconfig is not None else nn.Identity()
         self.embed_dim = embed_dim
-        self.encoder = Encoder(**ddconfig)
-        self.decoder = Decoder(**ddconfig)
+        self.encoder = Encoder(**{k: v for k, v in ddconfig.items() if k not in DECODER_ONLY})
+        self.decoder = Decoder(**{k: v for k, v in ddconfig.items() if k not in ENCODER_ONLY})
         z_channels = ddconfig["z_channels"]
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)

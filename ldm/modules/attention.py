@@ -85,7 +85,7 @@ class BasicTransformerBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return checkpoint(self._forward, (x, context), self.parameters(), self.use_checkpoint)
+        return checkpoint(self._forward, (x, context), self.use_checkpoint)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))

@@ -46,11 +46,9 @@ class DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(pl.LightningModule):
-    """SD 2.x latent diffusion with eps-prediction. Constructor arguments follow SD's YAML `params:`.
-
-    `num_timesteps_cond`, `log_every_t` and `monitor` configure parts of SD's training code this codebase
-    replaces (Lightning's callbacks log and checkpoint here); they are accepted, and checked where a value would
-    change the model, so SD 2.x YAML files load unchanged.
+    """SD 2.x latent diffusion with eps-prediction. Constructor arguments follow SD's YAML `params:`; the keys SD's
+    files carry for code this codebase does not have (`monitor`, `use_ema`, ...) are accepted and checked by
+    `ldm.util.instantiate_from_config` (`SD_ONLY_PARAMS`), so SD 2.x YAML files build unchanged.
     """
 
     def __init__(
@@ -66,30 +64,19 @@ class LatentDiffusion(pl.LightningModule):
         cond_stage_key: str = "txt",
         image_size: int = 64,
         channels: int = 4,
-        cond_stage_trainable: bool = False,
         conditioning_key: str = "crossattn",
         scale_factor: float = 0.18215,
         parameterization: str = "eps",
         learning_rate: float = 1e-4,
         ckpt_path: str | None = None,
-        use_ema: bool = False,
-        num_timesteps_cond: int = 1,
-        log_every_t: int = 200,
-        monitor: str | None = None,
     ):
         super().__init__()
         if parameterization != "eps":
             raise ValueError(f"only parameterization 'eps' (SD 2.1-base) is supported, got '{parameterization}'")
-        if use_ema:
-            raise ValueError("use_ema=True is not supported: SD 2.1-base inference checkpoints hold no EMA weights")
-        if cond_stage_trainable:
-            raise ValueError("cond_stage_trainable=True is not supported: the text encoder stays frozen")
         self.first_stage_key, self.cond_stage_key = first_stage_key, cond_stage_key
         self.image_size, self.channels = image_size, channels
         self.scale_factor = scale_factor
         self.learning_rate = learning_rate
-        if num_timesteps_cond != 1:
-            raise ValueError(f"num_timesteps_cond must be 1 (SD 2.x), got {num_timesteps_cond}")
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.first_stage_model = freeze(instantiate_from_config(first_stage_config))

@@ -107,7 +107,7 @@ class Encoder(nn.Module):
     """Image (B, in_channels, H, W) -> moments (B, 2*z_channels if double_z else z_channels, H/f, W/f).
 
     f = 2**(len(ch_mult) - 1). Argument names follow SD's `ddconfig` (plus `norm_groups`, see the module's
-    docstring); `out_ch` is the decoder's and ignored here.
+    docstring).
     """
 
     def __init__(
@@ -123,7 +123,6 @@ class Encoder(nn.Module):
         double_z: bool = True,
         dropout: float = 0.0,
         resamp_with_conv: bool = True,
-        out_ch: int | None = None,
         attn_type: str = "vanilla",
         norm_groups: int = 32,
     ):
@@ -169,7 +168,6 @@ class Decoder(nn.Module):
 
     `up.N` is resolution level N (the checkpoint's order), applied from the deepest level upward;
     `give_pre_end` returns the features before the output head, `tanh_out` squashes the output.
-    `in_channels` and `double_z` belong to the encoder and are accepted so one `ddconfig` builds both.
     """
 
     def __init__(
@@ -182,8 +180,6 @@ class Decoder(nn.Module):
         attn_resolutions: Sequence[int],
         resolution: int,
         z_channels: int,
-        in_channels: int | None = None,
-        double_z: bool = True,
         dropout: float = 0.0,
         resamp_with_conv: bool = True,
         give_pre_end: bool = False,

@@ -94,7 +94,7 @@ class ResBlock(TimestepBlock):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
+        return checkpoint(self._forward, (x, emb), self.use_checkpoint)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
@@ -105,9 +105,9 @@ class ResBlock(TimestepBlock):
 class UNetEncoder(nn.Module):
     """Base class holding the UNet encoder: `time_embed`, `input_blocks` and `middle_block`.
 
-    Takes the SD 2.x UNet options (the subset SD 2.x configs use). `image_size` is unused and accepted only so
-    SD YAML configs load. Attention heads come from exactly one of `num_heads` (fixed count) or
-    `num_head_channels` (fixed width); -1 means unset. `use_fp16` sets `self.dtype`, the dtype the blocks
+    Takes the SD 2.x UNet options (the subset SD 2.x configs use; their `image_size`, which the UNet does not need,
+    is dropped by `ldm.util.instantiate_from_config`). Attention heads come from exactly one of `num_heads` (fixed
+    count) or `num_head_channels` (fixed width); -1 means unset. `use_fp16` sets `self.dtype`, the dtype the blocks
     compute in (run under autocast or convert the weights). `input_block_channels[i]` is the channel count
     of input block i's output; the middle block keeps the last one. `num_classes` adds SD's class-label
     embedding `label_emb`: the label `y` (N,) of each sample is embedded and added to the time embedding.
@@ -115,7 +115,6 @@ class UNetEncoder(nn.Module):
 
     def __init__(
         self,
-        image_size: int | None,
         in_channels: int,
         model_channels: int,
         num_res_blocks: int,

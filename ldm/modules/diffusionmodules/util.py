@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -58,12 +58,9 @@ def normalization(channels: int, groups: int = 32) -> nn.Module:
     return GroupNorm32(groups, channels)
 
 
-def checkpoint(func: Callable, inputs: Sequence[torch.Tensor], params: Iterable[torch.Tensor], flag: bool):
-    """Run `func(*inputs)`, recomputing activations in backward when `flag` (gradient checkpointing).
-
-    `params` is accepted for signature compatibility with SD code; non-reentrant checkpointing tracks
-    parameters itself.
-    """
+def checkpoint(func: Callable, inputs: Sequence[torch.Tensor], flag: bool):
+    """Run `func(*inputs)`, recomputing activations in backward when `flag` (gradient checkpointing, non-reentrant:
+    it tracks the parameters itself)."""
     if flag and torch.is_grad_enabled():
         return _torch_checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)

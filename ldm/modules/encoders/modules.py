@@ -73,7 +73,6 @@ class FrozenOpenCLIPEmbedder(nn.Module):
     `cond_stage_model.model.*`. `layer='penultimate'` (SD 2.x) skips the last transformer block; ln_final is
     applied either way. `version` is a local open_clip weights file (.bin/.safetensors; its `visual.*` keys are
     ignored), or None for random weights. `arch_config` registers a custom architecture JSON under `arch`.
-    `device` is accepted for SD config compatibility: tokens follow the weights, which move with the module.
     """
 
     LAYERS = ("last", "penultimate")
@@ -82,7 +81,6 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         self,
         arch: str = "ViT-H-14",
         version: str | os.PathLike | None = None,
-        device: str | torch.device = "cpu",
         max_length: int = 77,
         freeze: bool = True,
         layer: str = "last",
