@@ -91,7 +91,8 @@ def distilled(workdir) -> Path:
 
 @pytest.fixture(scope="session")
 def clip_file(tmp_path_factory) -> Path:
-    """A random tiny open_clip model (both towers) saved as an open_clip `.bin` state dict."""
+    """A random tiny open_clip model (both towers) saved as an open_clip `.bin` state dict, its image-text cosines
+    positive (so that CLIP scores are not all clamped to 0)."""
     import open_clip
     import torch
 
@@ -102,6 +103,8 @@ def clip_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     register_open_clip_config(TINY_CLIP_ARCH, TINY_CLIP_CONFIG)
     model = open_clip.create_model(TINY_CLIP_ARCH, pretrained=None)
+    with torch.no_grad():  # random towers put every image-text cosine below 0, which CLIPScore clamps to 0: flip it
+        model.text_projection.neg_()
     path = tmp_path_factory.mktemp("clip") / "open_clip_pytorch_model.bin"
     save_state_dict(model.state_dict(), path)
     return path

@@ -102,7 +102,8 @@ def write_outputs(out: str | os.PathLike, content: Mapping[str, Any], per_group:
     return table
 
 
-def interval_caption(settings: Mapping[str, Any]) -> str:
-    """How the bracketed intervals were drawn, for a table's caption."""
-    return (f"[low, high]: {100 * settings['level']:g}% {settings['method']} ({settings['resamples']} resamples, "
-            f"{settings['set_level_resamples']} for FID/KID; seed {settings['seed']}).")
+def interval_caption(settings: Mapping[str, Any], set_level: bool = True) -> str:
+    """How the bracketed intervals were drawn (`set_level`: FID/KID's resamples too), for a table's caption."""
+    resamples = f"{settings['resamples']} resamples" + (
+        f", {settings['set_level_resamples']} for FID/KID" if set_level else "")
+    return f"[low, high]: {100 * settings['level']:g}% {settings['method']} ({resamples}; seed {settings['seed']})."

@@ -238,7 +238,7 @@ def evaluate_folder(evaluator: Evaluator, results: str | os.PathLike, input_dir:
                 "weight_files": s.files, "skipped": problems, "group_by": "mode",
                 "model_modes": None if model is None else list(model.modes),
                 "bootstrap": bootstrap.settings(s.resamples, s.set_level_resamples, s.seed)}
-    caption = interval_caption(settings["bootstrap"])
+    caption = interval_caption(settings["bootstrap"], set_level="fid" in evaluator.metrics)
     if "clip_score" in evaluator.metrics:
         settings["clip"] = {"arch": s.clip_arch, "weights": s.clip_weights}
         caption += f" CLIP: {s.clip_arch} ({s.clip_weights})."
