@@ -254,15 +254,18 @@ def autoencoder_figure(layout: Layout, names: Sequence[str]) -> list[float]:
 
 
 def retrieval_table(layout: Layout) -> str:
-    """Per mode, the band-retrieval accuracy (evaluate.py's band_retrieval_latent) of the teachers and students."""
+    """Per mode, the band-retrieval accuracy (evaluate.py's band_retrieval_latent) of the teachers and students with
+    its 95% bootstrap interval over the photos, N (the photos) and chance (1 / N)."""
     who = ["teacher", *(f"student_k{k}" for k in STUDENT_STEP_COUNTS)]
-    per_mode = {w: json.loads((layout.out / "evaluation" / f"{w}.json").read_text())["per_mode"] for w in who}
-    lines = ["| mode | " + " | ".join(w.replace("_k", " k=") for w in who) + " | chance |",
-             "| --- |" + " --- |" * (len(who) + 1)]
+    runs = {w: json.loads((layout.out / "evaluation" / f"{w}.json").read_text()) for w in who}
+    lines = ["| mode | " + " | ".join(w.replace("_k", " k=") for w in who) + " | N | chance |",
+             "| --- |" + " --- |" * (len(who) + 2)]
     for mode in CONTROL_MODES:
-        cells = [f"{per_mode[w][mode]['band_retrieval_latent']:.2f}" for w in who]
-        chance = per_mode["teacher"][mode]["band_retrieval_chance"]
-        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {chance:.2f} |")
+        cells = [f"{runs[w]['per_mode'][mode]['band_retrieval_latent']:.2f} "
+                 "[{:.2f}, {:.2f}]".format(*runs[w]["intervals"][mode]["band_retrieval_latent"]) for w in who]
+        figures = runs["teacher"]["per_mode"][mode]
+        lines.append(f"| {mode} | " + " | ".join(cells)
+                     + f" | {figures['band_retrieval_n']:.0f} | {figures['band_retrieval_chance']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -360,7 +363,8 @@ Per step, and a 10-step moving average, from the runs' CSV logs ([losses.png](lo
 ## Does each mode keep its band?
 
 Band retrieval (`evaluate.py --metrics band_retrieval`): the share of outputs whose controlled DCT band (in the
-latent) is closer to their own source's than to any other held-out photo's. Chance is one in the number of photos.
+latent) is more similar (cosine) to their own source's than to any other held-out photo's, with its 95% bootstrap
+interval over the N photos. Chance is 1 / N.
 
 {retrieval}
 ## Figures
@@ -387,9 +391,10 @@ It shows the pipeline doing its job end to end on photos it never saw: the train
 control signal of each mode, each teacher carrying its source's band into its result (the retrieval table), the
 student at 1-4 steps following its 50-step guided teachers, and how much faster it is. The pictures stay noisy: a
 UNet trained on {train_photos} photos for a few hundred steps leaves speckle in every result, and a band_error above 1
-means that speckle outweighs the band that was kept. Retrieval compares a result with every source relative to that
-source's own band energy, so a photo whose band is weak is the hardest to retrieve. The margins are small and the
-results come from one noise seed per photo: with other seeds, teachers and student miss such a photo now and then
+means that speckle outweighs the band that was kept. Retrieval compares the direction of a result's band with each
+source's (cosine, whatever the energy), so speckle that swamps a weak band is what makes a photo hard to retrieve.
+With N photos an interval is wide (one photo moves the accuracy by 1 / N). The results come from one noise seed per
+photo: with other seeds, teachers and student miss such a photo now and then
 (the README gives the figures over six seeds). It cannot show what a prompt does (the text tower is random): style
 or content transfer needs the real weights.
 """

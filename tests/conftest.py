@@ -91,7 +91,8 @@ def distilled(workdir) -> Path:
 
 @pytest.fixture(scope="session")
 def clip_file(tmp_path_factory) -> Path:
-    """A random tiny open_clip model (both towers) saved as an open_clip `.bin` state dict."""
+    """A random tiny open_clip model (both towers) saved as an open_clip `.bin` state dict, its image-text cosines
+    positive (so that CLIP scores are not all clamped to 0)."""
     import open_clip
     import torch
 
@@ -102,6 +103,8 @@ def clip_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     register_open_clip_config(TINY_CLIP_ARCH, TINY_CLIP_CONFIG)
     model = open_clip.create_model(TINY_CLIP_ARCH, pretrained=None)
+    with torch.no_grad():  # random towers put every image-text cosine below 0, which CLIPScore clamps to 0: flip it
+        model.text_projection.neg_()
     path = tmp_path_factory.mktemp("clip") / "open_clip_pytorch_model.bin"
     save_state_dict(model.state_dict(), path)
     return path
@@ -134,21 +137,23 @@ def alexnet_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def inception_file(tmp_path_factory) -> Path:
-    """torch-fidelity's InceptionV3 state dict with random weights (its constructor's load skipped), the convolutions
-    He-initialised so that the features keep their scale through the 47 layers."""
+def clean_inception_file(tmp_path_factory) -> Path:
+    """A random stand-in for clean-fid's TorchScript Inception (`inception-2015-12-05.pt`): a small convolutional net
+    with the interface clean-fid's `InceptionV3W` uses (`layers` maps (B, 3, 299, 299) normalised pixels to
+    (B, 2048, 1, 1) features; `forward(x, return_features)`), scripted and saved under clean-fid's file name."""
     import torch
-    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    class StandIn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 16, 7, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(16, 64, 3, stride=2),
+                torch.nn.ReLU(), torch.nn.Conv2d(64, 2048, 1), torch.nn.AdaptiveAvgPool2d(1))
+
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return self.layers(x)
 
     torch.manual_seed(0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
-        model = tf_inception.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("models") / "pt_inception-2015-12-05-6726825d.pth"
-    torch.save(model.state_dict(), path)
+    path = tmp_path_factory.mktemp("models") / "inception-2015-12-05.pt"
+    torch.jit.script(StandIn().eval()).save(str(path))
     return path
-

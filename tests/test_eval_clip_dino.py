@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data
 from transformers import ViTModel
 
-from fcdiffusion.evaluation.clip_score import CLIPScore
+from fcdiffusion.evaluation.clip_score import CLIP_B32, CLIP_L14, CLIPScore
 from fcdiffusion.evaluation.dino_structure import DinoStructureDistance
 from ldm.checkpoint import load_state_dict
 from tests.helpers import TINY_CLIP_ARCH as TINY_ARCH
@@ -71,7 +71,7 @@ def test_clip_score_matches_open_clip(clip_file):
     images = photos()
     scores = scorer(images, PROMPTS)
     assert scores.shape == (3,)
-    assert ((scores >= 0) & (scores <= 100)).all()
+    assert ((scores > 0) & (scores <= 100)).all()
     torch.testing.assert_close(scores, reference_clip_score(clip_file, images, PROMPTS), atol=1e-5, rtol=0)
     # Image order matters: the score is per pair, not per batch.
     torch.testing.assert_close(scorer(images[::-1], PROMPTS[::-1]), scores.flip(0), atol=1e-5, rtol=0)
@@ -90,6 +90,14 @@ def test_clip_missing_weights_say_where_to_get_them(tmp_path):
     assert str(missing) in message and "huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K" in message
     with pytest.raises(FileNotFoundError, match=f"the open_clip weights of {TINY_ARCH}"):
         CLIPScore(TINY_ARCH, missing, arch_config=TINY_CONFIG)
+    # The compared papers' backbones: OpenAI's ViT-B/32 (the default) and ViT-L/14, with OpenAI's QuickGELU.
+    for arch, repo in ((CLIP_B32, "timm/vit_base_patch32_clip_224.openai"),
+                       (CLIP_L14, "timm/vit_large_patch14_clip_224.openai")):
+        assert open_clip.get_model_config(arch)["quick_gelu"]
+        with pytest.raises(FileNotFoundError, match=repo):
+            CLIPScore(arch, tmp_path / "missing.bin")
+    with pytest.raises(FileNotFoundError, match="models/clip-vit-b-32-openai/open_clip_pytorch_model.bin"):
+        CLIPScore()
 
 
 @pytest.mark.parametrize("size", [(96, 96), (144, 96)], ids=["square", "landscape"])

@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -61,16 +62,26 @@ def test_evaluate_writes_metrics_table_and_plot(translated, workdir, distilled, 
             "--metrics", "band", "band_retrieval", "teacher_agreement", "--out", str(out)]
     assert evaluate.main(args) == 0
     metrics = json.loads(out.read_text())
-    for figures in metrics["per_mode"].values():
+    for mode, figures in metrics["per_mode"].items():
         assert 0 <= figures["band_retrieval_latent"] <= 1 and figures["band_retrieval_chance"] == 1 / len(PHOTOS)
+        assert figures["band_retrieval_n"] == len(PHOTOS)
+        hits = [r["band_retrieval_latent"] for r in metrics["per_image"] if r["mode"] == mode]
+        assert set(hits) <= {0.0, 1.0} and figures["band_retrieval_latent"] == pytest.approx(sum(hits) / len(hits))
+        for metric in ("band_retrieval_latent", "band_error_latent", "teacher_latent_mse"):
+            low, high = metrics["intervals"][mode][metric]
+            assert low <= figures[metric] <= high
+            assert min(r[metric] for r in metrics["per_image"] if r["mode"] == mode) <= low
+    assert metrics["settings"]["bootstrap"] == {"method": "percentile bootstrap over images", "resamples": 10000,
+                                                "set_level_resamples": 1000, "seed": 0, "level": 0.95}
     assert len(metrics["per_image"]) == len(PHOTOS) * len(CONTROL_MODES)
     record = metrics["per_image"][0]
     assert {"name", "mode", "band_error_latent", "band_freedom_latent", "band_error_pixel", "band_freedom_pixel",
-            "teacher_latent_mse"} == set(record)
+            "teacher_latent_mse", "band_retrieval_latent"} == set(record)
     assert set(metrics["per_mode"]) == set(CONTROL_MODES)
     assert all(v["teacher_latent_mse"] > 0 and v["band_error_latent"] >= 0 for v in metrics["per_mode"].values())
     assert metrics["settings"]["model_modes"] == list(CONTROL_MODES)
-    assert "| mini_pass |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| mini_pass |" in table and " [" in table and "percentile bootstrap" in table
     assert Image.open(out.with_suffix(".png")).size[0] > 200
     # Sources as their own results: every band is retrieved.
     identity_results = make_self_results(workdir, tmp_path)
@@ -103,9 +114,12 @@ def test_metrics_needing_a_model_or_weights_say_so(translated, workdir, tmp_path
     base = ["--results", str(translated / "student"), "--input_dir", str(workdir / "photos")]
     assert evaluate.main([*base, "--metrics", "band"]) == 1
     assert "need the model" in capsys.readouterr().err
-    assert evaluate.main([*base, "--metrics", "fid", "--reference", str(translated / "reference"),
-                          "--inception_weights", str(tmp_path / "missing.pth")]) == 1
-    assert "missing.pth" in capsys.readouterr().err
+    assert evaluate.main([*base, "--metrics", "fid"]) == 1
+    assert "--fid_reference" in capsys.readouterr().err
+    assert evaluate.main([*base, "--metrics", "fid", "--fid_reference", str(workdir / "photos"),
+                          "--inception_weights", str(tmp_path / "inception-2015-12-05.pt")]) == 1
+    error = capsys.readouterr().err
+    assert str(tmp_path / "inception-2015-12-05.pt") in error and "nvlabs-fi-cdn.nvidia.com" in error
     assert evaluate.main([*base, "--results", str(tmp_path / "nowhere")]) == 1
 
 
@@ -119,6 +133,8 @@ def test_evaluate_runs_clip_score_and_dino_structure_from_local_files(translated
     metrics = json.loads(out.read_text())
     assert all(0 <= r["clip_score"] <= 100 and r["dino_structure"] > 0 for r in metrics["per_image"])
     assert metrics["settings"]["weight_files"] == {"clip_score": str(clip_file), "dino_structure": str(dino_folder)}
+    assert metrics["settings"]["clip"] == {"arch": TINY_CLIP_ARCH, "weights": str(clip_file)}
+    assert f"clip_score ({TINY_CLIP_ARCH})" in out.with_suffix(".md").read_text()
 
 
 def test_translation_script_evaluates_its_results_in_one_flag(distilled, workdir, tmp_path, capsys):
@@ -136,13 +152,49 @@ def test_translation_script_evaluates_its_results_in_one_flag(distilled, workdir
 
 
 def test_evaluate_runs_lpips_fid_and_kid_from_local_files(translated, workdir, tmp_path, alexnet_file,
-                                                          inception_file):
+                                                          clean_inception_file):
     out = tmp_path / "metrics.json"
     assert evaluate.main(["--results", str(translated / "student"), "--input_dir", str(workdir / "photos"),
                           "--reference", str(translated / "reference"), "--metrics", "lpips", "fid",
-                          "--lpips_weights", str(alexnet_file), "--inception_weights", str(inception_file),
-                          "--fid_dims", "64", "--out", str(out)]) == 0
+                          "--lpips_weights", str(alexnet_file), "--inception_weights", str(clean_inception_file),
+                          "--fid_reference", str(workdir / "photos"), "--bootstrap_set_resamples", "50",
+                          "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
     assert all(r["lpips_source"] > 0 and r["lpips_reference"] >= 0 for r in metrics["per_image"])
-    assert all({"fid", "kid_mean", "kid_std"} <= set(v) for v in metrics["per_mode"].values())
-    assert metrics["settings"]["weight_files"] == {"lpips": str(alexnet_file), "fid": str(inception_file)}
+    for mode, figures in metrics["per_mode"].items():
+        assert figures["fid"] > 0
+        low, high = metrics["intervals"][mode]["fid"]
+        assert low <= high and metrics["intervals"][mode]["kid"][0] <= metrics["intervals"][mode]["kid"][1]
+    assert metrics["settings"]["weight_files"] == {"lpips": str(alexnet_file), "fid": str(clean_inception_file)}
+    assert metrics["settings"]["fid"]["reference_images"] == len(PHOTOS)
+    features = np.load(tmp_path / metrics["settings"]["fid"]["features"])
+    assert features["reference"].shape == (len(PHOTOS), 2048)
+    assert sorted(features["low_pass/names"]) == sorted(PHOTOS)
+
+
+def test_compare_pairs_two_runs_by_image(translated, workdir, distilled, tmp_path, capsys):
+    """Student (1 step) against its 3-step results: paired differences by name, intervals around them; a run
+    against itself differs by exactly 0."""
+    runs = {}
+    for folder in ("student", "reference"):
+        runs[folder] = tmp_path / f"{folder}.json"
+        assert evaluate.main(["--results", str(translated / folder), "--input_dir", str(workdir / "photos"),
+                              "--model", str(student_file(distilled)), "--metrics", "band",
+                              "--out", str(runs[folder])]) == 0
+    out = tmp_path / "compare.json"
+    assert evaluate.main(["--compare", str(runs["student"]), str(runs["reference"]), "--out", str(out)]) == 0
+    assert "B - A" in capsys.readouterr().out
+    compared = json.loads(out.read_text())
+    a, b = (json.loads(runs[k].read_text())["per_image"] for k in ("student", "reference"))
+    for mode in CONTROL_MODES:
+        expected = np.mean([rb["band_error_latent"] - ra["band_error_latent"] for ra, rb in zip(a, b)
+                            if ra["mode"] == rb["mode"] == mode and ra["name"] == rb["name"]])
+        assert compared["differences"][mode]["band_error_latent"] == pytest.approx(expected)
+        low, high = compared["intervals"][mode]["band_error_latent"]
+        assert low <= expected <= high
+    assert compared["settings"]["matched_images"] == {mode: len(PHOTOS) for mode in CONTROL_MODES}
+    assert Image.open(out.with_suffix(".png")).size[0] > 200
+    assert evaluate.main(["--compare", str(runs["student"]), str(runs["student"]), "--out", str(out)]) == 0
+    same = json.loads(out.read_text())
+    assert all(v == 0 for figures in same["differences"].values() for v in figures.values())
+    assert all(i == [0, 0] for figures in same["intervals"].values() for i in figures.values())

@@ -102,6 +102,9 @@ def test_small_quickstart_tables_and_report(small_run):
                    for v in student["per_mode"].values())
     assert re.search(r"\| PSNR \(dB\) \| [\d.]+ \| [\d.]+ \| \*\*[\d.]+\*\* \|", report)
     assert all(f"| {mode} |" in report for mode in CONTROL_MODES)  # the retrieval table
+    # Retrieval with its interval for the teachers and every student, then N and chance.
+    assert all(re.search(rf"\| {mode} \|( [\d.]+ \[[\d.]+, [\d.]+\] \|){{4}} 2 \| 0.50 \|", report)
+               for mode in CONTROL_MODES)
     assert all((out / link).exists() for link in links), links
 
 

@@ -12,9 +12,18 @@ anti-diagonal i + j = n, so for it the comparison is of the energies per anti-di
 the numerator of band_error becomes sum_{n in B} (sqrt(E_Y(n)) - sqrt(E_S(n)))^2 with E(n) = sum_{i+j=n} X^2.
 
 Band retrieval (a set-level figure): among N sources and their N translations in one mode, translation i is
-retrieved when its band_error against its own source is smaller than against every other source; the accuracy
-is the fraction retrieved (1/N by chance). It asks whether a translation keeps *its own* source's band, not just
-some band of the right energy: a model that ignores its control signal scores near chance.
+retrieved when its band is more similar to its own source's band than to any other source's; the accuracy is the
+fraction retrieved (1/N by chance). Similarity is the cosine of the band's coefficients (all channels; for
+mini_pass, of the amplitude profiles sqrt(E(n)) over the band's anti-diagonals, which its shuffle keeps):
+
+    sim(y, s) = <B(Y), B(S)> / (|B(Y)| |B(S)|)
+
+It asks whether a translation keeps *its own* source's band, not just some band of the right energy: a model that
+ignores its control signal scores near chance. The cosine is scale-free in both arguments, so no source wins by the
+energy of its band. (Retrieval by smallest band_error did not have that property: band_error divides by the
+candidate's band energy, |Y|^2 / |S_j|^2 - 2 <Y, S_j> / |S_j|^2 + 1, so a high-energy candidate draws every
+result and a source with a weak band is missed even when its result carries that band; the tests construct such
+a case.)
 
 Two spaces: `latent` (the model's VAE latents, the model's own thresholds: the space the control net sees) and
 `pixel` (the images themselves, the thresholds scaled by pixel size / latent size, so a band keeps the same share
@@ -73,11 +82,30 @@ def latent_band_scores(model: torch.nn.Module, sources: torch.Tensor, outputs: t
                        **model.frequency_thresholds)
 
 
+def _band_vectors(x: torch.Tensor, mode: str, **thresholds: int) -> torch.Tensor:
+    """(N, K) float64: what band retrieval compares of each of x's (N, C, H, W) kept band."""
+    spectrum = dct_2d(x.double())
+    h, w = spectrum.shape[-2:]
+    low, high = band_limits(mode, **thresholds)
+    if mode == "mini_pass":
+        top = min(h + w - 2, high if high is not None else h + w - 2)
+        return _level_energies(spectrum)[:, low:top + 1].sqrt()
+    return spectrum[..., band_mask(h, w, low, high, spectrum.device)].flatten(1)
+
+
+def band_similarity(sources: torch.Tensor, outputs: torch.Tensor, mode: str, **thresholds: int) -> torch.Tensor:
+    """(N_outputs, N_sources): cosine similarity of each output's kept band with each source's (see the module
+    docstring); sources and outputs (N, C, H, W) of one shape per image."""
+    if sources.shape[1:] != outputs.shape[1:]:
+        raise ValueError(f"sources {tuple(sources.shape)} and outputs {tuple(outputs.shape)} differ in shape")
+    s = torch.nn.functional.normalize(_band_vectors(sources, mode, **thresholds), dim=1)
+    y = torch.nn.functional.normalize(_band_vectors(outputs, mode, **thresholds), dim=1)
+    return y @ s.T
+
+
 def band_retrieval(sources: torch.Tensor, outputs: torch.Tensor, mode: str, **thresholds: int) -> torch.Tensor:
-    """(N,) bool: whether output i's band_error is smallest against source i among all N sources (N, C, H, W)."""
+    """(N,) bool: whether output i's band is most similar (`band_similarity`) to source i's among all N sources."""
     if sources.shape != outputs.shape:
         raise ValueError(f"sources {tuple(sources.shape)} and outputs {tuple(outputs.shape)} differ in shape")
-    n = sources.shape[0]
-    errors = torch.stack([band_scores(sources[j].expand_as(outputs), outputs, mode, **thresholds)[0]
-                          for j in range(n)], dim=1)
-    return errors.argmin(1) == torch.arange(n, device=errors.device)
+    similarity = band_similarity(sources, outputs, mode, **thresholds)
+    return similarity.argmax(1) == torch.arange(len(sources), device=similarity.device)

@@ -12,33 +12,47 @@ import open_clip
 import torch
 from PIL import Image
 
-from fcdiffusion.core.paths import OPENCLIP_CHECKPOINT
 from ldm.checkpoint import check_state_dict, load_state_dict
 from ldm.modules.encoders.modules import _quiet_random_init, causal_mask, register_open_clip_config
 
-VIT_H_14_SOURCE = "open_clip_pytorch_model.bin of huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+# The backbones the compared papers score with. OpenAI's CLIP uses QuickGELU: open_clip's "-quickgelu" architectures
+# (`pretrained=None` would otherwise build the GELU variant the OpenAI weights were not trained with).
+CLIP_B32 = "ViT-B-32-quickgelu"  # OpenAI ViT-B/32: pix2pix-Turbo (`clip.load("ViT-B/32")` in its training code)
+CLIP_B32_WEIGHTS = "models/clip-vit-b-32-openai/open_clip_pytorch_model.bin"
+CLIP_L14 = "ViT-L-14-quickgelu"  # OpenAI ViT-L/14: PIE-Bench (torchmetrics CLIPScore "openai/clip-vit-large-patch14")
+CLIP_L14_WEIGHTS = "models/clip-vit-l-14-openai/open_clip_pytorch_model.bin"
+CLIP_SOURCES = {
+    "ViT-H-14": "open_clip_pytorch_model.bin of huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    CLIP_B32: "open_clip_pytorch_model.bin of huggingface.co/timm/vit_base_patch32_clip_224.openai "
+              "(OpenAI's CLIP ViT-B/32 in open_clip's key names)",
+    CLIP_L14: "open_clip_pytorch_model.bin of huggingface.co/timm/vit_large_patch14_clip_224.openai "
+              "(OpenAI's CLIP ViT-L/14 in open_clip's key names)",
+}
 
 
 def clip_weights_hint(arch: str, path: str | os.PathLike) -> str:
     """Where to get the open_clip weights of `arch` and where they go (appended to a missing-file error)."""
-    source = VIT_H_14_SOURCE if arch == "ViT-H-14" else f"the open_clip weights of {arch}"
+    source = CLIP_SOURCES.get(arch, f"the open_clip weights of {arch}")
     return f"Download {source} and place it at {os.fspath(path)} (image and text towers, open_clip's key names)."
 
 
 class CLIPScore:
     """CLIPScore of Hessel et al. 2021 ("CLIPScore: A Reference-free Evaluation Metric for Image Captioning"),
-    with w = 100 as torchmetrics and pix2pix-Turbo report it: 100 * max(cos(E_image, E_text), 0) per pair.
+    with w = 100 as torchmetrics' `CLIPScore` (PIE-Bench's implementation) computes it: 100 * max(cos(E_image,
+    E_text), 0) per pair (pix2pix-Turbo's CLIP similarity is 100 * cos with the same backbone; they differ only
+    where the cosine is negative).
 
-    `arch` is an open_clip architecture, `weights` a local open_clip state dict holding both towers (the file SD
-    2.x reads its text encoder from by default), loaded strictly. Images go through open_clip's validation
-    preprocessing of `arch` (resize, centre crop, CLIP normalisation), prompts through its tokenizer.
+    `arch` is an open_clip architecture, `weights` a local open_clip state dict holding both towers, loaded
+    strictly; the default is OpenAI's ViT-B/32 (pix2pix-Turbo's); PIE-Bench scores with OpenAI's ViT-L/14. Images
+    go through open_clip's validation preprocessing of `arch` (resize, centre crop, CLIP normalisation), prompts
+    through its tokenizer.
     `arch_config` registers a custom architecture JSON under `arch` (the tests' tiny ones).
     """
 
     def __init__(
         self,
-        arch: str = "ViT-H-14",
-        weights: str | os.PathLike = OPENCLIP_CHECKPOINT,
+        arch: str = CLIP_B32,
+        weights: str | os.PathLike = CLIP_B32_WEIGHTS,
         device: str | torch.device = "cpu",
         arch_config: str | os.PathLike | None = None,
     ):

@@ -48,9 +48,14 @@ class DinoStructureDistance:
     the matrix is their pairwise cosine similarity. Images (B, 3, H, W) in [0, 1] are resized with
     `Resize(224)` (shorter side 224, aspect kept; other sizes interpolate the position embeddings) and
     normalised with ImageNet's mean and std. `folder` holds the model in transformers' layout (`save_pretrained`).
+
+    `pixel_scale` multiplies the [0, 1] images before the normalisation: 1 as pix2pix-Turbo (ToTensor, then
+    Normalize); PIE-Bench's evaluation normalises pixel values in [0, 255] (`pixel_scale=255`), and its published
+    structure distances are of that input.
     """
 
-    def __init__(self, folder: str | os.PathLike = DINO_FOLDER, device: str | torch.device = "cpu"):
+    def __init__(self, folder: str | os.PathLike = DINO_FOLDER, device: str | torch.device = "cpu",
+                 pixel_scale: float = 1.0):
         if not (Path(folder) / "config.json").is_file():
             raise FileNotFoundError(f"DINO model not found: {os.fspath(folder)} (no config.json)\n"
                                     + dino_weights_hint(folder))
@@ -63,6 +68,7 @@ class DinoStructureDistance:
         self.model = model.float().to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
         self.patch_size = model.config.patch_size
+        self.pixel_scale = pixel_scale
         self.transform = transforms.Compose([
             transforms.Resize(224, antialias=True),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -71,7 +77,7 @@ class DinoStructureDistance:
     @torch.no_grad()
     def keys(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> last-layer keys (B, 1 + patches, heads * head_dim)."""
-        pixels = self.transform(images.to(self.device, torch.float32))
+        pixels = self.transform(images.to(self.device, torch.float32) * self.pixel_scale)
         captured = []
         hook = last_key_projection(self.model).register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:

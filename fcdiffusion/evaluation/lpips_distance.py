@@ -1,8 +1,8 @@
 """LPIPS, the learned perceptual image patch similarity of Zhang et al. 2018 ("The Unreasonable Effectiveness of
 Deep Features as a Perceptual Metric"), as the reference `lpips` package (version 0.1) computes it.
 
-The learned linear layers ship inside the pip package; the ImageNet backbone (torchvision's VGG16 or AlexNet
-`features`) is read from a local file instead of being downloaded by torchvision.
+The learned linear layers ship inside the pip package; the ImageNet backbone (torchvision's VGG16, AlexNet or
+SqueezeNet 1.1 `features`) is read from a local file instead of being downloaded by torchvision.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from ldm.checkpoint import load_state_dict
 BACKBONE_FILES = {
     "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
     "alex": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    "squeeze": ("squeezenet1_1-b8a52dc0.pth", "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth"),
 }
 
 
@@ -51,8 +52,9 @@ def lpips_backbone_state_dict(torchvision_state_dict: Mapping[str, torch.Tensor]
 class LPIPSDistance:
     """`LPIPSDistance(net)(a, b)`: the LPIPS distance (B,) between images a and b (B, 3, H, W) in [-1, 1].
 
-    `net` is "vgg" (VGG16, the backbone of the paper's perceptual-loss use) or "alex" (AlexNet, the paper's
-    recommended forward metric); `backbone_weights` is torchvision's ImageNet file for it, loaded strictly.
+    `net` is "vgg" (VGG16, the backbone of the paper's perceptual-loss use), "alex" (AlexNet, the paper's
+    recommended forward metric) or "squeeze" (SqueezeNet 1.1, PIE-Bench's); `backbone_weights` is torchvision's
+    ImageNet file for it, loaded strictly.
     """
 
     def __init__(self, net: str = "vgg", backbone_weights: str | os.PathLike | None = None,

@@ -1,11 +1,13 @@
-"""The evaluation suite over a results folder: per-image metrics, means per mode, a table and a plot.
+"""The evaluation suite over a results folder: per-image metrics, means per mode with bootstrap intervals, a table
+and a plot.
 
 Each metric is defined in its own module (the definitions and their sources are there); this module reads the
-images, runs the selected metrics in batches, and writes `metrics.json`, `metrics.md` and `metrics.png`.
+images, runs the selected metrics in batches, and writes `metrics.json` (`per_image`, `per_mode`, `intervals`,
+`settings`), `metrics.md` and `metrics.png`; with FID, the Inception features behind it (`metrics_features.npz`,
+what `evaluate.py --compare` pairs two runs' FIDs with).
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -20,29 +22,36 @@ from tqdm import tqdm
 
 from fcdiffusion.core.band_fidelity import band_retrieval, band_scores, latent_band_scores, pixel_thresholds
 from fcdiffusion.core.inference import encode_images
+from fcdiffusion.evaluation import bootstrap
+from fcdiffusion.evaluation.clean_fid import CLEAN_FID_WEIGHTS
+from fcdiffusion.evaluation.clip_score import CLIP_B32, CLIP_B32_WEIGHTS
 from fcdiffusion.evaluation.pairs import Pair, match_pairs
+from fcdiffusion.evaluation.report import Intervals, interval_caption, summarize, write_outputs
+from fcdiffusion.evaluation.report import markdown_table as markdown_table
 from fcdiffusion.train.dataset import load_image
-from ldm.util import atomic_path, atomic_write_text
 
 METRICS = ("band", "band_retrieval", "teacher_agreement", "clip_score", "dino_structure", "lpips", "fid")
-NEEDS_REFERENCE = ("teacher_agreement", "fid")  # compare with another results folder (evaluate.py --reference)
+NEEDS_REFERENCE = ("teacher_agreement", "fid")  # another folder: --reference (agreement), --fid_reference (FID/KID)
 SET_LEVEL = ("band_retrieval", "fid")  # one figure per mode from all of its images
 
 
 @dataclass
 class Settings:
-    """What the metrics need besides the images: the model (band fidelity, agreement) and local weight files."""
+    """What the metrics need besides the images: the model (band fidelity, agreement), local weight files, the FID
+    reference folder and how the intervals are drawn."""
 
     model: Any = None
-    clip_arch: str = "ViT-H-14"
-    clip_weights: str = "CLIP-ViT-H-14/open_clip_pytorch_model.bin"
+    clip_arch: str = CLIP_B32
+    clip_weights: str = CLIP_B32_WEIGHTS
     clip_arch_config: str | None = None
     dino_weights: str = "models/dino-vitb8"
     lpips_net: str = "alex"
     lpips_weights: str | None = None
-    inception_weights: str = "models/pt_inception-2015-12-05-6726825d.pth"
-    fid_dims: int = 2048
-    kid_subset_size: int = 50
+    inception_weights: str = os.fspath(CLEAN_FID_WEIGHTS)
+    fid_reference: str | None = None
+    resamples: int = bootstrap.RESAMPLES
+    set_level_resamples: int = bootstrap.SET_LEVEL_RESAMPLES
+    seed: int = bootstrap.SEED
     device: str = "cpu"
     files: dict[str, str] = field(default_factory=dict)
 
@@ -52,14 +61,21 @@ def read_image(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(load_image(path, size)).permute(2, 0, 1)
 
 
-def _uint8(paths: Sequence[Path]) -> torch.Tensor:
-    """The PNGs at `paths` as they are, (N, 3, H, W) uint8: what FID and KID read."""
-    return torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
-
-
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
     array = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in array]
+
+
+@dataclass
+class SetLevel:
+    """What a mode's whole set gives: figures (FID, KID, retrieval's N and chance), their intervals, per-image
+    retrieval hits (name -> 0/1), and the results' Inception features (names, features)."""
+
+    figures: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    intervals: Intervals = field(default_factory=lambda: defaultdict(dict))
+    hits: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    features: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
+    reference: np.ndarray | None = None
 
 
 class Evaluator:
@@ -73,8 +89,10 @@ class Evaluator:
         if needs_model and settings.model is None:
             raise ValueError(f"{', '.join(sorted(needs_model))} need the model whose VAE and band edges they use "
                              "(--model: a student or teacher weights file)")
+        if "fid" in metrics and settings.fid_reference is None:
+            raise ValueError("fid needs a folder of reference photos to compare the results with (--fid_reference)")
         self.metrics, self.settings = list(metrics), settings
-        self._built: dict[str, Callable] = {}
+        self._built: dict[str, Any] = {}
 
     def _metric(self, name: str) -> Callable:
         """The metric object, built once from its local weights (a missing file fails here, before any work)."""
@@ -97,18 +115,18 @@ class Evaluator:
                 weights = s.lpips_weights or default_backbone_weights(s.lpips_net)
                 self._built[name] = LPIPSDistance(net=s.lpips_net, backbone_weights=weights, device=s.device)
                 s.files["lpips"] = str(weights)
+            elif name == "fid":
+                from fcdiffusion.evaluation.clean_fid import load_inception
+
+                self._built[name] = load_inception(s.inception_weights, s.device)
+                s.files["fid"] = s.inception_weights
         return self._built[name]
 
     def prepare(self) -> None:
         """Build every selected metric now, so a missing weights file is reported before any image is read."""
-        for name in ("clip_score", "dino_structure", "lpips"):
+        for name in ("clip_score", "dino_structure", "lpips", "fid"):
             if name in self.metrics:
                 self._metric(name)
-        if "fid" in self.metrics and not os.path.isfile(self.settings.inception_weights):
-            from fcdiffusion.evaluation.fid import INCEPTION_HELP
-
-            raise FileNotFoundError(f"Inception weights for FID/KID not found: {self.settings.inception_weights}\n"
-                                    f"{INCEPTION_HELP}")
 
     @torch.no_grad()
     def per_image(self, pairs: Sequence[Pair], batch_size: int = 8) -> list[dict[str, Any]]:
@@ -149,86 +167,46 @@ class Evaluator:
         return [{"name": p.name, "mode": mode, **{k: float(v[i]) for k, v in values.items()}}
                 for i, p in enumerate(group)]
 
-    def set_level(self, pairs: Sequence[Pair]) -> dict[str, dict[str, float]]:
-        """Per mode, the figures computed from all of its images: band retrieval accuracy (in the latent space) and
-        FID and KID between the results and the reference folder."""
-        out: dict[str, dict[str, float]] = defaultdict(dict)
+    def set_level(self, pairs: Sequence[Pair]) -> SetLevel:
+        """Per mode, what is computed from all of its images: band retrieval (in the latent space) and FID and KID of
+        the results against the --fid_reference photos, with their intervals."""
+        out = SetLevel()
+        s = self.settings
+        if "fid" in self.metrics:
+            from fcdiffusion.evaluation.clean_fid import folder_features
+
+            out.reference = folder_features(s.fid_reference, self._metric("fid"), device=s.device)
         for mode in dict.fromkeys(p.mode for p in pairs):
             group = [p for p in pairs if p.mode == mode]
             if "band_retrieval" in self.metrics and len(group) > 1:
-                out[mode].update(self._retrieval(group, mode))
-            if "fid" in self.metrics and group[0].reference is not None:
-                from fcdiffusion.evaluation.fid import fid_kid
+                hits = self._retrieval(group, mode)
+                out.hits[mode] = {p.name: float(hit) for p, hit in zip(group, hits)}
+                out.figures[mode].update({"band_retrieval_n": float(len(group)),
+                                          "band_retrieval_chance": 1.0 / len(group)})
+            if "fid" in self.metrics and len(group) > 1:
+                self._fid(group, mode, out)
+        return out
 
-                s = self.settings
-                s.files["fid"] = s.inception_weights
-                figures = fid_kid(_uint8([p.result for p in group]), _uint8([p.reference for p in group]),
-                                  s.inception_weights, kid_subset_size=s.kid_subset_size, dims=s.fid_dims,
-                                  device=s.device)
-                out[mode].update({k: float(v) for k, v in figures.items()})
-        return dict(out)
+    def _fid(self, group: Sequence[Pair], mode: str, out: SetLevel) -> None:
+        from fcdiffusion.evaluation.clean_fid import Reference, file_features
+
+        s = self.settings
+        features = file_features([p.result for p in group], self._metric("fid"), device=s.device)
+        reference = Reference(out.reference)
+        out.features[mode] = ([p.name for p in group], features)
+        out.figures[mode].update({"fid": reference.fid(features), "kid": reference.kid(features, seed=s.seed)})
+        for name, resampled in (("fid", reference.resampled_fid(features)), ("kid", reference.resampled_kid(features))):
+            out.intervals[mode][name] = list(bootstrap.statistic_interval(len(features), resampled,
+                                                                          s.set_level_resamples, s.seed))
 
     @torch.no_grad()
-    def _retrieval(self, group: Sequence[Pair], mode: str) -> dict[str, float]:
-        """Band retrieval accuracy of a mode's results among their sources, and chance (1 / number of sources)."""
+    def _retrieval(self, group: Sequence[Pair], mode: str) -> torch.Tensor:
+        """Whether each of a mode's results is retrieved among their sources (`band_retrieval`, latent space)."""
         model = self.settings.model
         size = Image.open(group[0].result).size[0]
         sources = encode_images(model, torch.stack([read_image(p.source, size) for p in group]))
         results = encode_images(model, torch.stack([read_image(p.result, size) for p in group]))
-        hits = band_retrieval(sources, results, mode, **model.frequency_thresholds)
-        return {"band_retrieval_latent": hits.float().mean().item(), "band_retrieval_chance": 1.0 / len(group)}
-
-
-def per_mode_means(records: Sequence[dict[str, Any]], set_level: dict[str, dict[str, float]]) -> dict[str, dict]:
-    """mode -> metric -> mean over that mode's images (plus the set-level figures of the mode)."""
-    grouped: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for record in records:
-        for key, value in record.items():
-            if key not in ("name", "mode"):
-                grouped[record["mode"]][key].append(value)
-    means = {mode: {k: float(np.mean(v)) for k, v in metrics.items()} for mode, metrics in grouped.items()}
-    for mode, figures in set_level.items():
-        means.setdefault(mode, {}).update(figures)
-    return means
-
-
-def markdown_table(per_mode: dict[str, dict[str, float]]) -> str:
-    """The means per mode as a Markdown table, a column per metric."""
-    columns = list(dict.fromkeys(k for figures in per_mode.values() for k in figures))
-    lines = ["| mode | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
-    for mode, figures in per_mode.items():
-        lines.append(f"| {mode} | " + " | ".join(f"{figures[c]:.4g}" if c in figures else "" for c in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(per_mode: dict[str, dict[str, float]], path: str | os.PathLike) -> None:
-    """One bar chart per metric, modes side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = list(dict.fromkeys(k for figures in per_mode.values() for k in figures))
-    fig, axes = plt.subplots(1, len(columns), figsize=(2.6 * len(columns), 2.8), squeeze=False)
-    for ax, column in zip(axes[0], columns):
-        modes = [m for m in per_mode if column in per_mode[m]]
-        ax.bar(range(len(modes)), [per_mode[m][column] for m in modes], color="tab:blue")
-        ax.set_xticks(range(len(modes)), [m.replace("_pass", "") for m in modes])
-        ax.set_title(column, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-def write_outputs(out: str | os.PathLike, records: list[dict], per_mode: dict, settings: dict[str, Any]) -> None:
-    """`metrics.json` (per_image, per_mode, settings), `metrics.md` and `metrics.png` beside it."""
-    out = Path(out)
-    atomic_write_text(out, json.dumps({"per_image": records, "per_mode": per_mode, "settings": settings},
-                                      indent=2) + "\n")
-    atomic_write_text(out.with_suffix(".md"), markdown_table(per_mode))
-    if per_mode:
-        plot(per_mode, out.with_suffix(".png"))
+        return band_retrieval(sources, results, mode, **model.frequency_thresholds).cpu()
 
 
 def evaluate_folder(evaluator: Evaluator, results: str | os.PathLike, input_dir: str | os.PathLike,
@@ -243,12 +221,35 @@ def evaluate_folder(evaluator: Evaluator, results: str | os.PathLike, input_dir:
     if not pairs:
         raise ValueError(f"no result in {results} matches a source in {input_dir}")
     records = evaluator.per_image(pairs, batch_size)
-    per_mode = per_mode_means(records, evaluator.set_level(pairs))
-    model = evaluator.settings.model
+    s = evaluator.settings
+    whole = evaluator.set_level(pairs)
+    for record in records:
+        if record["name"] in whole.hits.get(record["mode"], {}):
+            record["band_retrieval_latent"] = whole.hits[record["mode"]][record["name"]]
+    per_mode, intervals = summarize(records, lambda r: [r["mode"]], s.resamples, s.seed)
+    for mode, figures in whole.figures.items():
+        per_mode.setdefault(mode, {}).update(figures)
+        intervals.setdefault(mode, {}).update(whole.intervals.get(mode, {}))
+    out = Path(out or Path(results) / "metrics.json")
+    model = s.model
+    labels = {"clip_score": f"clip_score ({s.clip_arch})"} if "clip_score" in evaluator.metrics else {}
     settings = {"results": os.fspath(results), "input_dir": os.fspath(input_dir),
                 "reference": None if reference is None else os.fspath(reference), "metrics": evaluator.metrics,
-                "weight_files": evaluator.settings.files, "skipped": problems,
-                "model_modes": None if model is None else list(model.modes)}
-    write_outputs(out or Path(results) / "metrics.json", records, per_mode, settings)
+                "weight_files": s.files, "skipped": problems, "group_by": "mode",
+                "model_modes": None if model is None else list(model.modes),
+                "bootstrap": bootstrap.settings(s.resamples, s.set_level_resamples, s.seed)}
+    caption = interval_caption(settings["bootstrap"], set_level="fid" in evaluator.metrics)
+    if "clip_score" in evaluator.metrics:
+        settings["clip"] = {"arch": s.clip_arch, "weights": s.clip_weights}
+        caption += f" CLIP: {s.clip_arch} ({s.clip_weights})."
+    if "fid" in evaluator.metrics:
+        features = out.with_name(out.stem + "_features.npz")
+        np.savez(features, reference=whole.reference,
+                 **{f"{mode}/{key}": value for mode, (names, feats) in whole.features.items()
+                    for key, value in (("names", np.array(names)), ("features", feats))})
+        settings["fid"] = {"implementation": "clean-fid, mode clean", "reference": os.fspath(s.fid_reference),
+                           "reference_images": len(whole.reference), "features": features.name}
+        caption += f" FID/KID: clean-fid (clean) against {s.fid_reference} ({len(whole.reference)} photos)."
+    write_outputs(out, {"per_image": records, "per_mode": per_mode, "intervals": intervals, "settings": settings},
+                  per_mode, intervals, labels, "mode", caption)
     return per_mode, problems
-

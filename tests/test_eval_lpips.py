@@ -1,5 +1,5 @@
-"""LPIPS and FID/KID read their backbones from local files (random weights here, saved in the real layouts) and
-agree with hand computations of their formulas on those weights."""
+"""LPIPS reads its backbone from a local file (random weights here, saved in torchvision's layout) and agrees with
+a hand computation of its formula and with torchmetrics' own LPIPS on those weights."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,6 @@ import skimage.data
 import torch
 import torchvision
 
-from fcdiffusion.evaluation.fid import INCEPTION_URL, InceptionFeatures, fid_kid
 from fcdiffusion.evaluation.lpips_distance import LPIPSDistance
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -80,51 +79,27 @@ def test_lpips_vgg_loads_torchvision_layout_strictly(tmp_path):
         LPIPSDistance("vgg", tmp_path / "vgg16-397923af.pth")
 
 
+def test_lpips_squeeze_matches_torchmetrics_on_the_same_backbone(tmp_path, monkeypatch):
+    """PIE-Bench's LPIPS: torchmetrics' `LearnedPerceptualImagePatchSimilarity(net_type="squeeze")` (its own copy
+    of the networks and linear weights), given the same random SqueezeNet 1.1 instead of a download."""
+    import torchmetrics.functional.image.lpips as tm_lpips
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    torch.manual_seed(0)
+    squeezenet = torchvision.models.squeezenet1_1(weights=None)
+    torch.save(squeezenet.state_dict(), tmp_path / "squeezenet1_1-b8a52dc0.pth")
+    monkeypatch.setattr(tm_lpips, "_get_tv_model_features", lambda net, pretrained=False: squeezenet.features)
+    oracle = LearnedPerceptualImagePatchSimilarity(net_type="squeeze")
+    a, b = signed(crops(64)), signed(crops(64, offset=100))
+    ours = LPIPSDistance("squeeze", tmp_path / "squeezenet1_1-b8a52dc0.pth")(a, b)
+    assert (ours > 0).all()
+    expected = torch.stack([oracle(a[i:i + 1], b[i:i + 1]) for i in range(len(a))])
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_missing_weight_files_say_where_to_get_them(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         LPIPSDistance("alex", tmp_path / "alexnet-owt-7be5be79.pth")
     message = str(error.value)
     assert "alexnet-owt-7be5be79.pth" in message and "download.pytorch.org/models" in message
     assert os.path.join("models", "alexnet-owt-7be5be79.pth") in message
-    with pytest.raises(FileNotFoundError) as error:
-        fid_kid(crops(16), crops(16), inception_weights=tmp_path / "inception.pth")
-    message = str(error.value)
-    assert "inception.pth" in message and INCEPTION_URL in message
-    assert os.path.join("models", "pt_inception-2015-12-05-6726825d.pth") in message
-
-
-def poly_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (x @ y.T / x.shape[1] + 1) ** 3
-
-
-def test_fid_kid_match_their_formulas(inception_file):
-    """On the 64-d features (the 2048-d FID's 2048x2048 eigendecomposition takes a minute on 2 CPU cores)."""
-    outputs, references = crops(48), 255 - crops(48, offset=150)  # photos against their negatives
-    with torch.no_grad():
-        features = InceptionFeatures(inception_file, dims=64)
-        f_out, f_ref = features(outputs).double(), features(references).double()
-    same = fid_kid(list(outputs), outputs, inception_file, kid_subsets=3, dims=64, batch_size=5)
-    other = fid_kid(outputs, references, inception_file, kid_subsets=3, dims=64)
-
-    # Frechet distance of the Gaussians: tr sqrt(S1 S2) is the nuclear norm of X1 X2^T / (n - 1), X centred features.
-    x1, x2 = f_out - f_out.mean(0), f_ref - f_ref.mean(0)
-    n = len(x1)
-    fid = ((f_out.mean(0) - f_ref.mean(0)).square().sum() + (x1.square().sum() + x2.square().sum()) / (n - 1)
-           - 2 * torch.linalg.matrix_norm(x1 @ x2.T, ord="nuc") / (n - 1))
-    assert other["fid"] > 0
-    assert other["fid"] == pytest.approx(float(fid), rel=1e-4)
-    assert abs(same["fid"]) < 1e-3 * other["fid"]
-
-    # KID's subsets hold all 8 images here, so every subset gives the same unbiased MMD^2 estimate.
-    k_oo, k_rr, k_or = poly_kernel(f_out, f_out), poly_kernel(f_ref, f_ref), poly_kernel(f_out, f_ref)
-
-    def off(k: torch.Tensor) -> torch.Tensor:
-        return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
-
-    kid = off(k_oo) + off(k_rr) - 2 * k_or.mean()
-    assert other["kid_mean"] == pytest.approx(float(kid), rel=1e-4)
-    assert other["kid_mean"] > 0 and other["kid_std"] < 1e-6 * other["kid_mean"]
-    # A set against itself: the estimator's value for two identical samples, 2 (mean off-diagonal - mean diagonal)
-    # kernel / n, near zero next to the distance to another set.
-    assert same["kid_mean"] == pytest.approx(float(2 * off(k_oo) - 2 * k_oo.mean()), rel=1e-4, abs=1e-6)
-    assert abs(same["kid_mean"]) < 0.5 * other["kid_mean"]
