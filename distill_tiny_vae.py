@@ -10,7 +10,8 @@ the tiny decoder learns to reproduce the big decoder's images and the photos fro
 plus LPIPS when its backbone weights are there: `vae.lpips_weights`, default models/vgg16-397923af.pth; without
 them the LPIPS term is off, and the log says so). It has as many stages as the VAE downsamples by 2. The config's
 `vae:` names the big VAE (`config`: an AutoencoderKL config or an SD config, `weights`: its file or an SD checkpoint,
-`scale_factor`), `student:` the tiny one's width and `loss:` the weights; `train:` and the flags are those of
+`scale_factor`), `student:` the tiny one's width and start (`init`: `linear`, the linear resampler closest to the big
+VAE, fitted on `init_images` photos, or `random`) and `loss:` the weights; `train:` and the flags are those of
 fcdiffusion_train.py. Checkpoints go to `<logdir>/<config name>_checkpoint/` (the tiny autoencoder and its
 optimizer, never the big VAE) and the same command resumes. When training is done, `--export DIR` writes a diffusers
 `AutoencoderTiny` folder (config.json + diffusion_pytorch_model.safetensors) that `--tiny_vae DIR` of
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
 from fcdiffusion.core.paths import LAST_CHECKPOINT
 from fcdiffusion.evaluation.lpips_distance import LPIPSDistance, backbone_help, default_backbone_weights
@@ -126,8 +128,16 @@ def run(config: DictConfig, dataset: RunData) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     resume = resume_checkpoint(folder)
+    init = config.get("student", {}).get("init", "linear")
     if resume:
         log.info("resuming from %s", resume[0])
+    elif init == "linear":
+        count = int(config.student.get("init_images", 16))
+        module.start_linear(next(iter(DataLoader(dataset.train_set, batch_size=count))))
+        log.info("the tiny autoencoder starts as the linear resampler closest to the VAE (fitted on %d photos)", count)
+    elif init != "random":
+        print(f"error: unknown student.init {init!r}; valid: linear, random", file=sys.stderr)
+        return 2
     trainer = build_trainer(train, folder, config.name)
     status = fit(module, dataset, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))
     if status == 0 and config.export and trainer.is_global_zero:
