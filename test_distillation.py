@@ -28,10 +28,14 @@ the SD 2.1-base checkpoint given with `--base`.
 `--precision fp16|bf16` runs the networks and the text encoder in that dtype (half the memory and, on GPUs,
 about half the time); the sampler's arithmetic stays float32, and with fp16 the VAE stays float32 (SD's VAE
 overflows fp16). `--compile` compiles the UNet and the control net with torch.compile (the first batch pays it).
+`--tiny_vae PATH` encodes the sources and decodes the results (or only one: `--tiny_vae_use encode|decode`) with a
+tiny autoencoder instead of the model's VAE: TAESD for SD 2.1-base, or one distill_tiny_vae.py made; which one and
+what it did go into `<out_dir>/settings.json`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -50,6 +54,7 @@ from fcdiffusion.core.model import FrequencyControlledLDM
 from fcdiffusion.core.paths import SD_CHECKPOINT
 from fcdiffusion.core.precision import PRECISIONS, prepare_for_inference
 from fcdiffusion.core.student import FCDiffusionStudent
+from fcdiffusion.core.tiny_vae import TINY_VAE_HELP, TINY_VAE_USE_HELP, TINY_VAE_USES, load_tiny_vae
 from fcdiffusion.core.weights import (
     ModeMismatchError,
     distilled_student_config,
@@ -63,7 +68,7 @@ from fcdiffusion.train.image_folder import prompted_images
 from ldm.checkpoint import CheckpointMismatchError
 from ldm.models.diffusion.ddim import TIMESTEP_SPACINGS
 from ldm.models.diffusion.ddpm import SAMPLERS
-from ldm.util import load_config
+from ldm.util import atomic_write_text, load_config
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -99,6 +104,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="dtype of the networks and the text encoder (the VAE: fp32 with fp16, see above)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the control net")
+    parser.add_argument("--tiny_vae", metavar="PATH", help=TINY_VAE_HELP + "; recorded in <out_dir>/settings.json")
+    parser.add_argument("--tiny_vae_use", choices=TINY_VAE_USES, default="both", help=TINY_VAE_USE_HELP)
     parser.add_argument("--base", default=SD_CHECKPOINT,
                         help="SD 2.1-base checkpoint that a delta weights file applies over (full files ignore it)")
     return parser.parse_known_args(argv)
@@ -196,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
         model = prepare_for_inference(model, device, args.precision, args.compile)
+        tiny_vae = load_tiny_vae(args.tiny_vae, args.tiny_vae_use, device, args.precision) if args.tiny_vae else None
+        translator = Translator(model, tiny_vae)
         evaluator = Evaluator(args.evaluate, Settings(model=model, device=device)) if args.evaluate else None
         if evaluator is not None:
             evaluator.prepare()  # a missing weights file fails now, not after the translations
@@ -205,7 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointMismatchError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    translator = Translator(model)
     pairs, problems = prompted_images(args.input_dir, args.prompt)
     names, notes = output_names([path for path, _ in pairs])
     for message in problems + notes:
@@ -214,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     done, skipped = 0, len(problems) + len(pairs) - len(named)
     pairs = named
     os.makedirs(args.out_dir, exist_ok=True)
+    atomic_write_text(os.path.join(args.out_dir, "settings.json"), json.dumps({
+        "model": args.student or args.teacher, "steps": args.steps, "seed": args.seed, "precision": args.precision,
+        "vae": tiny_vae.settings() if tiny_vae else "full"}, indent=2) + "\n")
     with tqdm(total=len(pairs), desc="translating", unit="img") as progress:
         for start in range(0, len(pairs), args.batch_size):
             batch = []

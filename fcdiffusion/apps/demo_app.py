@@ -28,6 +28,8 @@ from fcdiffusion.core.images import to_uint8
 from fcdiffusion.core.inference import Translator
 from fcdiffusion.core.model import FrequencyControlledLDM
 from fcdiffusion.core.paths import DOWNLOAD_HELP, student_file, teacher_checkpoint
+from fcdiffusion.core.preview import PreviewSink, SamplingPreview
+from fcdiffusion.core.tiny_vae import TinyVAE
 from fcdiffusion.core.weights import load_student, load_teacher
 from fcdiffusion.train.dataset import LATENT_GRID, prepare_image
 from fcdiffusion.train.demo_data import CAPTIONS, load_photo
@@ -122,19 +124,20 @@ def weight_files(student: str | os.PathLike | None, teacher_dir: str | os.PathLi
     return student, {m: chosen[m] for m in CONTROL_MODES if m in chosen}
 
 
-def serve_student(path: Path, device: torch.device) -> ServedModel:
+def serve_student(path: Path, device: torch.device, tiny_vae: TinyVAE | None = None) -> ServedModel:
     """The distilled student at `path`, on `device`, serving every mode it learned (at any guidance scale in its
-    range if it is guidance-conditioned)."""
+    range if it is guidance-conditioned); with `tiny_vae` in place of its VAE's encoder, decoder or both."""
     model = load_student(path).eval().to(device)
-    translator = Translator(model)
+    translator = Translator(model, tiny_vae)
     conditioned = model.guidance_conditioned
     return ServedModel(STUDENT, {m: translator for m in model.modes}, model.student_steps,
                        model.guidance_scale if conditioned else None, model_resolution(model),
                        {m: path for m in model.modes}, tuple(model.guidance_range) if conditioned else None)
 
 
-def serve_teachers(paths: Mapping[str, Path], device: torch.device) -> ServedModel:
-    """The teachers `paths` (mode -> file), on `device`, each checked to be the teacher of its mode."""
+def serve_teachers(paths: Mapping[str, Path], device: torch.device, tiny_vae: TinyVAE | None = None) -> ServedModel:
+    """The teachers `paths` (mode -> file), on `device`, each checked to be the teacher of its mode (and `tiny_vae`
+    in place of their VAE's encoder, decoder or both)."""
     models = {mode: load_teacher(path, mode).eval().to(device) for mode, path in paths.items()}
     first = next(iter(models.values()))
     for mode, model in models.items():
@@ -142,7 +145,7 @@ def serve_teachers(paths: Mapping[str, Path], device: torch.device) -> ServedMod
             raise ValueError(f"the {mode} teacher {paths[mode]} works at {model_resolution(model)} px, the "
                              f"{first.control_mode} teacher at {model_resolution(first)} px: serve teachers of "
                              "one size")
-    return ServedModel(TEACHERS, {m: Translator(model) for m, model in models.items()}, first.ddim_steps,
+    return ServedModel(TEACHERS, {m: Translator(model, tiny_vae) for m, model in models.items()}, first.ddim_steps,
                        first.guidance_scale, model_resolution(first), dict(paths))
 
 
@@ -214,16 +217,24 @@ def as_int(value: Any, name: str, low: int, high: int) -> int:
 
 
 class Demo:
-    """The served models and the request checks; `translate` answers one request."""
+    """The served models and the request checks; `translate` answers one request. With a tiny VAE, it stands in for
+    the models' VAE (`tiny_vae.use`) and `preview` decodes a teacher's intermediate results with it."""
 
     def __init__(self, served: Sequence[ServedModel], device: torch.device, resolution: int | None = None,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, tiny_vae: TinyVAE | None = None):
         if not served:
             raise ValueError("the demo needs a student or at least one teacher")
         if resolution is not None and (resolution < LATENT_GRID or resolution % LATENT_GRID):
             raise ValueError(f"resolution must be a positive multiple of {LATENT_GRID}, got {resolution}")
         self.served = {s.name: s for s in served}
-        self.device, self.resolution, self.max_pixels = device, resolution, max_pixels
+        self.device, self.resolution, self.max_pixels, self.tiny_vae = device, resolution, max_pixels, tiny_vae
+
+    def preview(self, sink: PreviewSink, every: int = 5) -> SamplingPreview:
+        """The sampler callback that shows a teacher's predicted result every `every` steps (`SamplingPreview`),
+        decoded by the tiny VAE; a `DemoInputError` without one."""
+        if self.tiny_vae is None:
+            raise DemoInputError("previews need a tiny VAE: start the demo with --tiny_vae")
+        return SamplingPreview(self.tiny_vae, sink, every)
 
     def resolution_of(self, served: ServedModel) -> int:
         return self.resolution or served.resolution
@@ -299,22 +310,23 @@ class Demo:
         seconds["total"] = time.perf_counter() - start
         guidance = "" if guidance_scale is None else f", guidance {guidance_scale:g}"
         timings = " · ".join(f"{name} {seconds[name]:.2f} s" for name in ["encode", *modes])
-        summary = (f"**{served.name}**, {steps} steps{guidance}, seed {seed}, {resolution} px on "
+        vae = "" if self.tiny_vae is None else f", tiny VAE ({self.tiny_vae.use})"
+        summary = (f"**{served.name}**, {steps} steps{guidance}{vae}, seed {seed}, {resolution} px on "
                    f"{self.device.type}: {timings} · **total {seconds['total']:.2f} s**")
         return DemoResult(panels, seconds, summary, [note] if note else [])
 
 
 def load_demo(student: Path | None, teachers: Mapping[str, Path], device: torch.device,
-              resolution: int | None = None, max_pixels: int = MAX_PIXELS) -> Demo:
+              resolution: int | None = None, max_pixels: int = MAX_PIXELS, tiny_vae: TinyVAE | None = None) -> Demo:
     """Load the weight files once (see `weight_files`) and wrap them in a `Demo`; the student comes first."""
     served = []
     if student is not None:
         print(f"loading the student {student}", flush=True)
-        served.append(serve_student(student, device))
+        served.append(serve_student(student, device, tiny_vae))
     if teachers:
         print(f"loading the teachers {', '.join(map(str, teachers.values()))}", flush=True)
-        served.append(serve_teachers(teachers, device))
-    return Demo(served, device, resolution, max_pixels)
+        served.append(serve_teachers(teachers, device, tiny_vae))
+    return Demo(served, device, resolution, max_pixels, tiny_vae)
 
 
 # ---- the page --------------------------------------------------------------------------------------------------
