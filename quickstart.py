@@ -4,7 +4,8 @@ Runs, in order, the same scripts a GPU user runs with the real weights, on tiny 
 scikit-image's photos (a few are held out: every picture and figure of the report comes from those):
   1. a tiny random OpenCLIP text tower      2. the photos with captions: training and held-out
   3. training_data_prepare.py
-  4. train_sd.py: the tiny autoencoder (SD's AutoencoderKL), started as a resampler and trained on the photos
+  4. train_sd.py: the tiny autoencoder (SD's AutoencoderKL), started as a resampler and trained on the photos;
+     distill_tiny_vae.py: a tinier one of TAESD's architecture distilled from it (its row of the report)
   5. train_sd.py: the tiny UNet, text-to-image on its latents; with the autoencoder and text tower, this is the
      tiny SD checkpoint the FCDiffusion steps start from
   6. tool_add_control_sd21.py              7-10. fcdiffusion_train.py, one teacher per control mode (each also
@@ -40,6 +41,7 @@ TINY_TEACHER_CONFIG = "configs/model_config_tiny.yaml"
 TINY_DISTILL_CONFIG = "configs/distill_config_tiny.yaml"
 TINY_SD_CONFIG = "configs/sd21_tiny.yaml"
 TINY_AUTOENCODER_CONFIG = "configs/autoencoder_tiny.yaml"
+TINY_VAE_CONFIG = "configs/tiny_vae_distill_tiny.yaml"
 STUDENT_STEP_COUNTS = (1, 2, 4)
 PHOTO_SIDE = 512  # photos are stored at most this large: training and inference run at 128 px
 
@@ -70,6 +72,11 @@ class Layout:
     @property
     def autoencoder(self) -> Path:
         return self.root / "models" / "autoencoder_tiny.safetensors"
+
+    @property
+    def tiny_vae(self) -> Path:
+        """The tiny autoencoder distilled from the tiny one (a diffusers AutoencoderTiny folder)."""
+        return self.root / "models" / "tiny_vae_tiny"
 
     @property
     def photos(self) -> Path:
@@ -153,6 +160,10 @@ def build_steps(layout: Layout, args: argparse.Namespace) -> list[tuple[str, Cal
             "train_sd.py", "--config", TINY_AUTOENCODER_CONFIG, "--data", layout.data, "--logdir", layout.logdir,
             "--max_steps", args.autoencoder_steps, "--checkpoint_every", args.autoencoder_steps,
             "--log_images_every", args.autoencoder_steps, "--export", layout.autoencoder])),
+        ("distill a tiny autoencoder of TAESD's architecture from it (distill_tiny_vae.py)", lambda: run_script([
+            "distill_tiny_vae.py", "--config", TINY_VAE_CONFIG, "--vae", layout.autoencoder, "--data", layout.data,
+            "--logdir", layout.logdir, "--max_steps", args.tiny_vae_steps, "--checkpoint_every", args.tiny_vae_steps,
+            "--log_images_every", args.tiny_vae_steps, "--export", layout.tiny_vae])),
         ("train the tiny UNet on its latents (train_sd.py)", lambda: run_script([
             "train_sd.py", "--config", TINY_SD_CONFIG, "--autoencoder", layout.autoencoder, "--data", layout.data,
             "--logdir", layout.logdir, "--max_steps", args.unet_steps, "--checkpoint_every", args.unet_steps,
@@ -227,30 +238,64 @@ def benchmark(layout: Layout, args: argparse.Namespace) -> None:
     run_script(["benchmarks/distillation_benchmark.py", "--teachers_dir", layout.logdir, "--student", layout.student,
                 "--sd_resolution", args.sd_resolution, "--sd" if args.benchmark_sd else "--no-sd",
                 "--teacher_steps", args.teacher_sample_steps, "--images", args.benchmark_images, "--sd_images", 1,
-                "--heldout", layout.heldout, "--out", layout.out / "benchmark.json"])
+                "--heldout", layout.heldout, "--tiny_vae", layout.tiny_vae, "--sd_teacher_timing_steps",
+                *args.sd_teacher_timing_steps, "--out", layout.out / "benchmark.json"])
 
 
-def autoencoder_figure(layout: Layout, names: Sequence[str]) -> list[float]:
-    """autoencoder.png (held-out photos over their reconstructions at 128 px); returns each photo's PSNR."""
+def autoencoder_figure(layout: Layout, names: Sequence[str]) -> str:
+    """autoencoder.png (held-out photos over the full and the tiny decoder's reconstructions at 128 px), each
+    reconstruction under autoencoder/full/ and autoencoder/tiny/, and the Markdown table of their PSNR and speed."""
     import torch
     from omegaconf import OmegaConf
 
-    from fcdiffusion.core.images import labelled_grid, save_png
+    from fcdiffusion.apps.benchmark import timed
+    from fcdiffusion.core.images import labelled_grid, save_image, save_png
     from fcdiffusion.train.dataset import load_image
-    from fcdiffusion.train.pretraining import reconstruction_psnr
+    from ldm.models.tiny_autoencoder import load_tiny_autoencoder
+    from ldm.modules.losses import psnr
     from ldm.util import instantiate_from_config, load_config
 
     config = OmegaConf.to_container(load_config(TINY_AUTOENCODER_CONFIG).model, resolve=True)
     config["params"]["ckpt_path"] = str(layout.autoencoder)
-    vae = instantiate_from_config(config).eval()
-    images = [load_image(layout.heldout / f"{name}.png", 128) for name in names]
-    scores = reconstruction_psnr(vae, images)
-    sources = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    vae, tiny = instantiate_from_config(config).eval(), load_tiny_autoencoder(layout.tiny_vae)
+    scale = json.loads(load_metadata(layout.tiny_vae)["fcdiffusion.tiny_vae"])["scale_factor"]
+    sources = torch.from_numpy(np.stack([load_image(layout.heldout / f"{name}.png", 128) for name in names]))
+    sources = sources.permute(0, 3, 1, 2)
+    cpu = torch.device("cpu")
     with torch.no_grad():
-        reconstructions = vae.decode(vae.encode(sources).mode()).clamp(-1, 1)
-    save_png(labelled_grid({"held-out photo": sources, "reconstruction": reconstructions}, row_labels=names),
-             layout.out / "autoencoder.png")
-    return scores
+        mean = vae.encode(sources).mode()
+        full, tiny_decoded = vae.decode(mean).clamp(-1, 1), tiny.decode(scale * mean).clamp(-1, 1)
+        both = tiny.decode(tiny.encode(sources)).clamp(-1, 1)
+        seconds = {"full": (min(timed(lambda: vae.encode(sources), cpu, 3)),
+                            min(timed(lambda: vae.decode(mean), cpu, 3))),
+                   "tiny": (min(timed(lambda: tiny.encode(sources), cpu, 3)),
+                            min(timed(lambda: tiny.decode(scale * mean), cpu, 3)))}
+    for which, images in (("full", full), ("tiny", tiny_decoded)):
+        for name, image in zip(names, images):
+            save_image(image, layout.out / "autoencoder" / which / f"{name}.png")
+    save_png(labelled_grid({"held-out photo": sources, "full decoder": full, "tiny decoder": tiny_decoded},
+                           row_labels=names), layout.out / "autoencoder.png")
+    n = len(names)
+    table = ["| reconstruction | " + " | ".join(names) + " | mean | PSNR vs full VAE | encode ms/image | decode "
+             "ms/image |", "| --- |" + " --- |" * (n + 4)]
+    rows = {"full VAE": (full, "—", seconds["full"][0], seconds["full"][1]),
+            "tiny decoder (of the full encoder's latents)": (tiny_decoded, psnr(tiny_decoded, full).mean(), None,
+                                                             seconds["tiny"][1]),
+            "tiny encoder + tiny decoder": (both, psnr(both, full).mean(), *seconds["tiny"])}
+    for label, (images, versus, encode, decode) in rows.items():
+        scores = psnr(images, sources).tolist()
+        versus = versus if isinstance(versus, str) else f"{float(versus):.2f}"
+        encode = "—" if encode is None else f"{1000 * encode / n:.1f}"
+        table.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in scores) + f" | **{np.mean(scores):.2f}** | "
+                     f"{versus} | {encode} | {1000 * decode / n:.1f} |")
+    return "\n".join(table) + "\n"
+
+
+def load_metadata(folder: Path) -> dict[str, str]:
+    """The metadata of a diffusers folder's safetensors weights."""
+    from ldm.checkpoint import load_checkpoint
+
+    return load_checkpoint(folder / "diffusion_pytorch_model.safetensors")[1]
 
 
 def retrieval_table(layout: Layout) -> str:
@@ -301,8 +346,8 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
                 columns.setdefault(label, []).append(read(path))
     rows = [f"{name} {mode.replace('_pass', '')}" for name in names for mode in CONTROL_MODES]
     save_png(labelled_grid({k: torch.stack(v) for k, v in columns.items()}, row_labels=rows), layout.out / "grid.png")
-    psnrs = autoencoder_figure(layout, names)
-    runs = {"autoencoder": "autoencoder_tiny", "UNet": "sd21_tiny",
+    psnr_table = autoencoder_figure(layout, names)
+    runs = {"autoencoder": "autoencoder_tiny", "tiny autoencoder": "tiny_vae_distill_tiny", "UNet": "sd21_tiny",
             **{f"{mode} teacher": f"fcdiffusion_{mode}" for mode in CONTROL_MODES}, "distiller": "fcdiffusion_distill"}
     plot_losses({label: read_losses(layout.logdir / run) for label, run in runs.items()}, layout.out / "losses.png")
     results = json.loads((layout.out / "benchmark.json").read_text())
@@ -310,11 +355,10 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
     atomic_write_text(layout.out / "tables.md", tables)
     evaluation = {who: (layout.out / "evaluation" / f"{who}.md").read_text()
                   for who in ("teacher", *(f"student_k{k}" for k in STUDENT_STEP_COUNTS))}
-    psnr_table = "| photo | " + " | ".join(names) + " | mean |\n| --- |" + " --- |" * (len(names) + 1) + "\n"
-    psnr_table += "| PSNR (dB) | " + " | ".join(f"{v:.2f}" for v in psnrs) + f" | **{np.mean(psnrs):.2f}** |\n"
     atomic_write_text(layout.out / "report.md", REPORT.format(
         train_photos=len(training_photos(args)), heldout=", ".join(names), autoencoder_steps=args.autoencoder_steps,
         unet_steps=args.unet_steps, teacher_steps=args.teacher_steps, distill_steps=args.distill_steps,
+        tiny_vae_steps=args.tiny_vae_steps,
         denoise_weight=args.denoise_weight,
         sample_steps=args.teacher_sample_steps, student_steps=args.student_steps, tables=tables,
         psnr_table=psnr_table, retrieval=retrieval_table(layout), teacher_metrics=evaluation["teacher"],
@@ -345,14 +389,22 @@ training grids: `lightning_logs/*/image_log/`.
 
 ## The autoencoder
 
-Reconstructions of the held-out photos at 128 px ([autoencoder.png](autoencoder.png)):
+Reconstructions of the held-out photos at 128 px by the full decoder and by the tiny decoder distilled from it
+([autoencoder.png](autoencoder.png); each under [autoencoder/full/](autoencoder/full/) and
+[autoencoder/tiny/](autoencoder/tiny/)), PSNR in dB against the photo and against the full VAE's reconstruction, and
+milliseconds per image on this machine (a batch of the held-out photos, the fastest of 3):
 
 ![autoencoder](autoencoder.png)
 
 {psnr_table}
 The tiny autoencoder is SD's `AutoencoderKL` with fewer channels and 4x (not 8x) downsampling. Trained from
 random weights it needs hours to reconstruct recognisably; here it starts as 4x4 average pooling + bilinear
-upsampling built from its own layers (`fcdiffusion/train/resampler_init.py`) and training refines that.
+upsampling built from its own layers (`fcdiffusion/train/resampler_init.py`) and training refines that. The tiny
+decoder is TAESD's architecture (2 stages for this 4x VAE, 16 channels) distilled from it for {tiny_vae_steps} steps
+(`distill_tiny_vae.py`: it starts as the linear resampler closest to the VAE; its encoder regresses the VAE's
+scaled latents, its decoder the VAE's images and the photos; no LPIPS term, whose backbone weights are not here).
+The benchmark below times the student with it too; at the SD architecture with TAESD's own architecture (random
+weights), where it replaces a far larger VAE.
 
 ## Training losses
 
@@ -418,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heldout", nargs="+", default=list(HELDOUT), choices=list(CAPTIONS),
                         help="scikit-image photos never trained on; the report shows only them")
     parser.add_argument("--autoencoder_steps", type=int, default=200, help="training steps of the autoencoder")
+    parser.add_argument("--tiny_vae_steps", type=int, default=100,
+                        help="distillation steps of the tiny autoencoder (TAESD's architecture)")
+    parser.add_argument("--sd_teacher_timing_steps", type=int, nargs=2, default=[1, 4], metavar=("K1", "K2"),
+                        help="the SD-architecture teacher is timed at these step counts and its 50-step time "
+                             "extrapolated (benchmark.json says so)")
     parser.add_argument("--unet_steps", type=int, default=300, help="text-to-image training steps of the UNet")
     parser.add_argument("--teacher_steps", type=int, default=200, help="training steps per teacher")
     parser.add_argument("--teacher_lr", type=float, default=1e-3,
@@ -441,7 +498,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     """Check the disk, then run every step in order; a failing step stops the quickstart, naming it."""
     layout = Layout(Path(args.root), Path(args.out))
     if args.restart:
-        for path in (layout.out, layout.sd, layout.clip, layout.init, layout.autoencoder, layout.photos.parent):
+        for path in (layout.out, layout.sd, layout.clip, layout.init, layout.autoencoder, layout.tiny_vae,
+                     layout.photos.parent):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     steps = build_steps(layout, args)
     start = time.time()

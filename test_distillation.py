@@ -28,10 +28,14 @@ the SD 2.1-base checkpoint given with `--base`.
 `--precision fp16|bf16` runs the networks and the text encoder in that dtype (half the memory and, on GPUs,
 about half the time); the sampler's arithmetic stays float32, and with fp16 the VAE stays float32 (SD's VAE
 overflows fp16). `--compile` compiles the UNet and the control net with torch.compile (the first batch pays it).
+`--tiny_vae PATH` encodes the sources and decodes the results (or only one: `--tiny_vae_use encode|decode`) with a
+tiny autoencoder instead of the model's VAE: TAESD for SD 2.1-base, or one distill_tiny_vae.py made; which one and
+what it did go into `<out_dir>/settings.json`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections import defaultdict
@@ -51,13 +55,14 @@ from fcdiffusion.core.model import FrequencyControlledLDM
 from fcdiffusion.core.paths import SD_CHECKPOINT
 from fcdiffusion.core.precision import PRECISIONS, prepare_for_inference
 from fcdiffusion.core.student import FCDiffusionStudent
+from fcdiffusion.core.tiny_vae import TINY_VAE_HELP, TINY_VAE_USE_HELP, TINY_VAE_USES, load_tiny_vae
 from fcdiffusion.core.weights import distilled_student_config, load_student, load_teacher, teacher_model_config
-from fcdiffusion.evaluation.suite import METRICS, NEEDS_REFERENCE, Evaluator, Settings, evaluate_folder, markdown_table
+from fcdiffusion.evaluation.suite import METRICS, NEEDS_REFERENCE, Evaluator, Settings, evaluate_folder
 from fcdiffusion.train.dataset import LATENT_GRID, load_image
 from fcdiffusion.train.image_folder import prompted_images
 from ldm.models.diffusion.sampling import SAMPLERS
 from ldm.models.diffusion.scheduler import SPACINGS
-from ldm.util import load_config
+from ldm.util import atomic_write_text, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="dtype of the networks and the text encoder (the VAE: fp32 with fp16, see above)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and the control net")
+    parser.add_argument("--tiny_vae", metavar="PATH", help=TINY_VAE_HELP + "; recorded in <out_dir>/settings.json")
+    parser.add_argument("--tiny_vae_use", choices=TINY_VAE_USES, default="both", help=TINY_VAE_USE_HELP)
     parser.add_argument("--base", default=SD_CHECKPOINT,
                         help="SD 2.1-base checkpoint that a delta weights file applies over (full files ignore it)")
     return parser
@@ -172,10 +179,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if isinstance(model, FCDiffusionStudent):  # teachers take any sampler, spacing and scale
         model.check_sampling(args.guidance_scale, args.sampler, args.spacing)
     model = prepare_for_inference(model, device, args.precision, args.compile)
+    tiny_vae = load_tiny_vae(args.tiny_vae, args.tiny_vae_use, device, args.precision) if args.tiny_vae else None
     evaluator = Evaluator(args.evaluate, Settings(model=model, device=device)) if args.evaluate else None
     if evaluator is not None:
         evaluator.prepare()  # a missing weights file fails now, not after the translations
-    translator = Translator(model)
+    translator = Translator(model, tiny_vae)
     pairs, problems = prompted_images(args.input_dir, args.prompt)
     names, notes = output_names([path for path, _ in pairs])
     for message in problems + notes:
@@ -184,6 +192,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     done, skipped = 0, len(problems) + len(pairs) - len(named)
     pairs = named
     os.makedirs(args.out_dir, exist_ok=True)
+    atomic_write_text(os.path.join(args.out_dir, "settings.json"), json.dumps({
+        "model": args.student or args.teacher, "steps": args.steps, "seed": args.seed, "precision": args.precision,
+        "vae": tiny_vae.settings() if tiny_vae else "full"}, indent=2) + "\n")
     with tqdm(total=len(pairs), desc="translating", unit="img") as progress:
         for start in range(0, len(pairs), args.batch_size):
             batch = []
@@ -212,9 +223,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             progress.update(len(batch))
     print(f"translated {done} image(s) into {args.out_dir}" + (f"; skipped {skipped}" if skipped else ""))
     if evaluator is not None and done:
-        per_mode, _ = evaluate_folder(evaluator, args.out_dir, args.input_dir, args.prompt,
-                                      batch_size=args.batch_size)
-        print(markdown_table(per_mode) + f"wrote {os.path.join(args.out_dir, 'metrics.json')}")
+        metrics = os.path.join(args.out_dir, "metrics.json")
+        evaluate_folder(evaluator, args.out_dir, args.input_dir, args.prompt, out=metrics, batch_size=args.batch_size)
+        print(Path(metrics).with_suffix(".md").read_text() + f"wrote {metrics}")
     return 0 if done else 1
 
 

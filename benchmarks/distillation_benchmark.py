@@ -10,6 +10,9 @@ measured on `--heldout DIR` (images with same-named .txt prompts, not trained on
 against every teacher few-step baseline (DDIM uniform and trailing, DPM-Solver++(2M)); a guidance-conditioned
 student also at each of `--guidance_scales` (default: its range's ends and its default w).
 On CUDA the SD 2.1-base architecture is timed at 512 px by default (warm-up, synchronised repeats, peak memory).
+The student is also timed with a tiny autoencoder in place of the VAE (`student_<k>_tiny_vae_s`): at the SD
+architecture TAESD's (random weights), at the tiny config the one `--tiny_vae` names. `--sd_teacher_timing_steps K1 K2`
+extrapolates the SD teacher's time from K1 and K2 steps (`teacher_<n>_cfg_extrapolated` says from what).
 """
 from __future__ import annotations
 
@@ -63,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                         help="dtype of the timed models' weights (the VAE stays float32 with fp16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and control net when timing")
+    parser.add_argument("--tiny_vae", metavar="PATH",
+                        help="also time the tiny config's student encoding and decoding with this tiny autoencoder "
+                             "(the SD architecture's rows use TAESD's architecture with random weights)")
+    parser.add_argument("--sd_teacher_timing_steps", type=int, nargs=2, metavar=("K1", "K2"),
+                        help="time the SD-architecture teacher at K1 and K2 steps only and extrapolate its "
+                             "--teacher_steps time linearly (recorded as extrapolated; default: measured in full)")
     parser.add_argument("--out", help="also write the figures to this JSON file")
     return parser
 
@@ -82,12 +91,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     tiny_resolution = config_resolution(tiny)
     print(f"timing the tiny config at {tiny_resolution} px ...", flush=True)
     results["speed"]["tiny"] = speed(tiny, tiny_resolution, args.images, args.repeats, args.teacher_steps, device,
-                                     args.precision, args.compile)
+                                     args.precision, args.compile, args.tiny_vae)
     if args.sd:
         print(f"timing the SD 2.1-base architecture at {sd_resolution} px (random weights) ...", flush=True)
         results["speed"][f"sd21_base_{sd_resolution}px"] = speed(
             model_node(args.sd_config), sd_resolution, args.sd_images or max(1, args.images // 2), args.repeats,
-            args.teacher_steps, device, args.precision, args.compile)
+            args.teacher_steps, device, args.precision, args.compile, "random", args.sd_teacher_timing_steps)
 
     teachers = {m: teacher_checkpoint(args.teachers_dir, m) for m in CONTROL_MODES}
     missing = [os.fspath(p) for p in [*teachers.values(), args.student] if not os.path.isfile(p)]

@@ -95,7 +95,7 @@ def test_student_file_runs_with_no_config_its_own_steps_and_every_mode(distilled
     assert len(calls) == 3 * len(CONTROL_MODES)  # one batch, the student's own 3 steps per mode
     names = sorted(p.name for p in out.iterdir())
     per_mode = [f"{n}_{m}{kind}.png" for n in PHOTOS for m in CONTROL_MODES for kind in ("", "_control")]
-    assert names == sorted(per_mode + [f"{n}_grid.png" for n in PHOTOS])
+    assert names == sorted(per_mode + [f"{n}_grid.png" for n in PHOTOS] + ["settings.json"])
     grid = Image.open(out / "astronaut_grid.png")
     assert grid.width > 9 * 128 and grid.height > 128  # source + (control, result) x 4 modes
 

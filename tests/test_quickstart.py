@@ -30,16 +30,17 @@ def small_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("quickstart")
     out = root / "outputs"
     code = quickstart.main(["--root", str(root), "--out", str(out), "--photos", *PHOTOS, "--heldout", *HELDOUT,
-                            "--autoencoder_steps", "2", "--unet_steps", "2", "--teacher_steps", "2",
-                            "--distill_steps", "2", "--teacher_sample_steps", "4", "--no-benchmark_sd",
-                            "--benchmark_images", "1", "--min_free_gb", "0.1"])
+                            "--autoencoder_steps", "2", "--tiny_vae_steps", "2", "--unet_steps", "2",
+                            "--teacher_steps", "2", "--distill_steps", "2", "--teacher_sample_steps", "4",
+                            "--no-benchmark_sd", "--benchmark_images", "1", "--min_free_gb", "0.1"])
     return code, root, out
 
 
 def test_small_quickstart_writes_every_artefact(small_run):
     code, root, out = small_run
     assert code == 0
-    for path in ("models/v2-1_tiny.ckpt", "models/autoencoder_tiny.safetensors", "CLIP-ViT-H-14/open_clip_tiny.bin"):
+    for path in ("models/v2-1_tiny.ckpt", "models/autoencoder_tiny.safetensors", "CLIP-ViT-H-14/open_clip_tiny.bin",
+                 "models/tiny_vae_tiny/config.json", "models/tiny_vae_tiny/diffusion_pytorch_model.safetensors"):
         assert (root / path).is_file(), path
     data = root / "datasets" / "quickstart"
     assert sorted(p.stem for p in (data / "photos" / "00000").glob("*.png")) == sorted(PHOTOS)
@@ -56,6 +57,9 @@ def test_small_quickstart_writes_every_artefact(small_run):
     assert (out / "lightning_logs" / "fcdiffusion_distill_checkpoint" / "student.safetensors").is_file()
     for figure in ("grid.png", "autoencoder.png", "losses.png"):
         assert_png(out / figure)
+    for which in ("full", "tiny"):  # the held-out reconstructions of both decoders
+        for name in HELDOUT:
+            assert_png(out / "autoencoder" / which / f"{name}.png", (128, 128))
     with Image.open(out / "grid.png") as grid:  # source, control, teacher, 3 students; a row per photo and mode
         assert grid.width > 6 * 128 and grid.height > len(HELDOUT) * len(CONTROL_MODES) * 128
 
@@ -100,7 +104,11 @@ def test_small_quickstart_tables_and_report(small_run):
         assert set(student["per_mode"]) == set(CONTROL_MODES)
         assert all({"band_error_latent", "teacher_latent_mse", "band_retrieval_latent"} <= set(v)
                    for v in student["per_mode"].values())
-    assert re.search(r"\| PSNR \(dB\) \| [\d.]+ \| [\d.]+ \| \*\*[\d.]+\*\* \|", report)
+    for row in ("full VAE", r"tiny decoder \(of the full encoder's latents\)", "tiny encoder \\+ tiny decoder"):
+        assert re.search(rf"\| {row} \| [\d.]+ \| [\d.]+ \| \*\*[\d.]+\*\* \| ([\d.]+|—) \| ([\d.]+|—) \| [\d.]+ \|",
+                         report), row
+    assert all(speed[f"student_{k}_tiny_vae_s"] > 0 for k in (1, 2, 4))
+    assert speed["tiny_vae"]["tiny_vae"].endswith("tiny_vae_tiny")
     assert all(f"| {mode} |" in report for mode in CONTROL_MODES)  # the retrieval table
     # Retrieval with its interval for the teachers and every student, then N and chance.
     assert all(re.search(rf"\| {mode} \|( [\d.]+ \[[\d.]+, [\d.]+\] \|){{4}} 2 \| 0.50 \|", report)
@@ -122,7 +130,7 @@ def test_quickstart_names_the_step_that_failed(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 1
     assert "reusing" in captured.out
-    assert "failed at step 5/16 (train the tiny UNet on its latents" in captured.err
+    assert "failed at step 6/17 (train the tiny UNet on its latents" in captured.err
     with pytest.raises(SystemExit):  # an unknown photo name is refused by the parser
         quickstart.main(["--heldout", "lena"])
     assert quickstart.main(["--root", str(tmp_path), "--out", str(tmp_path / "o"), "--photos", "coffee",

@@ -40,6 +40,7 @@ from fcdiffusion.core.inference import Translation, Translator, encode_images
 from fcdiffusion.core.model import FCDiffusion
 from fcdiffusion.core.precision import prepare_for_inference
 from fcdiffusion.core.student import FCDiffusionStudent, student_config
+from fcdiffusion.core.tiny_vae import load_tiny_vae, random_tiny_vae
 from fcdiffusion.core.weights import (
     CONTROL_PREFIX,
     adopt_student,
@@ -169,18 +170,30 @@ def random_pair(config: Mapping[str, Any], resolution: int,
 
 
 def speed(config: Mapping[str, Any], resolution: int, n_images: int, repeats: int, teacher_steps: int,
-          device: torch.device, precision: str = "fp32", compile: bool = False) -> dict[str, Any]:
+          device: torch.device, precision: str = "fp32", compile: bool = False, tiny_vae: str | None = None,
+          teacher_timing_steps: Sequence[int] | None = None) -> dict[str, Any]:
     """Seconds per image of the guided teacher and of the student at 1, 2 and 4 steps (random weights), in
     `precision` (optionally compiled), with the student's floor (`floor`).
 
     `<config>_s` is the mean over the passes on a CPU and the median on CUDA, where every configuration is first
     warmed up and also gets `<config>_min_s`, `<config>_median_s` and `<config>_peak_bytes` (peak GPU memory).
+    `tiny_vae` (a tiny autoencoder's path, or "random": TAESD's width, random weights) adds the student encoding
+    and decoding with it, `student_<k>_tiny_vae_s`, and its parts to the floor. `teacher_timing_steps` (k1, k2)
+    times the teacher at those step counts only and extrapolates its `teacher_steps` time linearly
+    (`extrapolate_teacher`), recorded under `teacher_<steps>_cfg_extrapolated`.
     """
-    teacher, student = (Translator(prepare_for_inference(m, device, precision, compile))
-                        for m in random_pair(config, resolution, device))
+    teacher_model, student_model = (prepare_for_inference(m, device, precision, compile)
+                                    for m in random_pair(config, resolution, device))
+    teacher, student = Translator(teacher_model), Translator(student_model)
     images, prompts = demo_images(n_images, resolution)
-    runs = {f"teacher_{teacher_steps}_cfg": (teacher, teacher_steps), **{f"student_{k}": (student, k)
-                                                                          for k in STUDENT_STEPS}}
+    teacher_runs = list(teacher_timing_steps or [teacher_steps])
+    runs = {**{f"teacher_{k}_cfg": (teacher, k) for k in teacher_runs},
+            **{f"student_{k}": (student, k) for k in STUDENT_STEPS}}
+    tiny = None
+    if tiny_vae is not None:
+        tiny = (random_tiny_vae(student_model) if tiny_vae == "random"
+                else load_tiny_vae(tiny_vae, "both", device, precision))
+        runs.update({f"student_{k}_tiny_vae": (Translator(student_model, tiny), k) for k in STUDENT_STEPS})
     figures: dict[str, Any] = {}
     if device.type != "cuda":
         end_to_end(student, images[0], prompts[0], SPEED_MODE, steps=1)  # warm-up
@@ -194,11 +207,35 @@ def speed(config: Mapping[str, Any], resolution: int, n_images: int, repeats: in
             figures.update({f"{name}_s": statistics.median(times), f"{name}_min_s": min(times),
                             f"{name}_median_s": statistics.median(times),
                             f"{name}_peak_bytes": torch.cuda.max_memory_allocated(device)})
+    if teacher_timing_steps:
+        figures.update(extrapolate_teacher(figures, teacher_timing_steps, teacher_steps))
     figures["speedup_4"] = figures[f"teacher_{teacher_steps}_cfg_s"] / figures["student_4_s"]
     parts = floor(student, images[0], prompts[0], repeats)
+    if tiny is not None:
+        figures["tiny_vae"] = tiny.settings()
+        figures.update({f"tiny_vae_speedup_{k}": figures[f"student_{k}_s"] / figures[f"student_{k}_tiny_vae_s"]
+                        for k in STUDENT_STEPS})
+        image = images[:1].to(device)
+        z = student.encode_images(image)
+        parts.update({"tiny_vae_encode_s": min(timed(lambda: tiny.encode(image), device, repeats)),
+                      "tiny_vae_decode_s": min(timed(lambda: tiny.decode(z), device, repeats))})
     figures["floor"] = {**parts, **{f"end_to_end_over_floor_{k}": figures[f"student_{k}_s"] / parts[f"floor_{k}_s"]
                                     for k in STUDENT_STEPS}}
     return figures
+
+
+def extrapolate_teacher(figures: Mapping[str, Any], measured: Sequence[int], steps: int) -> dict[str, Any]:
+    """The teacher's `steps`-step time from its end-to-end times at two step counts k1 < k2: the cost per guided
+    step (t2 - t1) / (k2 - k1), plus the fixed cost t1 - k1 x that (text encoder, VAE encode and decode, Python)."""
+    k1, k2 = sorted(measured)
+    if k1 == k2:
+        raise ValueError(f"teacher timing needs two different step counts, got {list(measured)}")
+    t1, t2 = figures[f"teacher_{k1}_cfg_s"], figures[f"teacher_{k2}_cfg_s"]
+    per_step = (t2 - t1) / (k2 - k1)
+    fixed = t1 - k1 * per_step
+    return {f"teacher_{steps}_cfg_s": fixed + steps * per_step,
+            f"teacher_{steps}_cfg_extrapolated": {"from_steps": [k1, k2], "measured_s": [t1, t2],
+                                                  "per_step_s": per_step, "fixed_s": fixed}}
 
 
 @torch.no_grad()
@@ -341,6 +378,28 @@ def format_tables(results: dict[str, Any], teacher_steps: int = 50) -> str:
     for name, s in results["speed"].items():
         lines.append(f"| {name} | {s[key]:.3f} | {s['student_1_s']:.3f} | {s['student_2_s']:.3f} "
                      f"| {s['student_4_s']:.3f} | {s['speedup_4']:.1f}x |")
+    for name, s in results["speed"].items():
+        extrapolated = s.get(f"{key[:-2]}_extrapolated")
+        if extrapolated:
+            k1, k2 = extrapolated["from_steps"]
+            lines.append(f"\n{name}: the teacher's {teacher_steps}-step time is extrapolated from its measured "
+                         f"end-to-end times at {k1} and {k2} steps ({extrapolated['measured_s'][0]:.3f} s, "
+                         f"{extrapolated['measured_s'][1]:.3f} s): {extrapolated['fixed_s']:.3f} s fixed (text "
+                         f"encoder, VAE, pipeline) + {teacher_steps} x {extrapolated['per_step_s']:.3f} s per "
+                         "guided step")
+    tiny = {name: s for name, s in results["speed"].items() if "student_1_tiny_vae_s" in s}
+    if tiny:
+        lines += ["", "The student with a tiny autoencoder (encoding and decoding) in place of the VAE: seconds per "
+                      "image end to end, full VAE / tiny VAE (speed-up)", "",
+                  "| config | tiny VAE | student 1 | student 2 | student 4 | tiny encode / decode |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, s in tiny.items():
+            cells = " | ".join(f"{s[f'student_{k}_s']:.3f} / {s[f'student_{k}_tiny_vae_s']:.3f} "
+                               f"({s[f'tiny_vae_speedup_{k}']:.2f}x)" for k in STUDENT_STEPS)
+            f = s.get("floor", {})
+            parts = (f"{f['tiny_vae_encode_s']:.3f} / {f['tiny_vae_decode_s']:.3f} s (full: "
+                     f"{f['vae_encode_s']:.3f} / {f['vae_decode_s']:.3f})" if "tiny_vae_encode_s" in f else "—")
+            lines.append(f"| {name} | {s['tiny_vae']['tiny_vae']} | {cells} | {parts} |")
     peaks = {name: s for name, s in results["speed"].items() if f"{key[:-2]}_peak_bytes" in s}
     if peaks:
         lines += ["", "Peak GPU memory (torch.cuda.max_memory_allocated), GB, and min / median seconds per image", "",

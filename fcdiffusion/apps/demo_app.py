@@ -12,8 +12,10 @@ from __future__ import annotations
 import html
 import math
 import os
+import queue
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,8 @@ from fcdiffusion.core.images import to_uint8
 from fcdiffusion.core.inference import Translator
 from fcdiffusion.core.model import FrequencyControlledLDM
 from fcdiffusion.core.paths import DOWNLOAD_HELP, student_file, teacher_checkpoint
+from fcdiffusion.core.preview import PreviewSink, SamplingPreview
+from fcdiffusion.core.tiny_vae import TinyVAE
 from fcdiffusion.core.weights import load_student, load_teacher
 from fcdiffusion.train.dataset import LATENT_GRID, prepare_image
 from fcdiffusion.train.demo_data import CAPTIONS, load_photo
@@ -123,19 +127,20 @@ def weight_files(student: str | os.PathLike | None, teacher_dir: str | os.PathLi
     return student, {m: chosen[m] for m in CONTROL_MODES if m in chosen}
 
 
-def serve_student(path: Path, device: torch.device) -> ServedModel:
+def serve_student(path: Path, device: torch.device, tiny_vae: TinyVAE | None = None) -> ServedModel:
     """The distilled student at `path`, on `device`, serving every mode it learned (at any guidance scale in its
-    range if it is guidance-conditioned)."""
+    range if it is guidance-conditioned); with `tiny_vae` in place of its VAE's encoder, decoder or both."""
     model = load_student(path).eval().to(device)
-    translator = Translator(model)
+    translator = Translator(model, tiny_vae)
     conditioned = model.guidance_conditioned
     return ServedModel(STUDENT, {m: translator for m in model.modes}, model.student_steps,
                        model.guidance_scale if conditioned else None, model_resolution(model),
                        {m: path for m in model.modes}, tuple(model.guidance_range) if conditioned else None)
 
 
-def serve_teachers(paths: Mapping[str, Path], device: torch.device) -> ServedModel:
-    """The teachers `paths` (mode -> file), on `device`, each checked to be the teacher of its mode."""
+def serve_teachers(paths: Mapping[str, Path], device: torch.device, tiny_vae: TinyVAE | None = None) -> ServedModel:
+    """The teachers `paths` (mode -> file), on `device`, each checked to be the teacher of its mode (and `tiny_vae`
+    in place of their VAE's encoder, decoder or both)."""
     models = {mode: load_teacher(path, mode).eval().to(device) for mode, path in paths.items()}
     first = next(iter(models.values()))
     for mode, model in models.items():
@@ -143,7 +148,7 @@ def serve_teachers(paths: Mapping[str, Path], device: torch.device) -> ServedMod
             raise ValueError(f"the {mode} teacher {paths[mode]} works at {model_resolution(model)} px, the "
                              f"{first.control_mode} teacher at {model_resolution(first)} px: serve teachers of "
                              "one size")
-    return ServedModel(TEACHERS, {m: Translator(model) for m, model in models.items()}, first.ddim_steps,
+    return ServedModel(TEACHERS, {m: Translator(model, tiny_vae) for m, model in models.items()}, first.ddim_steps,
                        first.guidance_scale, model_resolution(first), dict(paths))
 
 
@@ -203,6 +208,10 @@ class DemoResult:
     notes: list[str] = field(default_factory=list)
 
 
+# preview(mode, step, images): a request's live preview, each `SamplingPreview` picture with the mode it belongs to
+ModePreview = Callable[[str, int, np.ndarray], None]
+
+
 def as_int(value: Any, name: str, low: int, high: int) -> int:
     """`value` as an integer in [low, high], else `DemoInputError` naming the field."""
     try:
@@ -215,16 +224,24 @@ def as_int(value: Any, name: str, low: int, high: int) -> int:
 
 
 class Demo:
-    """The served models and the request checks; `translate` answers one request."""
+    """The served models and the request checks; `translate` answers one request. With a tiny VAE, it stands in for
+    the models' VAE (`tiny_vae.use`) and `preview` decodes a teacher's intermediate results with it."""
 
     def __init__(self, served: Sequence[ServedModel], device: torch.device, resolution: int | None = None,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, tiny_vae: TinyVAE | None = None):
         if not served:
             raise ValueError("the demo needs a student or at least one teacher")
         if resolution is not None and (resolution < LATENT_GRID or resolution % LATENT_GRID):
             raise ValueError(f"resolution must be a positive multiple of {LATENT_GRID}, got {resolution}")
         self.served = {s.name: s for s in served}
-        self.device, self.resolution, self.max_pixels = device, resolution, max_pixels
+        self.device, self.resolution, self.max_pixels, self.tiny_vae = device, resolution, max_pixels, tiny_vae
+
+    def preview(self, sink: PreviewSink, every: int = 5) -> SamplingPreview:
+        """The sampler callback that shows a teacher's predicted result every `every` steps (`SamplingPreview`),
+        decoded by the tiny VAE; a `DemoInputError` without one."""
+        if self.tiny_vae is None:
+            raise DemoInputError("previews need a tiny VAE: start the demo with --tiny_vae")
+        return SamplingPreview(self.tiny_vae, sink, every)
 
     def resolution_of(self, served: ServedModel) -> int:
         return self.resolution or served.resolution
@@ -269,11 +286,13 @@ class Demo:
         return served, [m for m in CONTROL_MODES if m in modes], steps, guidance_scale, seed
 
     def translate(self, image: str | os.PathLike | None, prompt: str | None, modes: Sequence[str] | None,
-                  model: str = STUDENT, steps: Any = None, guidance_scale: Any = None, seed: Any = 0) -> DemoResult:
+                  model: str = STUDENT, steps: Any = None, guidance_scale: Any = None, seed: Any = 0,
+                  preview: ModePreview | None = None, preview_every: int = 5) -> DemoResult:
         """Translate the photo file `image` with `prompt` in each of `modes` by the served `model`.
 
         `steps` and `guidance_scale` default to the model's own. Image 0 of `test_distillation.py --seed S` gets
-        the same noise and mini_pass shuffle, so the results match the script's.
+        the same noise and mini_pass shuffle, so the results match the script's. `preview(mode, step, images)`
+        gets the tiny VAE's picture of the predicted result every `preview_every` sampling steps (`Demo.preview`).
         """
         served, modes, steps, guidance_scale, seed = self.check(image, prompt, modes, model, steps, guidance_scale,
                                                                 seed)
@@ -289,9 +308,12 @@ class Demo:
                 encoded[id(translator)] = translator.encode(source, [prompt.strip()])
                 synchronize(self.device)
                 seconds["encode"] += time.perf_counter() - encode_start
+            callback = None
+            if preview is not None:
+                callback = self.preview(lambda step, images, mode=mode: preview(mode, step, images), preview_every)
             mode_start = time.perf_counter()
             result = translator.translate_latents(*encoded[id(translator)], [mode], seed=[seed], control_seed=seed,
-                                                  steps=steps, guidance_scale=guidance_scale)[mode]
+                                                  steps=steps, guidance_scale=guidance_scale, callback=callback)[mode]
             synchronize(self.device)
             seconds[mode] = time.perf_counter() - mode_start
             panels += [Panel(to_uint8(source[0]), f"{mode}: source"),
@@ -300,22 +322,23 @@ class Demo:
         seconds["total"] = time.perf_counter() - start
         guidance = "" if guidance_scale is None else f", guidance {guidance_scale:g}"
         timings = " · ".join(f"{name} {seconds[name]:.2f} s" for name in ["encode", *modes])
-        summary = (f"**{served.name}**, {steps} steps{guidance}, seed {seed}, {resolution} px on "
+        vae = "" if self.tiny_vae is None else f", tiny VAE ({self.tiny_vae.use})"
+        summary = (f"**{served.name}**, {steps} steps{guidance}{vae}, seed {seed}, {resolution} px on "
                    f"{self.device.type}: {timings} · **total {seconds['total']:.2f} s**")
         return DemoResult(panels, seconds, summary, [note] if note else [])
 
 
 def load_demo(student: Path | None, teachers: Mapping[str, Path], device: torch.device,
-              resolution: int | None = None, max_pixels: int = MAX_PIXELS) -> Demo:
+              resolution: int | None = None, max_pixels: int = MAX_PIXELS, tiny_vae: TinyVAE | None = None) -> Demo:
     """Load the weight files once (see `weight_files`) and wrap them in a `Demo`; the student comes first."""
     served = []
     if student is not None:
         print(f"loading the student {student}", flush=True)
-        served.append(serve_student(student, device))
+        served.append(serve_student(student, device, tiny_vae))
     if teachers:
         print(f"loading the teachers {', '.join(map(str, teachers.values()))}", flush=True)
-        served.append(serve_teachers(teachers, device))
-    return Demo(served, device, resolution, max_pixels)
+        served.append(serve_teachers(teachers, device, tiny_vae))
+    return Demo(served, device, resolution, max_pixels, tiny_vae)
 
 
 # ---- the page --------------------------------------------------------------------------------------------------
@@ -330,18 +353,23 @@ def build_app(demo: Demo) -> Any:
     first = next(iter(demo.served.values()))
 
     def run(image: Mapping[str, Any] | None, prompt: str | None, modes: list[str] | None, model: str,
-            steps: Any, guidance_scale: Any, seed: Any) -> tuple[list[tuple[np.ndarray, str]], str]:
+            steps: Any, guidance_scale: Any, seed: Any) -> Iterator[tuple[list[tuple[np.ndarray, str]], str]]:
+        """The translation, streamed: with a tiny VAE, the predicted result every few steps, then the panels."""
         path = image.get("path") if isinstance(image, Mapping) else image
         if image is not None and path is None:
             raise gr.Error("could not read the photo: it did not arrive as a file; upload it again",
                            print_exception=False)
         try:
-            result = demo.translate(path, prompt, modes, model, steps, guidance_scale, seed)
+            for item in translate_streaming(demo, path, prompt, modes, model, steps, guidance_scale, seed):
+                if isinstance(item, DemoResult):
+                    for note in item.notes:
+                        gr.Warning(note)
+                    yield [(p.image, p.caption) for p in item.panels], item.summary
+                else:
+                    mode, step, images = item
+                    yield [(images[0], f"{mode}: step {step} (tiny VAE preview)")], f"sampling {mode}: step {step}"
         except DemoInputError as error:
             raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from error
-        for note in result.notes:
-            gr.Warning(note)
-        return [(p.image, p.caption) for p in result.panels], result.summary
 
     def pick_model(name: str) -> tuple[Any, Any, Any]:
         served = demo.served[name]
@@ -382,6 +410,31 @@ def build_app(demo: Demo) -> Any:
         button.click(run, [image, prompt, modes, model, steps, guidance, seed], [gallery, timing],
                      api_name="translate", preprocess=False)
     return app
+
+
+def translate_streaming(demo: Demo, *request: Any) -> Iterator[tuple[str, int, np.ndarray] | DemoResult]:
+    """`demo.translate(*request)` in a worker thread, yielding its previews (mode, step, images) as they come (with
+    a tiny VAE) and then its `DemoResult`; the translation's error, if any, is raised here."""
+    if demo.tiny_vae is None:
+        yield demo.translate(*request)
+        return
+    items: queue.Queue = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = demo.translate(*request, preview=lambda *frame: items.put(frame))
+        except BaseException as error:  # handed to the caller's thread, which raises it
+            outcome["error"] = error
+        finally:
+            items.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := items.get()) is not None:
+        yield item
+    if "error" in outcome:
+        raise outcome["error"]
+    yield outcome["result"]
 
 
 def launch(app: Any, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True) -> str:

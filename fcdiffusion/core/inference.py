@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from fcdiffusion.core.tiny_vae import TinyVAE
+from ldm.models.diffusion.sampling import StepCallback
+
 
 class Translatable(Protocol):
     """What the pipeline needs of a model: the interface `fcdiffusion.core.model.FrequencyControlledLDM` gives
@@ -27,7 +30,7 @@ class Translatable(Protocol):
                   generator: torch.Generator | None = None) -> dict[str, Any]: ...
     def sample(self, cond: dict[str, Any], x_T: torch.Tensor, steps: int | None = None,
                guidance_scale: float | None = None, verbose: bool = False, sampler: str | None = None,
-               spacing: str | None = None) -> torch.Tensor: ...
+               spacing: str | None = None, callback: StepCallback | None = None) -> torch.Tensor: ...
     def get_learned_conditioning(self, prompts: Sequence[str]) -> torch.Tensor: ...
     def encode_first_stage(self, x: torch.Tensor) -> Any: ...
     def get_first_stage_encoding(self, posterior: Any, sample: bool = True) -> torch.Tensor: ...
@@ -79,10 +82,13 @@ class Translator:
     `Translator(model)(images, prompts, modes, seeds)` returns {mode: Translation}. A teacher serves its own mode
     only and samples with guided DDIM (or DPM-Solver++(2M), `sampler="dpmpp_2m"`); the student serves every mode
     it learned, in a few guidance-free steps (a guidance-conditioned student at the `guidance_scale` asked for).
+    `tiny_vae` (`fcdiffusion.core.tiny_vae`) encodes, decodes or both in place of the model's VAE.
     """
 
-    def __init__(self, model: Translatable):
-        self.model = model
+    def __init__(self, model: Translatable, tiny_vae: TinyVAE | None = None):
+        if tiny_vae is not None:
+            tiny_vae.check(model)
+        self.model, self.tiny_vae = model, tiny_vae
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -93,14 +99,29 @@ class Translator:
         """Images (B, 3, H, W) in [-1, 1] and their prompts -> (latents, the posterior mean; text context)."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-        return encode_images(self.model, images), self.model.get_learned_conditioning(prompts)
+        return self.encode_images(images), self.model.get_learned_conditioning(prompts)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents, float32: the tiny VAE's, else the posterior mean."""
+        if self.tiny_vae is not None and self.tiny_vae.encodes:
+            return self.tiny_vae.encode(images)
+        return encode_images(self.model, images)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in about [-1, 1], float32, by the tiny VAE if it decodes, else the model's."""
+        if self.tiny_vae is not None and self.tiny_vae.decodes:
+            return self.tiny_vae.decode(latents)
+        return self.model.decode_first_stage(latents).float()
 
     @torch.no_grad()
     def translate_latents(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str] | None = None,
                           seed: int | Sequence[int] = 0, control_seed: int = 0, steps: int | None = None,
                           guidance_scale: float | None = None, decode_control: bool = True,
-                          sampler: str | None = None, spacing: str | None = None) -> dict[str, Translation]:
-        """Steps 2-4 of `__call__` for already encoded sources."""
+                          sampler: str | None = None, spacing: str | None = None,
+                          callback: StepCallback | None = None) -> dict[str, Translation]:
+        """Steps 2-4 of `__call__` for already encoded sources; `callback(index, steps, x0)` sees every sampling
+        step's predicted clean latents (a live preview)."""
         modes = list(self.modes if modes is None else modes)
         for mode in modes:
             self.model.check_mode(mode)
@@ -115,10 +136,9 @@ class Translator:
             cond = self.model.condition(z, context, mode, generator=torch.Generator().manual_seed(control_seed))
             # 4. Sample, and decode the result (and the control signal, to show it).
             latents = self.model.sample(cond, x_T, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
-                                        spacing=spacing)
-            control = self.model.decode_first_stage(cond["c_concat"][0]).float() if decode_control else None
-            results[mode] = Translation(image=self.model.decode_first_stage(latents).float(), latents=latents,
-                                        control=control)
+                                        spacing=spacing, callback=callback)
+            control = self.decode(cond["c_concat"][0]) if decode_control else None
+            results[mode] = Translation(image=self.decode(latents), latents=latents, control=control)
         return results
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ from fcdiffusion.core.control_net import ControlPair
 from fcdiffusion.core.frequency import CONTROL_MODES, check_band, check_control_mode, frequency_control
 from fcdiffusion.core.inference import Translator, batch_images, seeded_noise
 from ldm.models.diffusion.ddpm import LatentDiffusion, freeze
-from ldm.models.diffusion.sampling import sample
+from ldm.models.diffusion.sampling import StepCallback, sample
 from ldm.models.diffusion.scheduler import Scheduler
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
@@ -126,9 +126,10 @@ class FrequencyControlledLDM(LatentDiffusion):
 
     def sample(self, cond: Cond, x_T: torch.Tensor, steps: int | None = None,
                guidance_scale: float | None = None, verbose: bool = False, sampler: str | None = None,
-               spacing: str | None = None) -> torch.Tensor:
+               spacing: str | None = None, callback: StepCallback | None = None) -> torch.Tensor:
         """Latents for `cond` from the initial noise `x_T`; `steps`/`guidance_scale` and the sampler (`ddim`,
-        `dpmpp_2m`) and its timestep `spacing` (`uniform`, `trailing`) default to the model's own."""
+        `dpmpp_2m`) and its timestep `spacing` (`uniform`, `trailing`) default to the model's own; `callback` sees
+        each step's predicted x0 (`ldm.models.diffusion.sampling.sample`)."""
         raise NotImplementedError
 
     def unconditional_conditioning(self, cond: Cond) -> Cond:
@@ -236,7 +237,7 @@ class FCDiffusion(FrequencyControlledLDM):
     @torch.no_grad()
     def sample(self, cond: Cond, x_T: torch.Tensor, steps: int | None = None,
                guidance_scale: float | None = None, verbose: bool = False, sampler: str | None = None,
-               spacing: str | None = None) -> torch.Tensor:
+               spacing: str | None = None, callback: StepCallback | None = None) -> torch.Tensor:
         """Guided sampling, by default DDIM on SD's uniform timesteps (`ddim_steps`, `guidance_scale` by default);
         `sampler="dpmpp_2m"` is DPM-Solver++(2M), `spacing="trailing"` starts at t = T-1."""
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
@@ -244,7 +245,7 @@ class FCDiffusion(FrequencyControlledLDM):
         scheduler = Scheduler(self.alphas_cumprod, spacing or "uniform")
         scheduler.set_timesteps(self.ddim_steps if steps is None else steps)
         return sample(self.apply_model, x_T, scheduler.steps(x_T.device), cond, uncond, guidance_scale,
-                      sampler=sampler or "ddim", verbose=verbose)
+                      sampler=sampler or "ddim", verbose=verbose, callback=callback)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fcdiffusion.core.frequency import CONTROL_MODES, check_control_mode
 from fcdiffusion.core.guidance import check_guidance_range, check_guidance_scale
 from fcdiffusion.core.model import Cond, FrequencyControlledLDM
-from ldm.models.diffusion.sampling import check_sampler, sample
+from ldm.models.diffusion.sampling import StepCallback, check_sampler, sample
 from ldm.models.diffusion.scheduler import Scheduler, check_spacing
 from ldm.modules.attention import CrossAttention
 
@@ -232,7 +232,7 @@ class FCDiffusionStudent(FrequencyControlledLDM):
     @torch.no_grad()
     def sample(self, cond: Cond, x_T: torch.Tensor, steps: int | None = None,
                guidance_scale: float | None = None, verbose: bool = False, sampler: str | None = None,
-               spacing: str | None = None) -> torch.Tensor:
+               spacing: str | None = None, callback: StepCallback | None = None) -> torch.Tensor:
         """Guidance-free sampling in `steps` (default `student_steps`) with its recorded scheduler (a distilled
         student: DDIM on the trailing spacing, ending at alpha 1).
 
@@ -246,7 +246,7 @@ class FCDiffusionStudent(FrequencyControlledLDM):
         scheduler = Scheduler(self.alphas_cumprod, recorded["spacing"], recorded["final_alpha_cumprod"])
         scheduler.set_timesteps(self.student_steps if steps is None else steps)
         return sample(self.apply_model, x_T, scheduler.steps(x_T.device), cond, sampler=recorded["sampler"],
-                      verbose=verbose)
+                      verbose=verbose, callback=callback)
 
 
 def student_config(model_config: Mapping[str, Any], trainable: Sequence[str] = ("control_net",),

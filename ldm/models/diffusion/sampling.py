@@ -20,6 +20,8 @@ from ldm.models.diffusion.scheduler import Step
 
 Cond = Any  # a tensor, or a dict of lists of tensors such as {"c_crossattn": [...], "c_concat": [...]}
 EpsModel = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # apply_model(x, t, cond) -> eps
+# callback(index, steps, x0) after each step: the step's index from 0, their number, its predicted clean latents
+StepCallback = Callable[[int, int, torch.Tensor], None]
 
 SAMPLERS = ("ddim", "dpmpp_2m")  # DDIM, DPM-Solver++(2M)
 
@@ -74,20 +76,23 @@ def sample(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     verbose: bool = False,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Run `steps` (t, a_t, a_next) from `x_T` with `sampler`; returns the final latents.
 
     t is an int (the whole batch) or a tensor (N,) of timesteps; the alphas are tensors on `x_T`'s device, 0-dim
     or per sample. Classifier-free guidance when `uncond` is given (`guided_eps`). DDIM with `eta` > 0 adds noise
     from `generator` at every step, scaled by the step's sigma (0 for a step landing on alpha 1); DPM-Solver++(2M)
-    is deterministic. `verbose` shows a progress bar.
+    is deterministic. `verbose` shows a progress bar; `callback(index, steps, x0)` sees each step's predicted
+    clean latents (a live preview: `fcdiffusion.core.preview.SamplingPreview`).
     """
     check_sampler(sampler)
     if eta and sampler != "ddim":
         raise ValueError(f"eta={eta} applies to DDIM only; {sampler} is deterministic")
     steps = list(steps)
     x, x0_prev, h_prev = x_T, None, None
-    for t, a_t, a_next in tqdm(steps, desc=f"{sampler} ({len(steps)} steps)", disable=not verbose, leave=False):
+    progress = tqdm(steps, desc=f"{sampler} ({len(steps)} steps)", disable=not verbose, leave=False)
+    for index, (t, a_t, a_next) in enumerate(progress):
         if not torch.is_tensor(t):
             t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = guided_eps(apply_model, x, t, cond, uncond, guidance_scale)
@@ -96,9 +101,11 @@ def sample(
             if eta > 0:
                 sigma = ddim_sigma(a_t, a_next, eta).to(x.dtype)
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x, _ = ddim_step(x, eps, a_t, a_next, sigma, noise)
+            x, x0 = ddim_step(x, eps, a_t, a_next, sigma, noise)
         else:
             x0 = predicted_x0(x, eps, a_t)
             x, h_prev = dpmpp_2m_step(x, x0, a_t, a_next, x0_prev, h_prev)
             x0_prev = x0
+        if callback is not None:
+            callback(index, len(steps), x0)
     return x
