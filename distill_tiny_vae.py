@@ -117,8 +117,7 @@ def build_module(config: DictConfig) -> TinyVAEDistiller:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Resolve the config, open the data and lock the checkpoint folder (all before any model is built), then
-    distil and export."""
+    """Distil in a locked checkpoint folder, the config and data checked before the big VAE loads."""
     config = resolve_config(args, overrides)
     with locked_run(config.train, checkpoint_folder(config)) as data:
         distil(config, data)
@@ -130,9 +129,7 @@ def distil(config: DictConfig, data: RunData) -> None:
     pl.seed_everything(train.seed, workers=True)
     module = build_module(config)
     resume = resume_checkpoint(folder)
-    if resume:
-        log.info("resuming from %s", resume[0])
-    elif config.get("student", {}).get("init", "linear") == "linear":
+    if not resume and config.get("student", {}).get("init", "linear") == "linear":
         count = int(config.student.get("init_images", 16))
         module.start_linear(next(iter(DataLoader(data.train_set, batch_size=count))))
         log.info("the tiny autoencoder starts as the linear resampler closest to the VAE (fitted on %d photos)", count)

@@ -136,8 +136,7 @@ def checkpoint_folder(config: DictConfig) -> str:
 
 
 def run(args: argparse.Namespace, overrides: list[str], extra_callbacks: Sequence[pl.Callback] = ()) -> None:
-    """Resolve the config, open the data and lock the checkpoint folder (all before any model is built), then
-    resume or initialise the distiller and fit it."""
+    """Distil in a locked checkpoint folder; the config, the data and the teachers' files are checked first."""
     config = resolve_config(args, overrides)
     with locked_run(config.train, checkpoint_folder(config)) as data:
         distill(config, data, extra_callbacks)
@@ -156,8 +155,6 @@ def distill(config: DictConfig, data: RunData, extra_callbacks: Sequence[pl.Call
     pl.seed_everything(train.seed, workers=True)
     # On resume the student (with the values it is sharing) comes from the checkpoint; fit() restores the rest.
     distiller = build_distiller(config, resume[0] if resume else config.student.init)
-    if resume:
-        log.info("resuming from %s", resume[0])
     trainer = build_trainer(train, os.fspath(folder), "fcdiffusion_distill",
                             [StudentExport(student_file(train.logdir)), *extra_callbacks])
     fit(distiller, data, train, trainer, resume[0] if resume else None, folder / LAST_CHECKPOINT)

@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from fcdiffusion import cli
-from fcdiffusion.core.frequency import check_control_mode
+from fcdiffusion.core.frequency import ControlMode
 from fcdiffusion.core.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, teacher_checkpoint_dir
 from fcdiffusion.train.data_module import RunData
 from fcdiffusion.train.training import (
@@ -63,7 +63,7 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig
     if args.sd_locked is not None:
         params.sd_locked = args.sd_locked
     params.learning_rate = config.train.learning_rate
-    check_control_mode(params.control_mode)
+    ControlMode(params.control_mode)
     check_train_section(config.train)
     return config
 
@@ -74,8 +74,8 @@ def checkpoint_folder(config: DictConfig) -> str:
 
 
 def run(args: argparse.Namespace, overrides: list[str], extra_callbacks: Sequence[pl.Callback] = ()) -> None:
-    """Resolve the config, open the data and lock the checkpoint folder (all before any model is built), then
-    resume or initialise the teacher and fit it."""
+    """Train one teacher in its locked checkpoint folder; the config and the data are checked before any model is
+    built."""
     config = resolve_config(args, overrides)
     with locked_run(config.train, checkpoint_folder(config)) as data:
         train_teacher(config, data, extra_callbacks)
@@ -99,7 +99,6 @@ def train_teacher(config: DictConfig, data: RunData, extra_callbacks: Sequence[p
         if conflicts:
             raise ValueError(f"{resume[0]} was trained with other settings ({'; '.join(conflicts)}); resume with "
                              "the same settings, or train into another --logdir")
-        log.info("resuming from %s", resume[0])
     log.info("%s; control mode %s", model.describe(), model.control_mode)
     trainer = build_trainer(train, folder, f"fcdiffusion_{mode}", extra_callbacks)
     fit(model, data, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))

@@ -78,8 +78,7 @@ def checkpoint_folder(config: DictConfig) -> str:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> None:
-    """Resolve the config, open the data and lock the checkpoint folder (all before any model is built), then
-    train and export."""
+    """Train SD's part in a locked checkpoint folder (config and data checked first), then export it."""
     config = resolve_config(args, overrides)
     with locked_run(config.train, checkpoint_folder(config)) as data:
         train_model(config, data)
@@ -93,9 +92,7 @@ def train_model(config: DictConfig, data: RunData) -> None:
     if not hasattr(module, "training_step"):
         raise ValueError(f"{config.model.target} has no training step")
     resume = resume_checkpoint(folder)
-    if resume:
-        log.info("resuming from %s", resume[0])
-    elif config.init is not None:
+    if not resume and config.init is not None:
         if not isinstance(module, AutoencoderKL):
             raise ValueError(f"train.init applies to an AutoencoderKL, not {config.model.target}")
         AUTOENCODER_INITS[config.init](module)

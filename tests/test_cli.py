@@ -18,6 +18,7 @@ SCRIPTS = {
     "fcdiffusion_train.py": (["--config", "{tmp}/missing.yaml"], "config file not found"),
     "fcdiffusion_distill.py": (["--config", "{tmp}/missing.yaml"], "config file not found"),
     "train_sd.py": (["--config", "{tmp}/missing.yaml"], "config file not found"),
+    "distill_tiny_vae.py": (["--config", "{tmp}/missing.yaml"], "config file not found"),
     "test_distillation.py": (["--input_dir", "{tmp}/missing", "--student", "s.safetensors"], "input folder not found"),
     "evaluate.py": (["--results", "{tmp}/missing", "--input_dir", "{tmp}"], "--results folder not found"),
     "export_delta.py": (["{tmp}/model.ckpt", "{tmp}/delta.ckpt"], "must be a .safetensors file"),

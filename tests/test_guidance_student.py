@@ -136,7 +136,7 @@ def test_distilled_file_samples_any_w_in_its_range_at_one_evaluation_per_step(gu
     demo = load_demo(path, {}, torch.device("cpu"))  # the demo takes a w for this student, within its range
     result = demo.translate(workdir / "photos" / "coffee.png", "a cup", ["high_pass"], steps=1, guidance_scale=4)
     assert "guidance 4" in result.summary
-    with pytest.raises(DemoInputError, match="outside the range 2-12"):
+    with pytest.raises(DemoInputError, match=r"guidance_scale=15 is outside the range \[2, 12\]"):
         demo.translate(workdir / "photos" / "coffee.png", "a cup", ["high_pass"], steps=1, guidance_scale=15)
 
     # Every scheduled feature term is logged at every step; the second stage (from step 1) reweighs them.

@@ -76,8 +76,8 @@ def test_colliding_names_keep_every_output_and_unsupported_files_are_counted(dis
     assert "notes.pdf" in captured.err and "not a supported image type" in captured.err
     assert captured.out.strip().splitlines()[-1] == f"translated 3 image(s) into {out}; skipped 1"
     kinds = ("low_pass", "low_pass_control", "grid")
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}_{k}.png" for n in ("x_png", "x_jpg", "coffee")
-                                                           for k in kinds)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["settings.json", *(f"{n}_{k}.png" for k in kinds
+                                                                                for n in ("x_png", "x_jpg", "coffee"))])
     control = {name: np.asarray(Image.open(out / f"{name}_low_pass_control.png")) for name in ("x_png", "x_jpg")}
     assert np.abs(control["x_png"].astype(int) - control["x_jpg"]).mean() > 10  # two photos, not one written twice
 

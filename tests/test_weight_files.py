@@ -165,3 +165,28 @@ def test_the_next_write_removes_temp_files_of_killed_writers_only(tmp_path):
         assert sorted(tmp_path.iterdir()) == sorted([target, Path(live), other_leftover])
     assert target.read_text() == "in progress"
     assert sorted(tmp_path.iterdir()) == sorted([target, other_leftover])  # another target's leftover is its own
+
+
+def test_files_naming_classes_by_their_modules_before_the_layered_package_still_load(distilled, tmp_path):
+    """A student file whose recorded config says `fcdiffusion.student.FCDiffusionStudent` (the flat layout's module
+    names) loads as the same model: `MOVED_TARGETS` renames them, and each new name imports."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from fcdiffusion.core.paths import student_file
+    from fcdiffusion.core.weights import MOVED_TARGETS, load_student
+    from ldm.util import get_obj_from_str
+
+    for old, new in MOVED_TARGETS.items():
+        assert old.split(".", 1)[1] == new.split(".core.", 1)[1] and get_obj_from_str(new) is not None
+    source = student_file(distilled)
+    with safe_open(str(source), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    recorded = metadata["fcdiffusion.config"]
+    old_style = recorded.replace("fcdiffusion.core.", "fcdiffusion.")
+    assert old_style != recorded and "fcdiffusion.student.FCDiffusionStudent" in old_style
+    old_file = tmp_path / "old_layout_student.safetensors"
+    save_file(tensors, str(old_file), {**metadata, "fcdiffusion.config": old_style})
+    new, old = load_student(source), load_student(old_file)
+    assert type(old) is type(new)
+    assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values()))

@@ -366,6 +366,22 @@ def fidelity_tables(figures: Mapping[str, Mapping[str, float]], setup: Mapping[s
     return lines
 
 
+def table(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Markdown lines of a captioned table, after a blank line."""
+    return ["", caption, "", "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def tiny_vae_cells(s: Mapping[str, Any]) -> list[str]:
+    """The tiny-VAE row's cells: full / tiny seconds (speed-up) per student step count, then the VAE parts."""
+    cells = [f"{s[f'student_{k}_s']:.3f} / {s[f'student_{k}_tiny_vae_s']:.3f} ({s[f'tiny_vae_speedup_{k}']:.2f}x)"
+             for k in STUDENT_STEPS]
+    f = s.get("floor", {})
+    parts = (f"{f['tiny_vae_encode_s']:.3f} / {f['tiny_vae_decode_s']:.3f} s (full: {f['vae_encode_s']:.3f} / "
+             f"{f['vae_decode_s']:.3f})" if "tiny_vae_encode_s" in f else "—")
+    return [*cells, parts]
+
+
 def format_tables(results: dict[str, Any], teacher_steps: int = 50) -> str:
     """The benchmark's figures as Markdown tables."""
     key = f"teacher_{teacher_steps}_cfg_s"
@@ -389,37 +405,27 @@ def format_tables(results: dict[str, Any], teacher_steps: int = 50) -> str:
                          "guided step")
     tiny = {name: s for name, s in results["speed"].items() if "student_1_tiny_vae_s" in s}
     if tiny:
-        lines += ["", "The student with a tiny autoencoder (encoding and decoding) in place of the VAE: seconds per "
-                      "image end to end, full VAE / tiny VAE (speed-up)", "",
-                  "| config | tiny VAE | student 1 | student 2 | student 4 | tiny encode / decode |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for name, s in tiny.items():
-            cells = " | ".join(f"{s[f'student_{k}_s']:.3f} / {s[f'student_{k}_tiny_vae_s']:.3f} "
-                               f"({s[f'tiny_vae_speedup_{k}']:.2f}x)" for k in STUDENT_STEPS)
-            f = s.get("floor", {})
-            parts = (f"{f['tiny_vae_encode_s']:.3f} / {f['tiny_vae_decode_s']:.3f} s (full: "
-                     f"{f['vae_encode_s']:.3f} / {f['vae_decode_s']:.3f})" if "tiny_vae_encode_s" in f else "—")
-            lines.append(f"| {name} | {s['tiny_vae']['tiny_vae']} | {cells} | {parts} |")
+        lines += table("The student with a tiny autoencoder (encoding and decoding) in place of the VAE: seconds per "
+                       "image end to end, full VAE / tiny VAE (speed-up)",
+                       ["config", "tiny VAE", "student 1", "student 2", "student 4", "tiny encode / decode"],
+                       [[name, s["tiny_vae"]["tiny_vae"], *tiny_vae_cells(s)] for name, s in tiny.items()])
     peaks = {name: s for name, s in results["speed"].items() if f"{key[:-2]}_peak_bytes" in s}
     if peaks:
-        lines += ["", "Peak GPU memory (torch.cuda.max_memory_allocated), GB, and min / median seconds per image", "",
-                  f"| config | teacher {teacher_steps} steps + CFG | student 1 | student 2 | student 4 |",
-                  "| --- | --- | --- | --- | --- |"]
-        for name, s in peaks.items():
-            cells = [f"{s[f'{run}_peak_bytes'] / 1e9:.2f} ({s[f'{run}_min_s']:.3f} / {s[f'{run}_median_s']:.3f} s)"
-                     for run in (key[:-2], *(f"student_{k}" for k in STUDENT_STEPS))]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        runs = (key[:-2], *(f"student_{k}" for k in STUDENT_STEPS))
+        lines += table("Peak GPU memory (torch.cuda.max_memory_allocated), GB, and min / median seconds per image",
+                       ["config", f"teacher {teacher_steps} steps + CFG", "student 1", "student 2", "student 4"],
+                       [[name, *(f"{s[f'{run}_peak_bytes'] / 1e9:.2f} ({s[f'{run}_min_s']:.3f} / "
+                                 f"{s[f'{run}_median_s']:.3f} s)" for run in runs)] for name, s in peaks.items()])
     floors = {name: s["floor"] for name, s in results["speed"].items() if "floor" in s}
     if floors:
-        lines += ["", "Floor of the k-step student: text encoder + VAE encode + VAE decode + k network evaluations, "
-                      "each timed alone (seconds); end to end / floor in brackets", "",
-                  "| config | text encoder | VAE encode | VAE decode | network | floor 1 | floor 2 | floor 4 |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name, f in floors.items():
-            cells = " | ".join(f"{f[f'floor_{k}_s']:.3f} ({f[f'end_to_end_over_floor_{k}']:.2f}x)"
-                               for k in STUDENT_STEPS)
-            lines.append(f"| {name} | {f['text_encoder_s']:.3f} | {f['vae_encode_s']:.3f} | {f['vae_decode_s']:.3f} "
-                         f"| {f['network_s']:.3f} | {cells} |")
+        lines += table("Floor of the k-step student: text encoder + VAE encode + VAE decode + k network evaluations, "
+                       "each timed alone (seconds); end to end / floor in brackets",
+                       ["config", "text encoder", "VAE encode", "VAE decode", "network", "floor 1", "floor 2",
+                        "floor 4"],
+                       [[name, *(f"{f[part]:.3f}" for part in ("text_encoder_s", "vae_encode_s", "vae_decode_s",
+                                                               "network_s")),
+                         *(f"{f[f'floor_{k}_s']:.3f} ({f[f'end_to_end_over_floor_{k}']:.2f}x)" for k in STUDENT_STEPS)]
+                        for name, f in floors.items()])
     if results.get("fidelity"):
         lines += ["", *fidelity_tables(results["fidelity"], results.get("fidelity_setup", {}), teacher_steps)]
     if results.get("memory"):

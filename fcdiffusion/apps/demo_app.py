@@ -10,7 +10,6 @@ serving; `launch` starts it.
 from __future__ import annotations
 
 import html
-import math
 import os
 import queue
 import threading
@@ -27,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fcdiffusion.core.devices import synchronize
 from fcdiffusion.core.errors import RunError
 from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.guidance import check_guidance_scale
 from fcdiffusion.core.images import to_uint8
 from fcdiffusion.core.inference import Translator
 from fcdiffusion.core.model import FrequencyControlledLDM
@@ -277,12 +277,10 @@ class Demo:
                 guidance_scale = float(served.guidance_scale if guidance_scale is None else guidance_scale)
             except (TypeError, ValueError):
                 raise DemoInputError(f"guidance scale must be a number, got {guidance_scale!r}") from None
-            if not math.isfinite(guidance_scale) or guidance_scale < 0:
-                raise DemoInputError(f"guidance scale must be a number >= 0 (1: no guidance), got {guidance_scale}")
-            if served.guidance_range and not served.guidance_range[0] <= guidance_scale <= served.guidance_range[1]:
-                raise DemoInputError(f"guidance scale {guidance_scale:g} is outside the range "
-                                     f"{served.guidance_range[0]:g}-{served.guidance_range[1]:g} the {served.name} "
-                                     "was distilled on")
+            try:
+                guidance_scale = check_guidance_scale(guidance_scale, served.guidance_range)
+            except ValueError as error:
+                raise DemoInputError(str(error)) from None
         return served, [m for m in CONTROL_MODES if m in modes], steps, guidance_scale, seed
 
     def translate(self, image: str | os.PathLike | None, prompt: str | None, modes: Sequence[str] | None,

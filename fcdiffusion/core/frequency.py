@@ -27,19 +27,32 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Mapping
+from enum import StrEnum
 from functools import lru_cache
 
 import torch
 
-CONTROL_MODES = ("mini_pass", "low_pass", "mid_pass", "high_pass")
+
+class ControlMode(StrEnum):
+    """The four control modes, each a DCT band and a task. `ControlMode(text)` is the one check of a mode name
+    (configs, flags, weight files): an unknown one raises a ValueError listing the valid ones. Members are strings,
+    so they compare, hash and print as their names."""
+
+    MINI_PASS = "mini_pass"  # style-guided content creation
+    LOW_PASS = "low_pass"  # semantic manipulation
+    MID_PASS = "mid_pass"  # scene translation
+    HIGH_PASS = "high_pass"  # style translation
+
+    def __repr__(self) -> str:
+        return repr(self.value)  # messages quote a mode as the text that names it: 'low_pass'
+
+    @classmethod
+    def _missing_(cls, value: object) -> ControlMode:
+        raise ValueError(f"unknown control_mode {value!r}; valid modes: {', '.join(cls)}")
+
+
+CONTROL_MODES: tuple[ControlMode, ...] = tuple(ControlMode)
 DEFAULT_THRESHOLDS = {"mini_threshold": 10, "low_threshold": 30, "mid_low": 20, "mid_high": 40, "high_threshold": 50}
-
-
-def check_control_mode(mode: str) -> str:
-    """Return `mode` if it is one of :data:`CONTROL_MODES`, else raise a ValueError listing them."""
-    if mode not in CONTROL_MODES:
-        raise ValueError(f"unknown control_mode {mode!r}; valid modes: {', '.join(CONTROL_MODES)}")
-    return mode
 
 
 @lru_cache(maxsize=64)
@@ -111,7 +124,7 @@ def band_limits(mode: str, **thresholds: int) -> tuple[int, int | None]:
 
     Raises ValueError for an unknown mode, TypeError for an unknown or non-integer threshold keyword.
     """
-    check_control_mode(mode)
+    mode = ControlMode(mode)
     unknown = sorted(set(thresholds) - set(DEFAULT_THRESHOLDS))
     if unknown:
         raise TypeError(f"unknown threshold keyword(s) {unknown}; valid: {sorted(DEFAULT_THRESHOLDS)}")
@@ -122,11 +135,11 @@ def band_limits(mode: str, **thresholds: int) -> tuple[int, int | None]:
         t[name] = operator.index(value)
         if t[name] < 0:
             raise ValueError(f"threshold {name} must be >= 0, got {value}")
-    if mode == "mini_pass":
+    if mode == ControlMode.MINI_PASS:
         return 0, t["mini_threshold"]
-    if mode == "low_pass":
+    if mode == ControlMode.LOW_PASS:
         return 0, t["low_threshold"]
-    if mode == "high_pass":
+    if mode == ControlMode.HIGH_PASS:
         return t["high_threshold"], None
     if t["mid_low"] > t["mid_high"]:
         raise ValueError(f"mid_low ({t['mid_low']}) must not exceed mid_high ({t['mid_high']})")
@@ -195,7 +208,7 @@ def filter_dct(
     """
     h, w = X.shape[-2:]
     low, high = check_band(mode, h, w, **thresholds)
-    if mode == "mini_pass":
+    if mode == ControlMode.MINI_PASS:
         X = X.flatten(-2)[..., shuffle_index(h, w, generator, X.device)].unflatten(-1, (h, w))
     return torch.where(band_mask(h, w, low, high, X.device), X, 0.0)
 

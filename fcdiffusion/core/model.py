@@ -23,7 +23,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from fcdiffusion.core.control_net import ControlPair
-from fcdiffusion.core.frequency import CONTROL_MODES, check_band, check_control_mode, frequency_control
+from fcdiffusion.core.frequency import CONTROL_MODES, ControlMode, check_band, frequency_control
 from fcdiffusion.core.inference import Translator, batch_images, seeded_noise
 from ldm.models.diffusion.ddpm import LatentDiffusion, freeze
 from ldm.models.diffusion.sampling import StepCallback, sample
@@ -108,9 +108,10 @@ class FrequencyControlledLDM(LatentDiffusion):
         """The control modes this model serves."""
         raise NotImplementedError
 
-    def check_mode(self, mode: str) -> str:
-        """`mode`, if this model serves it; else a ValueError naming the mode asked for and those served."""
-        check_control_mode(mode)
+    def check_mode(self, mode: str) -> ControlMode:
+        """`mode` as a `ControlMode`, if this model serves it; else a ValueError naming the mode asked for and those
+        served."""
+        mode = ControlMode(mode)
         if mode not in self.modes:
             raise ValueError(f"this {self.kind} serves control mode(s) {', '.join(self.modes)}, not '{mode}'")
         return mode
@@ -198,7 +199,7 @@ class FCDiffusion(FrequencyControlledLDM):
 
     def __init__(self, control_mode: str, guidance_scale: float = 9.0, ddim_steps: int = 50, **kwargs: Any):
         super().__init__(**kwargs)
-        self.control_mode = check_control_mode(control_mode)
+        self.control_mode = ControlMode(control_mode)
         self.guidance_scale, self.ddim_steps = guidance_scale, ddim_steps
         self.build_params.update(control_mode=control_mode, guidance_scale=guidance_scale, ddim_steps=ddim_steps)
 
@@ -206,8 +207,8 @@ class FCDiffusion(FrequencyControlledLDM):
     def modes(self) -> tuple[str, ...]:
         return (self.control_mode,)
 
-    def check_mode(self, mode: str) -> str:
-        check_control_mode(mode)
+    def check_mode(self, mode: str) -> ControlMode:
+        mode = ControlMode(mode)
         if mode != self.control_mode:
             raise ValueError(f"this teacher was trained for control mode '{self.control_mode}', not '{mode}'; "
                              f"use the {mode} teacher or the distilled student")

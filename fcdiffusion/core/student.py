@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fcdiffusion.core.frequency import CONTROL_MODES, check_control_mode
+from fcdiffusion.core.frequency import CONTROL_MODES, ControlMode
 from fcdiffusion.core.guidance import check_guidance_range, check_guidance_scale
 from fcdiffusion.core.model import Cond, FrequencyControlledLDM
 from ldm.models.diffusion.sampling import StepCallback, check_sampler, sample
@@ -142,10 +142,10 @@ class FCDiffusionStudent(FrequencyControlledLDM):
         self.trainable, self.student_steps = trainable, student_steps
         self.guidance_scale, self.guidance_range = guidance_scale, guidance_range
         self.scheduler_config = scheduler
-        self._modes = tuple(check_control_mode(m) for m in modes)
+        self._modes = tuple(ControlMode(m) for m in modes)
         self.build_params.pop("sd_locked")
         self.build_params.update(trainable=list(trainable), lora_rank=lora_rank, lora_alpha=lora_alpha,
-                                 student_steps=student_steps, modes=list(self._modes),
+                                 student_steps=student_steps, modes=[str(m) for m in self._modes],
                                  guidance_scale=guidance_scale, guidance_range=guidance_range,
                                  scheduler=scheduler)
         self.lora_layers: list[LoRALinear] = []
@@ -269,7 +269,7 @@ def student_config(model_config: Mapping[str, Any], trainable: Sequence[str] = (
     if guidance_range is not None:
         control["params"]["guidance_embedding"] = True
     params.update(control_stage_config=control, trainable=list(trainable), lora_rank=lora_rank,
-                  lora_alpha=lora_alpha, student_steps=student_steps, modes=list(modes),
+                  lora_alpha=lora_alpha, student_steps=student_steps, modes=[str(ControlMode(m)) for m in modes],
                   guidance_scale=teacher.get("guidance_scale") if guidance_scale is None else guidance_scale,
                   guidance_range=None if guidance_range is None else list(guidance_range),
                   scheduler=dict(DISTILLED_SCHEDULER))

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from fcdiffusion.core.frequency import check_control_mode
+from fcdiffusion.core.frequency import ControlMode
 from fcdiffusion.core.model import FCDiffusion
 from fcdiffusion.core.precision import cast_parameters, precision_dtype
 from fcdiffusion.core.student import MODE_LABEL_KEY, FCDiffusionStudent, student_config
@@ -179,7 +179,7 @@ def teacher_mode(metadata: Mapping[str, str], source: str, mode: str | None = No
     _check_kind(metadata, "teacher", source)
     modes = recorded(metadata, "modes")
     if modes:
-        if mode is not None and check_control_mode(mode) != modes[0]:
+        if mode is not None and ControlMode(mode) != modes[0]:
             raise ModeMismatchError(f"{source} is the {modes[0]} teacher (trained for control mode '{modes[0]}'); "
                                     f"it cannot serve control mode '{mode}'")
         return modes[0]
@@ -187,7 +187,7 @@ def teacher_mode(metadata: Mapping[str, str], source: str, mode: str | None = No
         raise ValueError(f"{source} records no control mode (a checkpoint from before teachers recorded theirs, "
                          f"or an untrained init checkpoint); name the mode it was trained for")
     log.warning("%s records no control mode; trusting that it is the %s teacher", source, mode)
-    return check_control_mode(mode)
+    return ControlMode(mode)
 
 
 ZERO_INITIALISED = tuple(f"control_model.{name}." for name in (

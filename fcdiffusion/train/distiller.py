@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fcdiffusion.core.frequency import CONTROL_MODES, band_mask, check_control_mode, dct_2d
+from fcdiffusion.core.frequency import CONTROL_MODES, ControlMode, band_mask, dct_2d
 from fcdiffusion.core.guidance import check_guidance_range, check_guidance_scale
 from fcdiffusion.core.inference import Translator, batch_images
 from fcdiffusion.core.model import Cond, FCDiffusion
@@ -127,8 +127,8 @@ class DistillOptions:
         starts = list(self.bands.values())
         if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
             raise ValueError(f"bands maps names to the first i+j of each band, from 0 and increasing; got {self.bands}")
+        self.band_weights = {str(ControlMode(mode)): weights for mode, weights in self.band_weights.items()}
         for mode, weights in self.band_weights.items():
-            check_control_mode(mode)
             unknown = sorted(set(weights) - set(self.bands))
             if unknown:
                 raise ValueError(f"band_weights.{mode} names unknown bands {unknown}; bands: {list(self.bands)}")
@@ -205,7 +205,7 @@ class FrequencyDistiller(pl.LightningModule):
         modes = list(teachers) if teachers is not None else list(modes)
         if not modes:
             raise ValueError("no teachers given")
-        self.modes = [check_control_mode(m) for m in modes]
+        self.modes = [ControlMode(m) for m in modes]
         self.options = DistillOptions.from_mapping(dict(distill or {}))
         self.learning_rate = learning_rate
         teacher_models = {}

@@ -179,7 +179,8 @@ def _training_checkpoint(path: Path) -> tuple[dict[str, str] | None, str]:
 
 
 def resume_checkpoint(folder: str | os.PathLike) -> tuple[str, dict[str, str]] | None:
-    """(path, metadata) to resume from: `last.ckpt`, else the newest intact `step-*.ckpt` (saying why); or None."""
+    """(path, metadata) to resume from: `last.ckpt`, else the newest intact `step-*.ckpt` (saying why); or None.
+    The log says which."""
     folder = Path(folder)
     steps = sorted(folder.glob("step-*.ckpt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0), reverse=True)
     for path in [folder / LAST_CHECKPOINT, *steps]:
@@ -189,6 +190,8 @@ def resume_checkpoint(folder: str | os.PathLike) -> tuple[str, dict[str, str]] |
         if metadata is not None:
             if path.name != LAST_CHECKPOINT:
                 log.warning("resuming from %s: %s is missing or unreadable", path, LAST_CHECKPOINT)
+            else:
+                log.info("resuming from %s", path)
             return os.fspath(path), metadata
         log.warning("skipping unreadable checkpoint %s (%s)", path, problem)
     return None

@@ -98,6 +98,15 @@ def _mid_block(channels: int, dropout: float, norm_groups: int) -> nn.Module:
     return mid
 
 
+def _resolution_level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One resolution of the encoder or decoder: its residual blocks, each followed by its attention if it has one."""
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[i](h)
+    return h
+
+
 def _check_attn_type(attn_type: str) -> None:
     if attn_type != "vanilla":
         raise ValueError(f"attn_type '{attn_type}' is not supported; valid: 'vanilla'")
@@ -153,10 +162,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for down in self.down:
-            for i, block in enumerate(down.block):
-                h = block(h)
-                if len(down.attn) > 0:
-                    h = down.attn[i](h)
+            h = _resolution_level(down, h)
             if hasattr(down, "downsample"):
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -217,10 +223,7 @@ class Decoder(nn.Module):
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for up in reversed(self.up):
-            for i, block in enumerate(up.block):
-                h = block(h)
-                if len(up.attn) > 0:
-                    h = up.attn[i](h)
+            h = _resolution_level(up, h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
         if self.give_pre_end:
