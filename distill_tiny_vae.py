@@ -127,8 +127,8 @@ def distil(config: DictConfig, data: RunData) -> None:
     """The run itself, in a locked checkpoint folder: build, resume or start as a resampler, fit, then export."""
     train, folder = config.train, checkpoint_folder(config)
     pl.seed_everything(train.seed, workers=True)
+    resume = resume_checkpoint(folder, train.max_steps)
     module = build_module(config)
-    resume = resume_checkpoint(folder)
     if not resume and config.get("student", {}).get("init", "linear") == "linear":
         count = int(config.student.get("init_images", 16))
         module.start_linear(next(iter(DataLoader(data.train_set, batch_size=count))))

@@ -3,9 +3,11 @@ fit and resume (the scripts' flags for it: `fcdiffusion.cli.RUN_FLAGS`).
 
 Nothing a run has done is lost: SIGINT or SIGTERM (a cluster preempting the job) finishes the current step,
 saves `last.ckpt` and raises `TrainingStopped`, with which a script exits with 128 + the signal number, so a
-scheduler sees the run did not finish and the same command resumes it. Resume takes `last.ckpt`, or the newest
-intact `step-*.ckpt` when `last.ckpt` is missing or unreadable. A log folder in use by another run is refused, a
-non-finite loss stops the run with an error, and a learning rate changed between runs is applied (and said).
+scheduler sees the run did not finish and the same command resumes it. Resume takes the loadable checkpoint
+holding the most optimizer steps (`last.ckpt`, which every save replaces whatever the interval, or the newest intact
+`step-*.ckpt` when `last.ckpt` is damaged), and refuses a `max_steps` below them. A log folder in use by another run
+is refused, a non-finite loss stops the run with an error, and a learning rate changed between runs is applied (and
+said).
 
 What a long run adds, all through Lightning: validation every `val_every` optimizer steps on `val_data` with the
 best `keep_best` checkpoints kept by `val/loss` (`best-*.ckpt`, beside `step-*.ckpt` and `last.ckpt`); an EMA of
@@ -26,7 +28,7 @@ import signal
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -67,8 +69,11 @@ def build_trainer(train: DictConfig, ckpt_dir: str, run_name: str, callbacks: Se
     callbacks = [
         *([EMACallback(float(train.ema_decay))] if train.ema_decay else []),  # first: checkpoints see the update
         RunGuard(os.path.join(ckpt_dir, LAST_CHECKPOINT)),
+        # No version counter: `last.ckpt` is replaced at every save whatever the interval was in earlier runs (a
+        # changed --checkpoint_every gives the callback another state key, and with the counter it wrote
+        # `last-v1.ckpt` beside a stale `last.ckpt`), and a step saved again replaces its file.
         ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", every_n_train_steps=train.checkpoint_every,
-                        save_top_k=-1, save_last=True, auto_insert_metric_name=False),
+                        save_top_k=-1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False),
         ImageLogger(every_n_steps=train.log_images_every, max_images=min(4, train.batch_size),
                     out_dir=os.path.join(ckpt_dir, "image_log")),
         LearningRateMonitor(logging_interval="step"),
@@ -76,7 +81,8 @@ def build_trainer(train: DictConfig, ckpt_dir: str, run_name: str, callbacks: Se
     ]
     if validating:  # last.ckpt stays with the periodic callback above: a second one would write last-v1.ckpt
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step:06d}", monitor="val/loss", mode="min",
-                                         save_top_k=int(train.keep_best), auto_insert_metric_name=False))
+                                         save_top_k=int(train.keep_best), auto_insert_metric_name=False,
+                                         enable_version_counter=False))
     csv = CSVLogger(train.logdir, name=run_name)
     tensorboard = TensorBoardLogger(train.logdir, name=run_name, version=csv.version, default_hp_metric=False)
     return pl.Trainer(
@@ -167,34 +173,96 @@ def run_folder_lock(folder: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _training_checkpoint(path: Path) -> tuple[dict[str, str] | None, str]:
-    """(metadata, "") if `path` loads as a Lightning training checkpoint, else (None, why not)."""
+def _training_checkpoint(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(the checkpoint, "") if `path` loads as a Lightning training checkpoint (tensors memory-mapped, not read),
+    else (None, why not)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as error:  # truncated zip, text, empty file: torch raises several types
         return None, f"{type(error).__name__}: {error}"
     if not isinstance(checkpoint, Mapping) or not {"state_dict", "global_step"} <= set(checkpoint):
         return None, "not a Lightning training checkpoint"
-    return dict(checkpoint.get("metadata") or {}), ""
+    return checkpoint, ""
 
 
-def resume_checkpoint(folder: str | os.PathLike) -> tuple[str, dict[str, str]] | None:
-    """(path, metadata) to resume from: `last.ckpt`, else the newest intact `step-*.ckpt` (saying why); or None.
-    The log says which."""
+# The files a run folder's resume considers: `last.ckpt` (and the `last-vN.ckpt` older releases could leave), and
+# the periodic `step-NNNNNN.ckpt` (`-vN`: a second save of one step). Anchored: no other digits count.
+LAST_FILE = re.compile(r"last(?:-v(\d+))?\.ckpt")
+STEP_FILE = re.compile(r"step-(\d+)(?:-v(\d+))?\.ckpt")
+
+
+class Resume(NamedTuple):
+    """The checkpoint a run resumes from: its path, its metadata, and the optimizer step it holds."""
+
+    path: str
+    metadata: dict[str, str]
+    step: int
+
+
+def resume_checkpoint(folder: str | os.PathLike, max_steps: int | None = None) -> Resume | None:
+    """The newest loadable checkpoint of `folder` to resume from, or None when there is none.
+
+    Newest by the optimizer step recorded inside each file (`global_step`), not by its name or age: `last.ckpt`
+    wins ties, a `step-*.ckpt` is read only when its name's step could beat the best found so far. Unreadable
+    files are skipped with a warning, and resuming from anything but `last.ckpt` is logged with the reason. With
+    `max_steps`, a checkpoint already past it raises a ValueError (the run would stop at once, silently).
+    """
     folder = Path(folder)
-    steps = sorted(folder.glob("step-*.ckpt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0), reverse=True)
-    for path in [folder / LAST_CHECKPOINT, *steps]:
-        if not path.is_file():
-            continue
-        metadata, problem = _training_checkpoint(path)
-        if metadata is not None:
-            if path.name != LAST_CHECKPOINT:
-                log.warning("resuming from %s: %s is missing or unreadable", path, LAST_CHECKPOINT)
-            else:
-                log.info("resuming from %s", path)
-            return os.fspath(path), metadata
+    lasts, steps = [], []
+    for path in folder.glob("*.ckpt"):
+        if (match := LAST_FILE.fullmatch(path.name)) is not None:
+            lasts.append(((0 if match[1] is None else 1, -int(match[1] or 0)), path))
+        elif (match := STEP_FILE.fullmatch(path.name)) is not None:
+            steps.append(((int(match[1]), int(match[2] or 0)), path))
+    best: Resume | None = None
+    last_readable = False
+    for _, path in sorted(lasts):  # last.ckpt first, so it wins a tie
+        candidate = _loadable(path)
+        last_readable |= candidate is not None and path.name == LAST_CHECKPOINT
+        if candidate is not None and (best is None or candidate.step > best.step):
+            best = candidate
+    for (named_step, _), path in sorted(steps, reverse=True):
+        if best is not None and named_step <= best.step:
+            break
+        candidate = _loadable(path)
+        if candidate is not None and (best is None or candidate.step > best.step):
+            best = candidate
+            break
+    if best is None:
+        return None
+    if Path(best.path).name == LAST_CHECKPOINT:
+        log.info("resuming from %s (step %d)", best.path, best.step)
+    else:
+        why = "holds an older step" if last_readable else "is missing or unreadable"
+        log.warning("resuming from %s (step %d): %s %s", best.path, best.step, LAST_CHECKPOINT, why)
+    if max_steps is not None and best.step > max_steps:
+        raise ValueError(f"--max_steps {max_steps} is below the {best.step} steps {best.path} already holds: pass "
+                         f"--max_steps {best.step} or more to go on, or another --logdir to start a new run")
+    return best
+
+
+def _loadable(path: Path) -> Resume | None:
+    """`path` as a `Resume` if it loads as a training checkpoint, else None (with a warning saying why)."""
+    if not path.is_file():
+        return None
+    checkpoint, problem = _training_checkpoint(path)
+    if checkpoint is None:
         log.warning("skipping unreadable checkpoint %s (%s)", path, problem)
-    return None
+        return None
+    return Resume(os.fspath(path), dict(checkpoint.get("metadata") or {}), int(checkpoint["global_step"]))
+
+
+def remove_stray_last_versions(folder: str | os.PathLike) -> list[Path]:
+    """Remove the `last-vN.ckpt` files beside `last.ckpt` (left by releases whose Lightning callback versioned
+    `last` instead of replacing it, older than the `last.ckpt` a finished run just wrote); the paths removed."""
+    removed = []
+    for path in Path(folder).glob("last-v*.ckpt"):
+        if LAST_FILE.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %s: %s is the newest state", ", ".join(p.name for p in sorted(removed)), LAST_CHECKPOINT)
+    return removed
 
 
 def resume_conflicts(metadata: Mapping[str, str], current: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
@@ -277,7 +345,8 @@ class RunGuard(pl.Callback):
 
 def fit(module: pl.LightningModule, data: RunData, train: DictConfig, trainer: pl.Trainer,
         resume_from: str | None, last: str | os.PathLike) -> None:
-    """Train `module` on `data` up to `max_steps`, resuming from `resume_from` if given, and leave `last` up to date.
+    """Train `module` on `data` up to `max_steps`, resuming from `resume_from` if given, and leave `last` up to date
+(and no `last-vN.ckpt` beside it).
 
     Raises a ValueError when the module cannot do what `train` asks (validate, follow a learning-rate schedule),
     before training starts, and `TrainingStopped` when the run failed or was interrupted (its progress saved).
@@ -294,3 +363,5 @@ def fit(module: pl.LightningModule, data: RunData, train: DictConfig, trainer: p
         raise ValueError(f"{type(module).__name__} does not validate; leave out --val_data")
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     trainer.save_checkpoint(os.fspath(last))
+    if trainer.is_global_zero:
+        remove_stray_last_versions(os.path.dirname(os.path.abspath(last)))
