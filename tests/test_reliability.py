@@ -14,7 +14,7 @@ import torch
 import fcdiffusion_train
 from fcdiffusion.core.paths import LAST_CHECKPOINT, teacher_checkpoint_dir
 from fcdiffusion.train.training import resume_checkpoint
-from tests.helpers import train_args
+from tests.helpers import train_args, write_shards
 
 
 def write_checkpoint(path, step: int) -> None:
@@ -100,3 +100,16 @@ def test_a_changed_checkpoint_interval_keeps_last_ckpt_the_newest_state(tiny_fil
     assert fcdiffusion_train.main([*args, "--max_steps", "4", "--checkpoint_every", "3"]) == 0
     assert global_step(folder / LAST_CHECKPOINT) == 4
     assert not list(folder.glob("last-v*.ckpt"))
+
+
+# ---- 5. shards against data-loader workers --------------------------------------------------------------------
+def test_more_workers_than_shards_is_refused_before_any_model_is_built(tiny_files, tmp_path, capsys, monkeypatch):
+    shards = write_shards(tiny_files.photos, tmp_path / "shards", per_shard=2)  # 2 shards
+    monkeypatch.setattr(fcdiffusion_train, "instantiate_from_config", lambda *a: pytest.fail("model built"))
+    args = train_args(tiny_files, tmp_path / "logs", "--data", shards, "--max_steps", "1")
+    assert fcdiffusion_train.main([*args, "--num_workers", "4"]) == 1
+    error = capsys.readouterr().err
+    assert "2 shards cannot feed 1 rank(s) x 4 data-loader worker(s)" in error and "--num_workers 2 at most" in error
+    assert fcdiffusion_train.main([*args, "--num_workers", "1", "--accelerator", "cpu", "--devices", "4"]) == 1
+    assert "2 shards cannot feed 4 rank(s) x 1" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()

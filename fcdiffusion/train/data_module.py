@@ -1,10 +1,11 @@
 """The data of a training run: the training set (a folder index or tar shards), an optional validation index, and
 the Lightning loaders over them.
 
-Both are opened before any model is built, so a missing or malformed `--data` / `--val_data` fails at once. The
-training loader shuffles an index (Lightning adds a `DistributedSampler` under DDP) or streams shards
-(`fcdiffusion.train.shards`, placed per rank and worker by webdataset). The validation loader reads its index in order,
-so its first batch is the same at every validation (the fixed batch that image grids and per-batch metrics use).
+Both are opened before any model is built, so a missing or malformed `--data` / `--val_data` fails at once, as do
+shards too few for the run's ranks and data-loader workers. The training loader shuffles an index (Lightning adds a
+`DistributedSampler` under DDP) or streams shards (`fcdiffusion.train.shards`, placed per rank and worker by
+webdataset). The validation loader reads its index in order, so its first batch is the same at every validation
+(the fixed batch that image grids and per-batch metrics use).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fcdiffusion.train.dataset import Augment, FCDiffusionDataset
@@ -24,6 +26,20 @@ def open_index(path: str, what: str, resolution: int, augment: Augment | None = 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} index not found: {path} (write it with training_data_prepare.py)")
     return FCDiffusionDataset(path, resolution=resolution, augment=augment)
+
+
+def planned_world_size(train: Mapping[str, Any]) -> int:
+    """The processes a run's Trainer will start (devices x nodes), read from its `train:` section before there is a
+    Trainer; `devices: auto` counts the visible GPUs (one process on a CPU)."""
+    devices = str(train.get("devices", "auto")).strip().strip("[]")
+    if devices.isdigit():
+        count = int(devices)
+    elif devices in ("auto", "-1"):
+        gpus = train.get("accelerator", "auto") != "cpu" and torch.cuda.is_available()
+        count = torch.cuda.device_count() if gpus else 1
+    else:  # GPU ids: "0,1", "[0, 1]"
+        count = len([d for d in devices.split(",") if d.strip()])
+    return max(1, count) * max(1, int(train.get("num_nodes", 1)))
 
 
 class RunData(pl.LightningDataModule):
@@ -40,6 +56,7 @@ class RunData(pl.LightningDataModule):
         augment = Augment.from_config(train.get("augment"))
         if is_shard_spec(train["data"]):
             train_set: Dataset = ShardStream(train["data"], train["resolution"], augment, seed=int(train["seed"]))
+            train_set.check_readers(planned_world_size(train), int(train["num_workers"]))
         else:
             train_set = open_index(train["data"], "training data", train["resolution"], augment)
         val_set = None

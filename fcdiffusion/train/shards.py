@@ -7,9 +7,9 @@ samples as members sharing a key, e.g. `000000001.jpg` + `000000001.txt` (+ `.js
 Placement (webdataset's splitters): shard i goes to DDP rank i mod world_size (`wds.split_by_node`, from
 torch.distributed or the RANK / WORLD_SIZE environment), then the rank's shards are dealt to its data-loader
 workers (`wds.split_by_worker`), so every sample is read by exactly one rank and worker; there must be at least
-world_size x num_workers shards. Each worker reads its shards in a reshuffled order pass after pass, with a
-shuffle buffer of `SHUFFLE_BUFFER` encoded samples, for ever: the run's length is `max_steps`, and ranks with
-more samples than others never run dry (which would hang DDP).
+world_size x num_workers shards (`check_readers`, which a run calls before any model is built). Each worker reads
+its shards in a reshuffled order pass after pass, with a shuffle buffer of `SHUFFLE_BUFFER` encoded samples, for
+ever: the run's length is `max_steps`, and ranks with more samples than others never run dry (which would hang DDP).
 
 A member that cannot be decoded, a sample without an image or a caption, and an unreadable shard are logged,
 counted (`skipped`, per process, as for the folder dataset) and skipped. A whole pass without one readable
@@ -83,13 +83,25 @@ class ShardStream(SkipsUnreadable, IterableDataset):
             nodes = itertools.islice(source, self.rank, None, self.world_size or 1)
         return [item["url"] for item in wds.split_by_worker(nodes)]
 
+    def check_readers(self, world_size: int, num_workers: int) -> None:
+        """Raise a ValueError when the shards are too few for `world_size` ranks of `num_workers` data-loader
+        workers each (0: the rank's own process reads), since every reader needs at least one shard of its own."""
+        readers = world_size * max(1, num_workers)
+        if len(self.urls) >= readers:
+            return
+        most = len(self.urls) // world_size
+        fix = f"use --num_workers {most} at most, or " if most else ""
+        shards = f"{len(self.urls)} shard" + ("s" if len(self.urls) != 1 else "")
+        raise ValueError(f"{shards} cannot feed {world_size} rank(s) x {max(1, num_workers)} "
+                         f"data-loader worker(s): each reads shards of its own; {fix}write more, smaller shards "
+                         "(img2dataset --number_sample_per_shard)")
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         rank, world_size, worker, num_workers = self.placement()
         shards = self.assigned_shards()
         if not shards:
-            raise ValueError(f"{len(self.urls)} shards cannot feed {world_size} rank(s) x {num_workers} data-loader "
-                             "worker(s): write more, smaller shards (img2dataset --number_sample_per_shard) or use "
-                             "fewer --num_workers")
+            self.check_readers(world_size, num_workers)
+            raise ValueError(f"no shard of {self.spec} for rank {rank}, worker {worker}")
         for epoch in itertools.count():
             rng = random.Random(f"{self.seed}/{self.start_step}/{rank}/{worker}/{epoch}")
             read = 0
