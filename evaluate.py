@@ -32,7 +32,10 @@ type and overall (fcdiffusion/evaluation/pie_bench.py; CLIP default OpenAI ViT-L
 prints B - A per metric over the images both runs scored, with paired-bootstrap intervals (compare.json beside B).
 --precision bf16 runs --model's VAE in bf16 (fp16 keeps it float32: SD's VAE overflows fp16); a delta weights
 file loads over --base. Every weight file is local: a missing one is an error saying where to get it. Writes
---out (metrics.json: per_image, per_mode, settings) with a Markdown table and a plot beside it.
+--out (metrics.json: per_image, per_mode, settings) with a Markdown table and a plot beside it. A metric without
+what it needs (--model, --reference, --fid_reference), an empty --prompt and an --out that cannot be written (or is
+one of the inputs) are refused before any model is loaded; a write that fails at the end puts the results in a
+temporary folder and says where.
 """
 from __future__ import annotations
 
@@ -46,12 +49,13 @@ import torch
 
 from fcdiffusion import cli
 from fcdiffusion.core.devices import resolve_device
-from fcdiffusion.core.paths import SD_CHECKPOINT
+from fcdiffusion.core.inference import check_prompt
+from fcdiffusion.core.paths import SD_CHECKPOINT, check_not_input, check_writable
 from fcdiffusion.core.precision import PRECISIONS, prepare_for_inference
 from fcdiffusion.core.weights import load_model
 from fcdiffusion.evaluation import bootstrap
 from fcdiffusion.evaluation.clip_score import CLIP_B32, CLIP_B32_WEIGHTS, CLIP_L14, CLIP_L14_WEIGHTS
-from fcdiffusion.evaluation.suite import METRICS, Evaluator, Settings, evaluate_folder
+from fcdiffusion.evaluation.suite import METRICS, Evaluator, Settings, check_metric_inputs, evaluate_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,10 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_out(out: str, inputs: dict[str, str | None]) -> None:
+    """Raise a UsageError, before any work, when `out` (the metrics.json to write) is a folder, one of `inputs` or
+    in a folder that cannot be written."""
+    if os.path.isdir(out):
+        raise cli.UsageError(f"--out {out} is a folder; name the metrics.json to write")
+    try:
+        check_not_input(out, "--out", inputs)
+        check_writable(os.path.dirname(os.path.abspath(out)), "--out")
+    except ValueError as error:
+        raise cli.UsageError(str(error)) from None
+
+
 def compare(args: argparse.Namespace) -> None:
     """Print (and write beside RUN_B) the paired differences of two runs' metrics."""
-    from fcdiffusion.evaluation.compare import compare_runs
+    from fcdiffusion.evaluation.compare import compare_runs, metrics_file
 
+    runs = {name: metrics_file(run) for name, run in zip(("RUN_A", "RUN_B"), args.compare)}
+    check_out(args.out or os.fspath(runs["RUN_B"].with_name("compare.json")), runs)
     print(compare_runs(*args.compare, args.out, args.bootstrap_resamples, args.bootstrap_set_resamples,
                        args.bootstrap_seed))
 
@@ -109,6 +127,7 @@ def pie_bench(args: argparse.Namespace) -> None:
         raise cli.UsageError("--benchmark pie needs --data and either --model or --results")
     if args.model is None and not os.path.isdir(args.results):
         raise cli.UsageError(f"--results folder not found: {args.results}")
+    check_out(args.out or os.path.join(args.results or "outputs/pie_bench", "metrics.json"), {})
     settings = pie_bench.PieSettings(args.data, args.results or "outputs/pie_bench", args.out,
                                      args.clip_arch or CLIP_L14, args.clip_weights or CLIP_L14_WEIGHTS,
                                      args.clip_arch_config, args.dino_weights, args.lpips_weights,
@@ -135,6 +154,18 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
             raise cli.UsageError(f"--{flag} folder not found: {getattr(args, flag)}")
     if args.batch_size < 1:
         raise cli.UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.prompt is not None:
+        try:
+            args.prompt = check_prompt(args.prompt)
+        except ValueError as error:
+            raise cli.UsageError(f"--prompt: {error}") from None
+    try:
+        check_metric_inputs(args.metrics, args.model is not None, args.fid_reference is not None,
+                            args.reference is not None)
+    except ValueError as error:
+        raise cli.UsageError(str(error)) from None
+    out = args.out or os.path.join(args.results, "metrics.json")
+    check_out(out, {})
     settings = Settings(model=_model(args), clip_arch=args.clip_arch or CLIP_B32,
                         clip_weights=args.clip_weights or CLIP_B32_WEIGHTS,
                         clip_arch_config=args.clip_arch_config, dino_weights=args.dino_weights,
@@ -144,7 +175,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
                         seed=args.bootstrap_seed, device=args.device)
     evaluator = Evaluator(args.metrics, settings)
     evaluator.prepare()
-    out = args.out or os.path.join(args.results, "metrics.json")
     _, problems = evaluate_folder(evaluator, args.results, args.input_dir, args.prompt, args.reference,
                                          out, args.batch_size)
     for message in problems:

@@ -7,7 +7,8 @@
 The delta of a student holds its control net, mode embedding, LoRA adapters and any other tensor it trained; a
 teacher's holds its control net. Its metadata describes the model as the full file's does, and names the base
 checkpoint with its SHA-256. Load it with the base (`--base` of test_distillation.py and evaluate.py, or
-`load_model(delta, base=...)`); another base file is refused. The full weights file stays as it was.
+`load_model(delta, base=...)`); another base file is refused. The full weights file stays as it was: an OUT that
+names it (or --base), by any path, is refused before anything is read.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from fcdiffusion import cli
-from fcdiffusion.core.paths import SD_CHECKPOINT
+from fcdiffusion.core.paths import SD_CHECKPOINT, check_not_input, check_writable
 from fcdiffusion.core.weights import export_delta, read_model
 
 
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     """Read the full model, write its delta over --base and say how small it is."""
     if not args.out.endswith(".safetensors"):
         raise cli.UsageError(f"the delta file must be a .safetensors file, got {args.out}")
+    check_not_input(args.out, "the delta file", {"the full weights file": args.model, "--base": args.base})
+    check_writable(os.path.dirname(os.path.abspath(args.out)), "the delta file's folder")
     model, metadata = read_model(args.model)
     sizes = export_delta(model, args.out, args.base, metadata)
     print(f"wrote {args.out}: {os.path.getsize(args.out):,} bytes ({sizes['delta_bytes']:,} bytes of tensors, "

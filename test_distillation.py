@@ -39,7 +39,8 @@ import json
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +49,26 @@ from tqdm import tqdm
 
 from fcdiffusion import cli
 from fcdiffusion.core.devices import resolve_device
+from fcdiffusion.core.errors import OutputError
 from fcdiffusion.core.frequency import CONTROL_MODES
 from fcdiffusion.core.images import labelled_grid, save_image, save_png
-from fcdiffusion.core.inference import Translator
+from fcdiffusion.core.inference import Translator, check_prompt
 from fcdiffusion.core.model import FrequencyControlledLDM
-from fcdiffusion.core.paths import SD_CHECKPOINT
+from fcdiffusion.core.paths import SD_CHECKPOINT, check_not_input, check_writable
 from fcdiffusion.core.precision import PRECISIONS, prepare_for_inference
 from fcdiffusion.core.student import FCDiffusionStudent
 from fcdiffusion.core.tiny_vae import TINY_VAE_HELP, TINY_VAE_USE_HELP, TINY_VAE_USES, load_tiny_vae
-from fcdiffusion.core.weights import distilled_student_config, load_student, load_teacher, teacher_model_config
+from fcdiffusion.core.weights import (
+    distilled_student_config,
+    load_student,
+    load_teacher,
+    max_sampling_steps,
+    recorded_max_sampling_steps,
+    teacher_model_config,
+)
 from fcdiffusion.evaluation.suite import METRICS, NEEDS_REFERENCE, Evaluator, Settings, evaluate_folder
 from fcdiffusion.train.dataset import LATENT_GRID, load_image
-from fcdiffusion.train.image_folder import prompted_images
+from fcdiffusion.train.image_folder import IMAGE_SUFFIXES, prompted_images
 from ldm.models.diffusion.sampling import SAMPLERS
 from ldm.models.diffusion.scheduler import SPACINGS
 from ldm.util import atomic_write_text, load_config
@@ -119,20 +128,45 @@ def check_usage(args: argparse.Namespace, overrides: list[str]) -> None:
                              f"(the VAE and the UNet downsample it {LATENT_GRID}x in all)")
     if overrides and not args.config:
         raise cli.UsageError(f"unrecognised arguments {overrides} (key.sub=value overrides need --config)")
+    if args.prompt is not None:
+        try:
+            args.prompt = check_prompt(args.prompt)
+        except ValueError as error:
+            raise cli.UsageError(f"--prompt: {error}") from None
     if not os.path.isdir(args.input_dir):
         raise cli.UsageError(f"input folder not found: {args.input_dir}")
-    check_out_dir(args.out_dir)
+    try:
+        check_not_input(args.out_dir, "--out_dir", {"--input_dir": args.input_dir})
+        check_writable(args.out_dir, "--out_dir", output_bytes(args))
+    except ValueError as error:
+        raise cli.UsageError(str(error)) from None
+    check_steps(args, recorded_step_limit(args, overrides), args.student or args.teacher)
 
 
-def check_out_dir(out_dir: str) -> None:
-    """Raise a UsageError when the outputs could not be written under `out_dir`; creates nothing."""
-    existing = Path(os.path.abspath(out_dir))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise cli.UsageError(f"cannot write outputs to --out_dir {out_dir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise cli.UsageError(f"cannot write outputs to --out_dir {out_dir}: {existing} is not writable")
+def output_bytes(args: argparse.Namespace) -> int:
+    """About what the outputs of INPUT_DIR take, counted before any model is loaded (every mode for a student
+    without --mode): per image and mode a result and a control PNG, and a grid of them all with the source, each
+    PNG taken at half its raw pixels (photos compress about that well)."""
+    images = sum(1 for p in Path(args.input_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    modes = 1 if args.teacher or args.mode not in (None, "all") else len(CONTROL_MODES)
+    return images * (4 * modes + 1) * args.resolution**2 * 3 // 2
+
+
+def recorded_step_limit(args: argparse.Namespace, overrides: list[str]) -> int | None:
+    """The most sampling steps the model can take, from --config or what its weights file records (no tensor read);
+    None when neither says (checked again once the model is loaded)."""
+    if args.config:
+        config = load_config(args.config, overrides)
+        model = distilled_student_config(config) if args.student else teacher_model_config(config)
+        return max_sampling_steps(model, args.spacing)
+    return recorded_max_sampling_steps(args.student or args.teacher, args.spacing)
+
+
+def check_steps(args: argparse.Namespace, limit: int | None, model: str) -> None:
+    """Raise a UsageError when --steps is more than the model's sampler fits in its schedule (`limit`)."""
+    if args.steps is not None and limit is not None and args.steps > limit:
+        spacing = "" if args.student else f" on the {args.spacing or 'uniform'} timestep spacing"
+        raise cli.UsageError(f"--steps {args.steps} is more than {model} can sample with{spacing}: at most {limit}")
 
 
 def output_names(paths: Sequence[Path]) -> tuple[dict[Path, str], list[str]]:
@@ -160,6 +194,18 @@ def output_names(paths: Sequence[Path]) -> tuple[dict[Path, str], list[str]]:
     return names, messages
 
 
+@contextmanager
+def kept_so_far(out_dir: str, done: int) -> Iterator[None]:
+    """Turn a failed write (a full disk, a file system gone read-only) into an `OutputError` that says what was
+    kept: the `done` images translated before it, in `out_dir` (each output is written atomically)."""
+    try:
+        yield
+    except OSError as error:
+        target = error.filename2 or error.filename or out_dir
+        raise OutputError(f"could not write {target}: {error.strerror or error}; the {done} image(s) translated "
+                          f"before it are in {out_dir}; make room (or pick another --out_dir) and run again") from None
+
+
 def load_model(args: argparse.Namespace, overrides: list[str]) -> FrequencyControlledLDM:
     """The student or teacher the flags name; its own metadata describes it unless --config is given."""
     config = load_config(args.config, overrides) if args.config else None
@@ -175,6 +221,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     check_usage(args, overrides)
     device = resolve_device(args.device)
     model = load_model(args, overrides)
+    check_steps(args, max_sampling_steps(model.model_config(), args.spacing), args.student or args.teacher)
     modes = list(model.modes) if args.mode in (None, "all") else [model.check_mode(args.mode)]
     if isinstance(model, FCDiffusionStudent):  # teachers take any sampler, spacing and scale
         model.check_sampling(args.guidance_scale, args.sampler, args.spacing)
@@ -191,10 +238,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     named = [(path, prompt) for path, prompt in pairs if path in names]
     done, skipped = 0, len(problems) + len(pairs) - len(named)
     pairs = named
-    os.makedirs(args.out_dir, exist_ok=True)
-    atomic_write_text(os.path.join(args.out_dir, "settings.json"), json.dumps({
-        "model": args.student or args.teacher, "steps": args.steps, "seed": args.seed, "precision": args.precision,
-        "vae": tiny_vae.settings() if tiny_vae else "full"}, indent=2) + "\n")
+    with kept_so_far(args.out_dir, done):
+        os.makedirs(args.out_dir, exist_ok=True)
+        atomic_write_text(os.path.join(args.out_dir, "settings.json"), json.dumps({
+            "model": args.student or args.teacher, "steps": args.steps, "seed": args.seed,
+            "precision": args.precision, "vae": tiny_vae.settings() if tiny_vae else "full"}, indent=2) + "\n")
     with tqdm(total=len(pairs), desc="translating", unit="img") as progress:
         for start in range(0, len(pairs), args.batch_size):
             batch = []
@@ -211,14 +259,16 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
             results = translator(images, [b[2] for b in batch], modes, seed=[args.seed + b[0] for b in batch],
                                  control_seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
                                  sampler=args.sampler, spacing=args.spacing)
-            for i, (_, path, _, _) in enumerate(batch):
-                columns = {"source": images[i:i + 1]}
-                for mode, result in results.items():
-                    save_image(result.image[i], os.path.join(args.out_dir, f"{names[path]}_{mode}.png"))
-                    save_image(result.control[i], os.path.join(args.out_dir, f"{names[path]}_{mode}_control.png"))
-                    columns[f"control {mode}"] = result.control[i:i + 1].cpu()
-                    columns[mode] = result.image[i:i + 1].cpu()
-                save_png(labelled_grid(columns), os.path.join(args.out_dir, f"{names[path]}_grid.png"))
+            with kept_so_far(args.out_dir, done):
+                for i, (_, path, _, _) in enumerate(batch):
+                    columns = {"source": images[i:i + 1]}
+                    for mode, result in results.items():
+                        save_image(result.image[i], os.path.join(args.out_dir, f"{names[path]}_{mode}.png"))
+                        save_image(result.control[i], os.path.join(args.out_dir,
+                                                                   f"{names[path]}_{mode}_control.png"))
+                        columns[f"control {mode}"] = result.control[i:i + 1].cpu()
+                        columns[mode] = result.image[i:i + 1].cpu()
+                    save_png(labelled_grid(columns), os.path.join(args.out_dir, f"{names[path]}_grid.png"))
             done += len(batch)
             progress.update(len(batch))
     print(f"translated {done} image(s) into {args.out_dir}" + (f"; skipped {skipped}" if skipped else ""))

@@ -171,6 +171,24 @@ def load_checkpoint(path: str | os.PathLike, hint: str = "") -> tuple[dict[str, 
     return state_dict, metadata
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a weights file without reading its tensors (the safetensors header, or a `.ckpt`'s
+    `metadata` entry with its tensors memory-mapped); {} for a file that cannot be read so (`load_checkpoint` says
+    why when it loads it)."""
+    path = os.fspath(path)
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                return dict(f.metadata() or {})
+        try:
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError:  # a Lightning checkpoint pickling more than tensors: the user's own file
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # missing, damaged, or an old format mmap cannot read
+        return {}
+    return dict(obj.get("metadata") or {}) if isinstance(obj, Mapping) else {}
+
+
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Raise `NonFiniteWeightsError` naming `source` and up to 5 keys if a floating tensor holds NaN or Inf."""
     bad = [k for k, v in state_dict.items()

@@ -3,18 +3,21 @@ whatever the files are called, `last.ckpt` follows every save, outputs are check
 write says where the results went, and every command line that cannot work is refused before any model is built."""
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import shutil
+import tempfile
 
 import pytest
 import pytorch_lightning as pl
 import torch
 
 import fcdiffusion_train
-from fcdiffusion.core.paths import LAST_CHECKPOINT, teacher_checkpoint_dir
+from fcdiffusion.core.paths import LAST_CHECKPOINT, student_file, teacher_checkpoint_dir
 from fcdiffusion.train.training import resume_checkpoint
-from tests.helpers import train_args, write_shards
+from tests.helpers import teacher_paths, train_args, write_shards
 
 
 def write_checkpoint(path, step: int) -> None:
@@ -113,3 +116,151 @@ def test_more_workers_than_shards_is_refused_before_any_model_is_built(tiny_file
     assert fcdiffusion_train.main([*args, "--num_workers", "1", "--accelerator", "cpu", "--devices", "4"]) == 1
     assert "2 shards cannot feed 4 rank(s) x 1" in capsys.readouterr().err
     assert not (tmp_path / "logs").exists()
+
+
+# ---- 3. no command writes over its input ----------------------------------------------------------------------
+def test_export_delta_refuses_to_write_over_the_full_file_or_the_base(tmp_path, capsys):
+    import export_delta
+
+    full, base = tmp_path / "student.safetensors", tmp_path / "base.ckpt"
+    full.write_bytes(b"the full student")
+    base.write_bytes(b"the base")
+    (tmp_path / "sub").mkdir()
+    for out in (full, tmp_path / "sub" / ".." / "student.safetensors"):
+        assert export_delta.main([str(full), str(out), "--base", str(base)]) == 1
+        assert "is also the full weights file" in capsys.readouterr().err
+    os.symlink(full, tmp_path / "link.safetensors")
+    assert export_delta.main([str(full), str(tmp_path / "link.safetensors"), "--base", str(base)]) == 1
+    assert "the output would replace what the command reads" in capsys.readouterr().err
+    assert full.read_bytes() == b"the full student" and base.read_bytes() == b"the base"
+
+
+# ---- 6, 7. the translation script: flags refused before any model is loaded, a full disk reported -------------
+@pytest.fixture(scope="module")
+def script():
+    from tests.test_inference import load_script
+
+    return load_script()
+
+
+def script_args(distilled, workdir, out, *extra: str) -> list[str]:
+    return ["--input_dir", str(workdir / "photos"), "--student", str(student_file(distilled)), "--mode", "low_pass",
+            "--resolution", "128", "--out_dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "2000"], "--steps 2000 is more than {student} can sample with: at most 1000"),
+    (["--prompt", ""], "--prompt: the prompt is empty"),
+    (["--prompt", " \t "], "--prompt: the prompt is empty"),
+    (["--out_dir", "{photos}"], "--out_dir {photos} is also --input_dir"),
+])
+def test_translation_flags_that_cannot_work_are_refused_before_any_model_is_loaded(
+        script, distilled, workdir, tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(script, "load_model", lambda *a: pytest.fail("model loaded"))
+    names = {"student": student_file(distilled), "photos": workdir / "photos"}
+    args = script_args(distilled, workdir, tmp_path / "out", *[f.format(**names) for f in flags])
+    assert script.main(args) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ") and message.format(**names) in error[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_teacher_is_held_to_its_own_spacing_s_step_range(script, workdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(script, "load_model", lambda *a: pytest.fail("model loaded"))
+    teacher = teacher_paths(workdir / "logs")["low_pass"]
+    args = ["--input_dir", str(workdir / "photos"), "--teacher", str(teacher), "--out_dir", str(tmp_path / "out")]
+    assert script.main([*args, "--steps", "1000"]) == 1  # SD's uniform spacing fits T - 1 steps
+    assert "on the uniform timestep spacing: at most 999" in capsys.readouterr().err
+
+
+def test_outputs_that_cannot_be_written_are_refused_first_and_a_full_disk_says_what_was_kept(
+        script, distilled, workdir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    loaded = []
+    original_load = script.load_model
+    monkeypatch.setattr(script, "load_model", lambda *a: loaded.append(1) or original_load(*a))
+    with monkeypatch.context() as patch:  # a disk with 100 kB left
+        patch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 20, 10 << 20, 100_000))
+        assert script.main(script_args(distilled, workdir, out)) == 1
+    assert "MiB free on its disk, the outputs need about" in capsys.readouterr().err and not loaded
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "mkstemp", read_only)
+        assert script.main(script_args(distilled, workdir, out)) == 1
+    assert "cannot write outputs to --out_dir" in capsys.readouterr().err and not loaded
+
+    replace, written = os.replace, []
+
+    def fill_up(source, target):  # the disk fills up after the first image's three PNGs
+        if len(written) == 1 + 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), source, None, target)
+        written.append(target)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", fill_up)
+    assert script.main(script_args(distilled, workdir, out, "--batch_size", "1", "--steps", "1")) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: could not write ") and "No space left on device" in error
+    assert f"the 1 image(s) translated before it are in {out}" in error
+    assert len(list(out.glob("*_low_pass.png"))) == 1 and not list(out.glob(".*.tmp"))
+
+
+def test_a_long_prompt_is_cut_with_a_warning_once(script, distilled, workdir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fcdiffusion.core.inference"):
+        assert script.main(script_args(distilled, workdir, tmp_path / "out", "--steps", "1", "--batch_size", "1",
+                                       "--prompt", "a cat " * 5000)) == 0
+    warnings = [r.getMessage() for r in caplog.records if "longer than the text encoder reads" in r.getMessage()]
+    assert len(warnings) == 1 and "9925 token(s)" in warnings[0] and "context of 77" in warnings[0]
+
+
+# ---- 4, 6. evaluate.py: metrics without their inputs refused, --out checked first, a failed write kept --------
+def evaluate_args(distilled, workdir, results, *extra: str) -> list[str]:
+    return ["--results", str(results), "--input_dir", str(workdir / "photos"), "--model",
+            str(student_file(distilled)), *extra]
+
+
+def test_metrics_without_their_inputs_and_unwritable_outputs_are_refused_before_any_model_is_loaded(
+        distilled, workdir, tmp_path, monkeypatch, capsys):
+    import evaluate
+    from tests.test_evaluate import make_self_results
+
+    results = make_self_results(workdir, tmp_path)
+    monkeypatch.setattr(evaluate, "load_model", lambda *a: pytest.fail("model loaded"))
+    assert evaluate.main(evaluate_args(distilled, workdir, results, "--metrics", "teacher_agreement")) == 1
+    assert "teacher_agreement compares the results with another run's (--reference" in capsys.readouterr().err
+    assert evaluate.main(evaluate_args(distilled, workdir, results, "--metrics", "band", "--prompt", " ")) == 1
+    assert "--prompt: the prompt is empty" in capsys.readouterr().err
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    assert evaluate.main(evaluate_args(distilled, workdir, results, "--metrics", "band")) == 1
+    assert f"cannot write outputs to --out {results}: Read-only file system" in capsys.readouterr().err
+    assert not (results / "metrics.json").exists()
+
+
+def test_a_write_failing_after_the_metrics_keeps_them_in_a_temporary_folder(distilled, workdir, tmp_path, capsys,
+                                                                           monkeypatch):
+    import evaluate
+    from tests.test_evaluate import make_self_results
+
+    results = make_self_results(workdir, tmp_path)
+    replace = os.replace
+
+    def read_only_results(source, target):  # the results' file system turns read-only while the metrics run
+        if str(target).startswith(str(results)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), source, None, target)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", read_only_results)
+    assert evaluate.main(evaluate_args(distilled, workdir, results, "--metrics", "band")) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: could not write {results / 'metrics.json'}: Read-only file system")
+    kept = error.split("the results were written to ")[1].split(" instead")[0]
+    assert json.loads(open(kept).read())["per_mode"] and os.path.isfile(kept.replace(".json", ".md"))
+    assert not (results / "metrics.json").exists() and not list(results.glob(".*.tmp"))
+    shutil.rmtree(os.path.dirname(kept))

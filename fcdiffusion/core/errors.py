@@ -13,3 +13,8 @@ class RunError(Exception):
     def __init__(self, message: str, status: int = 1, label: str = "error"):
         super().__init__(message)
         self.status, self.label = status, label
+
+
+class OutputError(RunError):
+    """An output that could not be written (a full disk, a read-only file system); the message says which, and where
+    the results that were made are kept."""

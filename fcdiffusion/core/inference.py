@@ -6,6 +6,7 @@ depends only on the model, the image, the prompt, the mode, the steps and the se
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,6 +17,18 @@ from einops import rearrange
 
 from fcdiffusion.core.tiny_vae import TinyVAE
 from ldm.models.diffusion.sampling import StepCallback
+
+log = logging.getLogger(__name__)
+EXAMPLE_PROMPT = "a watercolor painting of a cat"
+
+
+def check_prompt(prompt: str | None) -> str:
+    """`prompt` as the text encoder reads it (whitespace runs collapsed, as caption files are read), or a ValueError
+    when no word is left: the one rule for `--prompt`, caption files (an empty one skips its image) and the demo."""
+    words = " ".join((prompt or "").split())
+    if not words:
+        raise ValueError(f"the prompt is empty: describe the picture you want, e.g. '{EXAMPLE_PROMPT}'")
+    return words
 
 
 class Translatable(Protocol):
@@ -89,16 +102,33 @@ class Translator:
         if tiny_vae is not None:
             tiny_vae.check(model)
         self.model, self.tiny_vae = model, tiny_vae
+        self._cut_prompts: set[str] = set()
 
     @property
     def modes(self) -> tuple[str, ...]:
         return self.model.modes
 
+    def dropped_tokens(self, prompts: Sequence[str]) -> list[int]:
+        """Per prompt, how many tokens the model's text encoder cuts off past its context length (0 for an encoder
+        that does not say)."""
+        count = getattr(getattr(self.model, "cond_stage_model", None), "dropped_tokens", None)
+        return list(count(prompts)) if count is not None else [0] * len(prompts)
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 3, H, W) in [-1, 1] and their prompts -> (latents, the posterior mean; text context)."""
+        """Images (B, 3, H, W) in [-1, 1] and their prompts -> (latents, the posterior mean; text context).
+
+        A prompt longer than the text encoder's context is cut to it: said once per prompt (a warning naming how
+        many tokens were dropped), never silently."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+        for prompt, dropped in zip(prompts, self.dropped_tokens(prompts)):
+            if dropped and prompt not in self._cut_prompts:
+                self._cut_prompts.add(prompt)
+                shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                log.warning("the prompt %r is %d token(s) longer than the text encoder reads (its context of %s, "
+                            "with the start and end tokens): its end is cut off", shown, dropped,
+                            getattr(self.model.cond_stage_model, "max_length", "?"))
         return self.encode_images(images), self.model.get_learned_conditioning(prompts)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

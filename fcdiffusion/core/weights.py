@@ -28,8 +28,15 @@ from omegaconf import OmegaConf
 from fcdiffusion.core.frequency import ControlMode
 from fcdiffusion.core.model import FCDiffusion
 from fcdiffusion.core.precision import cast_parameters, precision_dtype
-from fcdiffusion.core.student import MODE_LABEL_KEY, FCDiffusionStudent, student_config
-from ldm.checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint, save_state_dict
+from fcdiffusion.core.student import (
+    DISTILLED_SCHEDULER,
+    MODE_LABEL_KEY,
+    STUDENT_TARGET,
+    FCDiffusionStudent,
+    student_config,
+)
+from ldm.checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint, read_metadata, save_state_dict
+from ldm.models.diffusion.scheduler import max_steps
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
 log = logging.getLogger(__name__)
@@ -235,6 +242,23 @@ def _config(metadata: Mapping[str, str], config: Mapping[str, Any] | None, sourc
         raise ValueError(f"{source} records no model config (written before weight files described themselves); "
                          f"pass the config it was trained with (--config)")
     return upgrade_targets(found)
+
+
+def max_sampling_steps(config: Mapping[str, Any], spacing: str | None = None) -> int:
+    """The most sampling steps the model a `{target, params}` config describes can take over its `timesteps`: a
+    student on the spacing it records (`scheduler`), a teacher on `spacing` (default SD's uniform one)."""
+    config = upgrade_targets(dict(config))
+    params = config.get("params") or {}
+    if config.get("target") == STUDENT_TARGET:
+        spacing = (params.get("scheduler") or DISTILLED_SCHEDULER)["spacing"]
+    return max_steps(spacing or "uniform", int(params.get("timesteps", 1000)))
+
+
+def recorded_max_sampling_steps(path: str | os.PathLike, spacing: str | None = None) -> int | None:
+    """`max_sampling_steps` of the model the weights file at `path` records (its tensors are not read), or None
+    when it records no config (or cannot be read: the loader will say why)."""
+    config = recorded(read_metadata(path), "config")
+    return None if config is None else max_sampling_steps(config, spacing)
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------

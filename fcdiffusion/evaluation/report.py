@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fcdiffusion.core.errors import OutputError
 from fcdiffusion.evaluation import bootstrap
 from ldm.util import atomic_path, atomic_write_text
 
@@ -91,15 +93,38 @@ def plot(per_group: Mapping[str, Mapping[str, float]], intervals: Intervals | No
 
 def write_outputs(out: str | os.PathLike, content: Mapping[str, Any], per_group: Mapping[str, Mapping[str, float]],
                   intervals: Intervals, labels: Mapping[str, str] | None = None, first: str = "mode",
-                  caption: str = "") -> str:
-    """`out` (JSON of `content`), the Markdown table (returned) and the plot beside it (`.md`, `.png`)."""
-    out = Path(out)
-    atomic_write_text(out, json.dumps(content, indent=2) + "\n")
+                  caption: str = "", extra: Mapping[str, Callable[[Path], None]] | None = None) -> str:
+    """`out` (JSON of `content`), the Markdown table (returned) and the plot beside it (`.md`, `.png`), and each of
+    `extra` (file name -> writer of that path) beside them, every file atomically.
+
+    The work behind them is never lost to a failed write (a full disk, a file system gone read-only): they are
+    written to a new temporary folder instead and an `OutputError` says where.
+    """
     table = markdown_table(per_group, intervals, labels, first, caption)
+    try:
+        _write_all(Path(out), content, table, per_group, intervals, labels, extra or {})
+    except OSError as error:
+        problem = f"could not write {error.filename2 or error.filename or out}: {error.strerror or error}"
+        fallback = Path(tempfile.mkdtemp(prefix="fcdiffusion-results-")) / Path(out).name
+        try:
+            _write_all(fallback, content, table, per_group, intervals, labels, extra or {})
+        except OSError as second:
+            raise OutputError(f"{problem}; nor could a copy be written to {fallback.parent} "
+                              f"({second.strerror or second}): the results are lost") from error
+        raise OutputError(f"{problem}; the results were written to {fallback} instead (with its table and plot "
+                          "beside it)") from error
+    return table
+
+
+def _write_all(out: Path, content: Mapping[str, Any], table: str, per_group: Mapping[str, Mapping[str, float]],
+               intervals: Intervals, labels: Mapping[str, str] | None,
+               extra: Mapping[str, Callable[[Path], None]]) -> None:
+    for name, write in extra.items():
+        write(out.with_name(name))
+    atomic_write_text(out, json.dumps(content, indent=2) + "\n")
     atomic_write_text(out.with_suffix(".md"), table)
     if per_group:
         plot(per_group, intervals, out.with_suffix(".png"), labels)
-    return table
 
 
 def interval_caption(settings: Mapping[str, Any], set_level: bool = True) -> str:

@@ -29,10 +29,28 @@ from fcdiffusion.evaluation.pairs import Pair, match_pairs
 from fcdiffusion.evaluation.report import Intervals, interval_caption, summarize, write_outputs
 from fcdiffusion.evaluation.report import markdown_table as markdown_table
 from fcdiffusion.train.dataset import load_image
+from ldm.util import atomic_path
 
 METRICS = ("band", "band_retrieval", "teacher_agreement", "clip_score", "dino_structure", "lpips", "fid")
 NEEDS_REFERENCE = ("teacher_agreement", "fid")  # another folder: --reference (agreement), --fid_reference (FID/KID)
+NEEDS_MODEL = ("band", "band_retrieval", "teacher_agreement")  # the model's VAE and band edges
 SET_LEVEL = ("band_retrieval", "fid")  # one figure per mode from all of its images
+
+
+def check_metric_inputs(metrics: Sequence[str], model: bool, fid_reference: bool,
+                        reference: bool | None = None) -> None:
+    """Raise a ValueError when one of `metrics` lacks what it is computed from: the model (`NEEDS_MODEL`), the
+    reference results (teacher_agreement: --reference) or the reference photos (fid: --fid_reference); `reference`
+    None: not known yet. The one check of evaluate.py (before any model is loaded) and of the suite itself."""
+    needs_model = [m for m in NEEDS_MODEL if m in metrics]
+    if needs_model and not model:
+        raise ValueError(f"{', '.join(needs_model)} need the model whose VAE and band edges they use "
+                         "(--model: a student or teacher weights file)")
+    if "teacher_agreement" in metrics and reference is False:
+        raise ValueError("teacher_agreement compares the results with another run's (--reference: e.g. the "
+                         "teacher's results folder); pass one, or leave the metric out")
+    if "fid" in metrics and not fid_reference:
+        raise ValueError("fid needs a folder of reference photos to compare the results with (--fid_reference)")
 
 
 @dataclass
@@ -85,12 +103,7 @@ class Evaluator:
         unknown = sorted(set(metrics) - set(METRICS))
         if unknown:
             raise ValueError(f"unknown metrics {unknown}; valid: {', '.join(METRICS)}")
-        needs_model = {"band", "band_retrieval", "teacher_agreement"} & set(metrics)
-        if needs_model and settings.model is None:
-            raise ValueError(f"{', '.join(sorted(needs_model))} need the model whose VAE and band edges they use "
-                             "(--model: a student or teacher weights file)")
-        if "fid" in metrics and settings.fid_reference is None:
-            raise ValueError("fid needs a folder of reference photos to compare the results with (--fid_reference)")
+        check_metric_inputs(metrics, settings.model is not None, settings.fid_reference is not None)
         self.metrics, self.settings = list(metrics), settings
         self._built: dict[str, Any] = {}
 
@@ -214,14 +227,16 @@ def evaluate_folder(evaluator: Evaluator, results: str | os.PathLike, input_dir:
                     out: str | os.PathLike | None = None, batch_size: int = 8) -> tuple[dict, list[str]]:
     """Match, score and write: the per-mode means and the messages of what was left out.
 
-    Writes `out` (default `<results>/metrics.json`) with the table and the plot beside it; the one path of
-    `evaluate.py` and `test_distillation.py --evaluate`.
+    Writes `out` (default `<results>/metrics.json`) with the table and the plot beside it (elsewhere, said by an
+    `OutputError`, when they cannot be written there); the one path of `evaluate.py` and `test_distillation.py
+    --evaluate`.
     """
+    s = evaluator.settings
+    check_metric_inputs(evaluator.metrics, s.model is not None, s.fid_reference is not None, reference is not None)
     pairs, problems = match_pairs(results, input_dir, prompt, reference)
     if not pairs:
         raise ValueError(f"no result in {results} matches a source in {input_dir}")
     records = evaluator.per_image(pairs, batch_size)
-    s = evaluator.settings
     whole = evaluator.set_level(pairs)
     for record in records:
         if record["name"] in whole.hits.get(record["mode"], {}):
@@ -242,14 +257,21 @@ def evaluate_folder(evaluator: Evaluator, results: str | os.PathLike, input_dir:
     if "clip_score" in evaluator.metrics:
         settings["clip"] = {"arch": s.clip_arch, "weights": s.clip_weights}
         caption += f" CLIP: {s.clip_arch} ({s.clip_weights})."
+    extra = {}
     if "fid" in evaluator.metrics:
-        features = out.with_name(out.stem + "_features.npz")
-        np.savez(features, reference=whole.reference,
-                 **{f"{mode}/{key}": value for mode, (names, feats) in whole.features.items()
-                    for key, value in (("names", np.array(names)), ("features", feats))})
+        features = out.stem + "_features.npz"
+        arrays = {"reference": whole.reference, **{f"{mode}/{key}": value for mode, (names, feats) in
+                                                   whole.features.items()
+                                                   for key, value in (("names", np.array(names)), ("features", feats))}}
+
+        def write_features(path: Path) -> None:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        extra[features] = write_features
         settings["fid"] = {"implementation": "clean-fid, mode clean", "reference": os.fspath(s.fid_reference),
-                           "reference_images": len(whole.reference), "features": features.name}
+                           "reference_images": len(whole.reference), "features": features}
         caption += f" FID/KID: clean-fid (clean) against {s.fid_reference} ({len(whole.reference)} photos)."
     write_outputs(out, {"per_image": records, "per_mode": per_mode, "intervals": intervals, "settings": settings},
-                  per_mode, intervals, labels, "mode", caption)
+                  per_mode, intervals, labels, "mode", caption, extra)
     return per_mode, problems

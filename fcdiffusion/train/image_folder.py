@@ -14,6 +14,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from fcdiffusion.core.inference import check_prompt
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # a GIF gives its first frame
 SKIP_REASONS = ("no_caption", "empty_caption", "unreadable_caption", "corrupt_image")
 
@@ -123,9 +125,12 @@ def prompted_images(input_dir: str | os.PathLike, prompt: str | None = None
                     ) -> tuple[list[tuple[Path, str]], list[str]]:
     """(image, prompt) pairs of the images directly in `input_dir` (sorted), and a message per file skipped.
 
-    The prompt is `prompt` when given, else the image's caption; an image without a usable caption is skipped.
-    Every other file is reported as skipped too, except `.txt` captions, hidden files and subfolders.
+    The prompt is `prompt` when given (an empty one is a ValueError: `check_prompt`'s rule), else the image's
+    caption; an image without a usable caption is skipped. Every other file is reported as skipped too, except
+    `.txt` captions, hidden files and subfolders.
     """
+    if prompt is not None:
+        prompt = check_prompt(prompt)
     pairs, problems = [], []
     for path in sorted(Path(input_dir).iterdir()):
         if path.name.startswith(".") or path.is_dir() or path.suffix.lower() == ".txt":

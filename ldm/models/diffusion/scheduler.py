@@ -15,12 +15,18 @@ import torch
 Step = tuple[int | torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def max_steps(spacing: str, num_train_timesteps: int = 1000) -> int:
+    """The most sampling steps a `spacing` fits in a schedule of `num_train_timesteps` (T): T - 1 'uniform' (with T,
+    its last step would be t = T, past the schedule), T 'trailing'."""
+    return num_train_timesteps - 1 if check_spacing(spacing) == "uniform" else num_train_timesteps
+
+
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
     """SD's 'uniform' DDIM timesteps, ascending: 1, 1+c, 1+2c, ... with c = T // num_steps.
 
     At most T - 1 steps: with T steps the last would be t = T, past the schedule.
     """
-    if not 0 < num_steps < num_train_timesteps:
+    if not 0 < num_steps <= max_steps("uniform", num_train_timesteps):
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps - 1}], got {num_steps}")
     stride = num_train_timesteps // num_steps
     return np.arange(0, num_train_timesteps, stride)[:num_steps] + 1
@@ -32,7 +38,7 @@ def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.nd
     SD's uniform spacing never visits t = T-1, so a 1-step sampler would start from a partly clean latent it
     never sees at inference; this 'trailing' spacing starts from pure noise.
     """
-    if not 0 < num_steps <= num_train_timesteps:
+    if not 0 < num_steps <= max_steps("trailing", num_train_timesteps):
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
     return np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)).astype(np.int64)[::-1] - 1
 

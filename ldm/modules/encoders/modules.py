@@ -6,6 +6,7 @@ vocabulary bundled with open_clip, and weights come from the file named by `vers
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -64,6 +65,12 @@ def causal_mask(length: int) -> torch.Tensor:
     restores, so a model built on meta and then loaded must still find real values here.
     """
     return torch.full((length, length), float("-inf"), device="cpu").triu_(1)
+
+
+@functools.cache
+def _bpe() -> open_clip.tokenizer.SimpleTokenizer:
+    """open_clip's bundled BPE tokenizer (the one `open_clip.tokenize` uses), built once."""
+    return open_clip.tokenizer.SimpleTokenizer()
 
 
 class FrozenOpenCLIPEmbedder(nn.Module):
@@ -144,8 +151,14 @@ class FrozenOpenCLIPEmbedder(nn.Module):
             x = x.transpose(0, 1)
         return model.ln_final(x)
 
+    def dropped_tokens(self, text: Sequence[str]) -> list[int]:
+        """Per prompt, how many of its tokens `encode` cuts off: those past the context length (`max_length`, which
+        counts the start and end tokens)."""
+        return [max(0, len(_bpe().encode(t)) + 2 - self.max_length) for t in text]
+
     def encode(self, text: Sequence[str]) -> torch.Tensor:
-        """Prompts -> embeddings (B, 77, width), tokenised with open_clip's bundled BPE tokenizer."""
+        """Prompts -> embeddings (B, 77, width), tokenised with open_clip's bundled BPE tokenizer (a prompt longer
+        than the context is cut: `dropped_tokens` says by how much)."""
         return self.encode_tokens(open_clip.tokenize(list(text), context_length=self.max_length))
 
     def forward(self, text: Sequence[str]) -> torch.Tensor:
