@@ -59,6 +59,7 @@ from fcdiffusion.core.precision import PRECISIONS, prepare_for_inference
 from fcdiffusion.core.student import FCDiffusionStudent
 from fcdiffusion.core.tiny_vae import TINY_VAE_HELP, TINY_VAE_USE_HELP, TINY_VAE_USES, load_tiny_vae
 from fcdiffusion.core.weights import (
+    KindMismatchError,
     distilled_student_config,
     load_student,
     load_teacher,
@@ -209,10 +210,13 @@ def kept_so_far(out_dir: str, done: int) -> Iterator[None]:
 def load_model(args: argparse.Namespace, overrides: list[str]) -> FrequencyControlledLDM:
     """The student or teacher the flags name; its own metadata describes it unless --config is given."""
     config = load_config(args.config, overrides) if args.config else None
-    if args.student:
-        return load_student(args.student, distilled_student_config(config) if config else None, args.base)
-    mode = None if args.mode in (None, "all") else args.mode
-    return load_teacher(args.teacher, mode, teacher_model_config(config) if config else None, args.base)
+    try:
+        if args.student:
+            return load_student(args.student, distilled_student_config(config) if config else None, args.base)
+        mode = None if args.mode in (None, "all") else args.mode
+        return load_teacher(args.teacher, mode, teacher_model_config(config) if config else None, args.base)
+    except KindMismatchError as error:
+        raise KindMismatchError(f"{error} (pass it with --{error.found})", error.found) from None
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:

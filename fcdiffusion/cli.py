@@ -11,13 +11,15 @@ print errors or return statuses) and ends with
         sys.exit(main())
 
 Exit statuses: 0 when `run` returns (or the status it returns: e.g. 1 when nothing could be done); 1 for a known
-error (`KNOWN_ERRORS`), printed as one `error: <message>`; a `RunError`'s own status and label (an interrupted
-training run: `interrupted: ...`, 128 + the signal); 2 for argparse's own usage errors (an unknown flag, a bad
-value, a missing argument). Any other exception is a bug and keeps its traceback.
+error (`KNOWN_ERRORS`, and a write that failed on a full disk or a read-only file system), printed as one
+`error: <message>`; a `RunError`'s own status and label (an interrupted training run: `interrupted: ...`, 128 + the
+signal); 2 for argparse's own usage errors (an unknown flag, a bad value, a missing argument). Any other exception
+is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +38,10 @@ class UsageError(ValueError):
 # What a script reports as `error: <message>` with exit status 1 instead of a traceback (with `RunError`).
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
                                                  PermissionError, CheckpointMismatchError)
+
+# Write failures no code can prevent (a disk filled by someone else, a file system remounted read-only): where no
+# command turned them into its own message, still one `error:` line (status 1) naming the file, not a traceback.
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 # A flag table: `--name` -> (type, help); a flag left out is None, which means "keep the config's value".
 Flags = Mapping[str, tuple[Callable[[str], Any], str]]
@@ -129,5 +135,11 @@ def main(arguments: argparse.ArgumentParser, run: Callable[[argparse.Namespace, 
         return error.status
     except KNOWN_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        if error.errno not in FULL_OR_READ_ONLY:
+            raise
+        print(f"error: could not write {error.filename2 or error.filename or 'a file'}: {error.strerror}; make "
+              "room there (or write elsewhere) and run again", file=sys.stderr)
         return 1
     return 0 if status is None else int(status)

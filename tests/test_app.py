@@ -64,7 +64,7 @@ def served(distilled, workdir):
 
 
 def translate(served, image, prompt=PROMPT, modes=("low_pass", "high_pass"), model="student", steps=3,
-              guidance=1.0, seed=7):
+              guidance=None, seed=7):
     return served.client.predict(image, prompt, list(modes), model, steps, guidance, seed, api_name="/translate")
 
 
@@ -99,15 +99,20 @@ def test_student_shows_source_control_and_result_per_mode_as_the_script_writes_t
     assert np.array_equal(images[5], pixels(out / "chelsea_high_pass.png"))
 
 
-def test_teachers_take_a_guidance_scale_and_the_student_refuses_one(served, photo):
+def test_teachers_take_a_guidance_scale_and_the_student_refuses_another(served, photo):
     gallery, timing = translate(served, handle_file(photo), modes=["high_pass"], model="teachers", steps=2,
                                 guidance=3.0)
     assert [item["caption"].split(" (")[0] for item in gallery] == [
         "high_pass: source", "high_pass: decoded control", "high_pass: result"]
     assert pixels(gallery[2]["image"]).shape == (128, 128, 3)
     assert "teachers" in timing and "guidance 3" in timing
-    with pytest.raises(AppError, match="teachers only"):
-        translate(served, handle_file(photo), guidance=5.0)
+    with pytest.raises(AppError, match="distilled at a fixed guidance scale"):
+        translate(served, handle_file(photo), guidance=5.0)  # a fixed-w student takes its own w only
+    assert translate(served, handle_file(photo), modes=["low_pass"], steps=1,
+                     guidance=served.demo.served["student"].guidance_scale)[0]
+    with pytest.raises(AppError, match="finite number >= 0") as refused:  # as text, not HTML entities
+        translate(served, handle_file(photo), modes=["high_pass"], model="teachers", guidance=-1.0)
+    assert "&gt;" not in str(refused.value)
     with pytest.raises(AppError, match="serve.*low_pass, high_pass, not mini_pass"):
         translate(served, handle_file(photo), modes=["mini_pass"], model="teachers")
 

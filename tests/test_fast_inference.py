@@ -119,7 +119,7 @@ def test_delta_file_is_small_and_rebuilds_the_full_student_and_teacher_bit_for_b
     assert rebuilt.modes == ("high_pass",)
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in teacher_full.items())
 
-    with pytest.raises(ValueError, match="delta file over v2-1_tiny_base.ckpt"):
+    with pytest.raises(FileNotFoundError, match="delta file over v2-1_tiny_base.ckpt: .* --base PATH"):
         load_student(delta_path)
     other = {k: v.clone() for k, v in load_checkpoint(base)[0].items()}
     other["first_stage_model.decoder.conv_out.bias"] += 1

@@ -264,3 +264,60 @@ def test_a_write_failing_after_the_metrics_keeps_them_in_a_temporary_folder(dist
     assert json.loads(open(kept).read())["per_mode"] and os.path.isfile(kept.replace(".json", ".md"))
     assert not (results / "metrics.json").exists() and not list(results.glob(".*.tmp"))
     shutil.rmtree(os.path.dirname(kept))
+
+
+# ---- 8. the smaller ones ---------------------------------------------------------------------------------------
+def test_the_demo_names_its_own_flags_for_a_file_of_the_other_kind(workdir, capsys):
+    import app
+
+    teacher = teacher_paths(workdir / "logs")["low_pass"]
+    assert app.main(["--student", str(teacher)]) == 1
+    error = capsys.readouterr().err
+    assert "holds an FCDiffusion teacher, not a student (pass it with --teacher_<mode> (or --teacher_dir))" in error
+    assert "with --teacher)" not in error
+
+
+def test_a_delta_file_without_its_base_says_it_needs_base(distilled, workdir, tmp_path, script, capsys):
+    import export_delta
+    from fcdiffusion.core.weights import CONTROL_PREFIX
+    from ldm.checkpoint import load_checkpoint, save_state_dict
+
+    state, _ = load_checkpoint(teacher_paths(workdir / "logs")["mid_pass"])
+    base, delta = tmp_path / "v2-1_tiny_base.ckpt", tmp_path / "student_delta.safetensors"
+    save_state_dict({k: v for k, v in state.items() if not k.startswith(CONTROL_PREFIX)}, base)
+    assert export_delta.main([str(student_file(distilled)), str(delta), "--base", str(base)]) == 0
+    assert script.main(["--input_dir", str(workdir / "photos"), "--student", str(delta), "--out_dir",
+                        str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{delta} is a delta file over v2-1_tiny_base.ckpt" in error[0]
+    assert "pass it with --base PATH (models/v2-1_512-ema-pruned.ckpt is not there)" in error[0]
+
+
+def test_one_guidance_rule_for_a_fixed_w_student_in_the_script_and_the_demo(distilled, workdir, tmp_path, script,
+                                                                           capsys):
+    from fcdiffusion.apps.demo_app import DemoInputError, load_demo
+    from fcdiffusion.core.weights import load_student
+
+    own = load_student(student_file(distilled)).guidance_scale
+    assert own is not None and own != 1.0  # the teachers' w, which the student learned
+    args = script_args(distilled, workdir, tmp_path / "out", "--steps", "1")
+    assert script.main([*args, "--guidance_scale", f"{own:g}"]) == 0  # its own w: accepted
+    assert script.main([*args, "--guidance_scale", "1"]) == 1  # 1 is no exception
+    script_error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "fixed guidance scale" in script_error
+
+    demo = load_demo(student_file(distilled), {}, torch.device("cpu"))
+    served = demo.served["student"]
+    assert served.guidance_fixed and served.guidance_scale == own and "(learned, fixed)" in served.describe()
+    photo, request = workdir / "photos" / "coffee.png", ("a cup", ["high_pass"])
+    for accepted in (None, own):
+        assert "guidance" not in demo.translate(photo, *request, steps=1, guidance_scale=accepted).summary
+    with pytest.raises(DemoInputError) as refused:
+        demo.translate(photo, *request, steps=1, guidance_scale=1.0)
+    assert str(refused.value) == script_error.removeprefix("error: ")  # the same words as the script's
+    with pytest.raises(DemoInputError, match="the prompt is empty"):
+        demo.translate(photo, "  \n ", ["high_pass"], steps=1)
+    with pytest.raises(DemoInputError, match="steps must be a whole number from 1 to 1000"):
+        demo.translate(photo, *request, steps=1001)
+    long = demo.translate(photo, "a cup " * 100, ["high_pass"], steps=1)
+    assert any("the prompt is 125 token(s) longer than the text encoder reads" in note for note in long.notes)

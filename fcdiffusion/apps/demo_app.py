@@ -9,7 +9,6 @@ serving; `launch` starts it.
 """
 from __future__ import annotations
 
-import html
 import os
 import queue
 import threading
@@ -17,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,12 +27,13 @@ from fcdiffusion.core.errors import RunError
 from fcdiffusion.core.frequency import CONTROL_MODES
 from fcdiffusion.core.guidance import check_guidance_scale
 from fcdiffusion.core.images import to_uint8
-from fcdiffusion.core.inference import Translator
+from fcdiffusion.core.inference import Translator, check_prompt
 from fcdiffusion.core.model import FrequencyControlledLDM
 from fcdiffusion.core.paths import DOWNLOAD_HELP, student_file, teacher_checkpoint
 from fcdiffusion.core.preview import PreviewSink, SamplingPreview
+from fcdiffusion.core.student import FCDiffusionStudent
 from fcdiffusion.core.tiny_vae import TinyVAE
-from fcdiffusion.core.weights import load_student, load_teacher
+from fcdiffusion.core.weights import KindMismatchError, load_student, load_teacher, max_sampling_steps
 from fcdiffusion.train.dataset import LATENT_GRID, prepare_image
 from fcdiffusion.train.demo_data import CAPTIONS, load_photo
 
@@ -73,10 +73,12 @@ class ServedModel:
     name: str
     translators: dict[str, Translator]
     steps: int
-    guidance_scale: float | None  # None: a fixed-w student, which samples without guidance
+    guidance_scale: float | None  # the default w; a fixed-w student's own (None in files that do not record it)
     resolution: int
     files: dict[str, Path]
     guidance_range: tuple[float, float] | None = None  # a guidance-conditioned student's w range
+    guidance_fixed: bool = False  # a fixed-w student: it takes no other w (`FCDiffusionStudent.check_sampling`)
+    max_steps: int = 1000  # the most sampling steps its sampler fits in the schedule
 
     @property
     def modes(self) -> list[str]:
@@ -86,7 +88,9 @@ class ServedModel:
         """One line for the page: what is served, from which files, with which defaults."""
         files = sorted({os.fspath(p) for p in self.files.values()})
         where = files[0] if len(files) == 1 else f"{os.path.commonpath(files)}/..."
-        guidance = "no guidance" if self.guidance_scale is None else f"guidance {self.guidance_scale:g}"
+        guidance = f"guidance {self.guidance_scale:g}" if self.guidance_scale is not None else "its learned guidance"
+        if self.guidance_fixed and self.guidance_scale is not None:
+            guidance = f"guidance {self.guidance_scale:g} (learned, fixed)"
         return (f"**{self.name}** ({', '.join(self.modes)}): {self.steps} steps by default, {guidance}, "
                 f"{self.resolution} px; from `{where}`")
 
@@ -127,21 +131,35 @@ def weight_files(student: str | os.PathLike | None, teacher_dir: str | os.PathLi
     return student, {m: chosen[m] for m in CONTROL_MODES if m in chosen}
 
 
+# How app.py takes each kind of weights file (it has no --teacher: teachers come per mode, or from a log folder).
+FLAGS = {"student": "--student", "teacher": "--teacher_<mode> (or --teacher_dir)"}
+
+
+def with_flag_hint(load: Callable[..., FrequencyControlledLDM], *args: Any) -> FrequencyControlledLDM:
+    """`load(*args)`, a file of the other kind reported with the app.py flag that takes it."""
+    try:
+        return load(*args)
+    except KindMismatchError as error:
+        raise KindMismatchError(f"{error} (pass it with {FLAGS.get(error.found, 'the flag of its kind')})",
+                                error.found) from None
+
+
 def serve_student(path: Path, device: torch.device, tiny_vae: TinyVAE | None = None) -> ServedModel:
     """The distilled student at `path`, on `device`, serving every mode it learned (at any guidance scale in its
     range if it is guidance-conditioned); with `tiny_vae` in place of its VAE's encoder, decoder or both."""
-    model = load_student(path).eval().to(device)
+    model = with_flag_hint(load_student, path).eval().to(device)
     translator = Translator(model, tiny_vae)
     conditioned = model.guidance_conditioned
-    return ServedModel(STUDENT, {m: translator for m in model.modes}, model.student_steps,
-                       model.guidance_scale if conditioned else None, model_resolution(model),
-                       {m: path for m in model.modes}, tuple(model.guidance_range) if conditioned else None)
+    return ServedModel(STUDENT, {m: translator for m in model.modes}, model.student_steps, model.guidance_scale,
+                       model_resolution(model), {m: path for m in model.modes},
+                       tuple(model.guidance_range) if conditioned else None, guidance_fixed=not conditioned,
+                       max_steps=max_sampling_steps(model.model_config()))
 
 
 def serve_teachers(paths: Mapping[str, Path], device: torch.device, tiny_vae: TinyVAE | None = None) -> ServedModel:
     """The teachers `paths` (mode -> file), on `device`, each checked to be the teacher of its mode (and `tiny_vae`
     in place of their VAE's encoder, decoder or both)."""
-    models = {mode: load_teacher(path, mode).eval().to(device) for mode, path in paths.items()}
+    models = {mode: with_flag_hint(load_teacher, path, mode).eval().to(device) for mode, path in paths.items()}
     first = next(iter(models.values()))
     for mode, model in models.items():
         if model_resolution(model) != model_resolution(first):
@@ -149,7 +167,8 @@ def serve_teachers(paths: Mapping[str, Path], device: torch.device, tiny_vae: Ti
                              f"{first.control_mode} teacher at {model_resolution(first)} px: serve teachers of "
                              "one size")
     return ServedModel(TEACHERS, {m: Translator(model, tiny_vae) for m, model in models.items()}, first.ddim_steps,
-                       first.guidance_scale, model_resolution(first), dict(paths))
+                       first.guidance_scale, model_resolution(first), dict(paths),
+                       max_steps=max_sampling_steps(first.model_config()))
 
 
 # ---- one request -----------------------------------------------------------------------------------------------
@@ -212,6 +231,18 @@ class DemoResult:
 ModePreview = Callable[[str, int, np.ndarray], None]
 
 
+class Request(NamedTuple):
+    """A checked request (`Demo.check`): the served model, the prompt as encoded, modes, steps, guidance (None: the
+    model's own, or none) and seed."""
+
+    served: ServedModel
+    prompt: str
+    modes: list[str]
+    steps: int
+    guidance_scale: float | None
+    seed: int
+
+
 def as_int(value: Any, name: str, low: int, high: int) -> int:
     """`value` as an integer in [low, high], else `DemoInputError` naming the field."""
     try:
@@ -247,14 +278,17 @@ class Demo:
         return self.resolution or served.resolution
 
     def check(self, image: str | os.PathLike | None, prompt: str | None, modes: Sequence[str] | None, model: str,
-              steps: Any, guidance_scale: Any, seed: Any) -> tuple[ServedModel, list[str], int, float | None, int]:
-        """Every field of a request checked (the photo is read later): (served model, modes, steps, guidance,
-        seed), or `DemoInputError` saying what to change."""
+              steps: Any, guidance_scale: Any, seed: Any) -> Request:
+        """Every field of a request checked (the photo is read later), by the rules `test_distillation.py` applies
+        to its flags: an empty prompt is refused (`check_prompt`), a student takes the guidance scales its
+        `check_sampling` allows (a fixed-w student only its own w, or none given). A `DemoInputError` says what to
+        change."""
         if image is None:
             raise DemoInputError("no photo: upload one (or paste it, or pick an example below) first")
-        if not prompt or not prompt.strip():
-            raise DemoInputError("the prompt is empty: describe the picture you want, e.g. "
-                                 "'a watercolor painting of a cat'")
+        try:
+            prompt = check_prompt(prompt)
+        except ValueError as error:
+            raise DemoInputError(str(error)) from None
         served = self.served.get(model)
         if served is None:
             raise DemoInputError(f"unknown model {model!r}; this demo serves {', '.join(self.served)}")
@@ -264,24 +298,23 @@ class Demo:
         if unserved:
             raise DemoInputError(f"the {served.name} serve(s) mode(s) {', '.join(served.modes)}, not "
                                  f"{', '.join(map(str, unserved))}")
-        top = next(iter(served.translators.values())).model.num_timesteps
-        steps = served.steps if steps is None else as_int(steps, "steps", 1, top)
+        steps = served.steps if steps is None else as_int(steps, "steps", 1, served.max_steps)
         seed = as_int(seed, "seed", 0, 2**63 - 1)
-        if served.guidance_scale is None:
-            if guidance_scale not in (None, 1.0):
-                raise DemoInputError(f"guidance scale {guidance_scale} applies to teachers only: the student learned "
-                                     "the guided teachers' results and samples without guidance (use 1)")
-            guidance_scale = None
-        else:
+        if guidance_scale is not None:
             try:
-                guidance_scale = float(served.guidance_scale if guidance_scale is None else guidance_scale)
+                guidance_scale = float(guidance_scale)
             except (TypeError, ValueError):
                 raise DemoInputError(f"guidance scale must be a number, got {guidance_scale!r}") from None
-            try:
-                guidance_scale = check_guidance_scale(guidance_scale, served.guidance_range)
-            except ValueError as error:
-                raise DemoInputError(str(error)) from None
-        return served, [m for m in CONTROL_MODES if m in modes], steps, guidance_scale, seed
+        model = next(iter(served.translators.values())).model
+        try:
+            if isinstance(model, FCDiffusionStudent):
+                guidance_scale = model.check_sampling(guidance_scale)
+            else:
+                guidance_scale = check_guidance_scale(served.guidance_scale if guidance_scale is None
+                                                      else guidance_scale)
+        except ValueError as error:
+            raise DemoInputError(str(error)) from None
+        return Request(served, prompt, [m for m in CONTROL_MODES if m in modes], steps, guidance_scale, seed)
 
     def translate(self, image: str | os.PathLike | None, prompt: str | None, modes: Sequence[str] | None,
                   model: str = STUDENT, steps: Any = None, guidance_scale: Any = None, seed: Any = 0,
@@ -292,10 +325,15 @@ class Demo:
         the same noise and mini_pass shuffle, so the results match the script's. `preview(mode, step, images)`
         gets the tiny VAE's picture of the predicted result every `preview_every` sampling steps (`Demo.preview`).
         """
-        served, modes, steps, guidance_scale, seed = self.check(image, prompt, modes, model, steps, guidance_scale,
-                                                                seed)
+        served, prompt, modes, steps, guidance_scale, seed = self.check(image, prompt, modes, model, steps,
+                                                                        guidance_scale, seed)
         resolution = self.resolution_of(served)
         photo, note = read_photo(image, resolution, self.max_pixels)
+        notes = [note] if note else []
+        translator = next(iter(served.translators.values()))
+        dropped = translator.dropped_tokens([prompt])[0]
+        if dropped:
+            notes.append(f"the prompt is {dropped} token(s) longer than the text encoder reads: its end was cut off")
         source = torch.from_numpy(photo).permute(2, 0, 1)[None]
         start = time.perf_counter()
         encoded, panels, seconds = {}, [], {"encode": 0.0}
@@ -303,7 +341,7 @@ class Demo:
             translator = served.translators[mode]
             if id(translator) not in encoded:  # the student encodes once for every mode, each teacher for its own
                 encode_start = time.perf_counter()
-                encoded[id(translator)] = translator.encode(source, [prompt.strip()])
+                encoded[id(translator)] = translator.encode(source, [prompt])
                 synchronize(self.device)
                 seconds["encode"] += time.perf_counter() - encode_start
             callback = None
@@ -323,7 +361,7 @@ class Demo:
         vae = "" if self.tiny_vae is None else f", tiny VAE ({self.tiny_vae.use})"
         summary = (f"**{served.name}**, {steps} steps{guidance}{vae}, seed {seed}, {resolution} px on "
                    f"{self.device.type}: {timings} · **total {seconds['total']:.2f} s**")
-        return DemoResult(panels, seconds, summary, [note] if note else [])
+        return DemoResult(panels, seconds, summary, notes)
 
 
 def load_demo(student: Path | None, teachers: Mapping[str, Path], device: torch.device,
@@ -357,6 +395,9 @@ def build_app(demo: Demo) -> Any:
         if image is not None and path is None:
             raise gr.Error("could not read the photo: it did not arrive as a file; upload it again",
                            print_exception=False)
+        served = demo.served.get(model)
+        if served is not None and served.guidance_fixed and served.guidance_scale is None:
+            guidance_scale = None  # the (locked) slider stands in for a w the student's file does not record
         try:
             for item in translate_streaming(demo, path, prompt, modes, model, steps, guidance_scale, seed):
                 if isinstance(item, DemoResult):
@@ -366,15 +407,14 @@ def build_app(demo: Demo) -> Any:
                 else:
                     mode, step, images = item
                     yield [(images[0], f"{mode}: step {step} (tiny VAE preview)")], f"sampling {mode}: step {step}"
-        except DemoInputError as error:
-            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from error
+        except DemoInputError as error:  # shown as text: no HTML escaping, which the page would show as entities
+            raise gr.Error(str(error), print_exception=False) from error
 
     def pick_model(name: str) -> tuple[Any, Any, Any]:
-        served = demo.served[name]
-        guided = served.guidance_scale is not None  # teachers, or a guidance-conditioned student
+        served = demo.served[name]  # a fixed-w student's slider shows its own w, which it alone takes
         return (gr.CheckboxGroup(choices=served.modes, value=served.modes),
                 gr.Slider(value=served.steps),
-                gr.Slider(value=served.guidance_scale if guided else 1.0, interactive=guided))
+                gr.Slider(value=served.guidance_scale or 1.0, interactive=not served.guidance_fixed))
 
     with gr.Blocks(title="FCDiffusion demo", analytics_enabled=False) as app:
         gr.Markdown("## FCDiffusion: frequency-controlled image-to-image translation\n"
@@ -394,8 +434,9 @@ def build_app(demo: Demo) -> Any:
                     steps = gr.Slider(1, max(100, *(s.steps for s in demo.served.values())), value=first.steps,
                                       step=1, label="sampling steps")
                     guidance = gr.Slider(1.0, 20.0, value=first.guidance_scale or 1.0, step=0.5,
-                                         interactive=first.guidance_scale is not None, label="guidance scale",
-                                         info="teachers, or a guidance-conditioned student")
+                                         interactive=not first.guidance_fixed, label="guidance scale",
+                                         info="teachers, or a guidance-conditioned student; a fixed-w student "
+                                              "samples at the w it learned")
                 seed = gr.Number(0, precision=0, minimum=0, label="seed")
                 button = gr.Button("Translate", variant="primary")
                 gr.Examples([[Image.fromarray(load_photo(n)), CAPTIONS[n]] for n in EXAMPLES], [image, prompt],

@@ -169,12 +169,19 @@ def recorded(metadata: Mapping[str, str], name: str) -> Any:
     return None if value is None else json.loads(value)
 
 
+class KindMismatchError(ValueError):
+    """A weights file of another kind than asked for (a teacher given as the student, ...); `found` is the kind it
+    holds, so that a script can name its own flag for that kind."""
+
+    def __init__(self, message: str, found: str):
+        super().__init__(message)
+        self.found = found
+
+
 def _check_kind(metadata: Mapping[str, str], kind: str, source: str) -> None:
     found = metadata.get("fcdiffusion.kind")
     if found is not None and found != kind:
-        flag = {"teacher": "--teacher", "student": "--student"}.get(found, "")
-        hint = f" (pass it with {flag})" if flag else ""
-        raise ValueError(f"{source} holds an FCDiffusion {found}, not a {kind}{hint}")
+        raise KindMismatchError(f"{source} holds an FCDiffusion {found}, not a {kind}", found)
 
 
 def teacher_mode(metadata: Mapping[str, str], source: str, mode: str | None = None) -> str:
@@ -417,8 +424,10 @@ def read_weights(path: str | os.PathLike, base: str | os.PathLike | None = None
     if recorded_hash is None:
         return state_dict, metadata
     source, name = os.fspath(path), metadata.get(DELTA_BASE, "its base checkpoint")
-    if base is None:
-        raise ValueError(f"{source} is a delta file over {name}: pass that checkpoint as the base (--base)")
+    if base is None or not os.path.isfile(base):
+        given = "" if base is None else f" ({os.fspath(base)} is not there)"
+        raise FileNotFoundError(f"{source} is a delta file over {name}: it holds only what its model adds to that "
+                                f"checkpoint and loads over it; pass it with --base PATH{given}")
     if file_sha256(base) != recorded_hash:
         raise CheckpointMismatchError(f"{source} applies over {name} (SHA-256 {recorded_hash[:12]}...), but "
                                       f"{os.fspath(base)} is another file (SHA-256 {file_sha256(base)[:12]}...)")
