@@ -14,16 +14,20 @@ every requested control mode, from the same seeded noise per image (seed + its i
 `<out_dir>/<name>_<mode>.png`, its decoded control signal `<out_dir>/<name>_<mode>_control.png`, and
 `<out_dir>/<name>_grid.png` (source | control | result, per mode). Images sharing a name (x.png, x.jpg) are
 told apart by their suffix (`x_png_<mode>.png`, `x_jpg_<mode>.png`), so no output overwrites another. An image
-that cannot be read or has no prompt, and any other file that is not a caption, is reported and skipped.
+that cannot be read or has no prompt (an empty caption counts as none), and any other file that is not a caption,
+is reported and skipped. Before any model is loaded, an empty --prompt, --steps past the model's schedule (read from
+what its file records), an --out_dir that is INPUT_DIR, cannot be written or lacks the space for the outputs are
+refused; a write that fails later (a full disk) says how many images were written before it. A prompt longer than
+the text encoder's context (77 tokens) is cut, with a warning.
 
 Weight files describe themselves: the student samples with the steps it was distilled for and serves the
 modes it learned, a teacher serves the mode it was trained for (another --mode is an error naming both). A teacher
 samples with guided DDIM on SD's uniform spacing unless --sampler (dpmpp_2m: DPM-Solver++(2M)) and --spacing
 (trailing: from t = 999) say otherwise; the student always with DDIM on the trailing schedule it learned. Only a
 guidance-conditioned student (distilled with --guidance_range) takes --guidance_scale, at one network evaluation
-per step; a fixed-w student refuses a scale other than its own. Files written before they carried that metadata
-need `--config` (the distillation config; `key.sub=value` overrides). A delta file (export_delta.py) loads over
-the SD 2.1-base checkpoint given with `--base`.
+per step; a fixed-w student refuses a scale other than its own (1 included), as the demo does. Files written before
+they carried that metadata need `--config` (the distillation config; `key.sub=value` overrides). A delta file
+(export_delta.py) loads over the SD 2.1-base checkpoint given with `--base`.
 
 `--precision fp16|bf16` runs the networks and the text encoder in that dtype (half the memory and, on GPUs,
 about half the time); the sampler's arithmetic stays float32, and with fp16 the VAE stays float32 (SD's VAE

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -321,3 +322,24 @@ def test_one_guidance_rule_for_a_fixed_w_student_in_the_script_and_the_demo(dist
         demo.translate(photo, *request, steps=1001)
     long = demo.translate(photo, "a cup " * 100, ["high_pass"], steps=1)
     assert any("the prompt is 125 token(s) longer than the text encoder reads" in note for note in long.notes)
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    from fcdiffusion.train.training import AtomicCheckpointIO
+
+    last = tmp_path / LAST_CHECKPOINT
+    write_checkpoint(last, 100)
+    save = torch.save
+
+    def disk_full(obj, path):  # half a checkpoint written, then the disk is full
+        save(obj, path)
+        truncated(Path(path))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "global_step": 150}, last)
+    monkeypatch.undo()
+    assert global_step(last) == 100 and [p.name for p in tmp_path.iterdir()] == [LAST_CHECKPOINT]
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "global_step": 150}, last)
+    assert global_step(last) == 150

@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -46,6 +47,7 @@ from fcdiffusion.train.dataset import LATENT_GRID, Augment
 from fcdiffusion.train.ema import EMACallback, shards_parameters
 from fcdiffusion.train.image_logger import ImageLogger
 from fcdiffusion.train.lr_schedule import LRSchedule
+from ldm.util import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,23 @@ def devices_arg(value: Any) -> Any:
     return int(text) if text.isdigit() else text
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their final path and renamed into place (`ldm.util.atomic_path`): a kill or a full
+    disk mid-write leaves the previous file (or none), never a truncated one. Lightning's own writer stages a
+    checkpoint in the system temp folder and moves it, which is a plain copy when that folder is on another disk."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
 def build_trainer(train: DictConfig, ckpt_dir: str, run_name: str, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
-    """A Trainer that checkpoints to `ckpt_dir` every N steps (and `last.ckpt`), logs metrics (CSV and TensorBoard)
-    and image grids, guards the run (`RunGuard`) and, as `train` asks, validates and keeps the best checkpoints,
-    keeps an EMA of the weights, clips and accumulates gradients."""
+    """A Trainer that checkpoints to `ckpt_dir` every N steps (and `last.ckpt`, atomically: `AtomicCheckpointIO`),
+    logs metrics (CSV and TensorBoard) and image grids, guards the run (`RunGuard`) and, as `train` asks, validates
+    and keeps the best checkpoints, keeps an EMA of the weights, clips and accumulates gradients."""
     validating = bool(train.val_data)
     batches_per_step = int(train.accumulate_grad_batches)
     callbacks = [
@@ -88,7 +103,7 @@ def build_trainer(train: DictConfig, ckpt_dir: str, run_name: str, callbacks: Se
     return pl.Trainer(
         max_steps=train.max_steps, accelerator=train.accelerator, devices=devices_arg(train.devices),
         strategy=train.strategy, num_nodes=train.num_nodes, precision=lightning_precision(train.precision),
-        callbacks=callbacks, logger=[csv, tensorboard], default_root_dir=train.logdir,
+        callbacks=callbacks, logger=[csv, tensorboard], default_root_dir=train.logdir, plugins=[AtomicCheckpointIO()],
         log_every_n_steps=train.get("log_every", 50), enable_model_summary=False,
         gradient_clip_val=float(train.gradient_clip_val) or None, accumulate_grad_batches=batches_per_step,
         # Validation counts training batches: N optimizer steps are N x accumulate batches, across epochs.
