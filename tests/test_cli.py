@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -87,11 +89,19 @@ def test_main_maps_known_errors_to_status_1_and_a_run_error_to_its_own(capsys):
     assert run_with(interrupted) == 143
     assert capsys.readouterr().err == "interrupted: stopped by SIGTERM at step 3; progress saved\n"
 
+    def disk_full(args, rest):  # e.g. a checkpoint save on a disk someone else filled
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "logs/last.ckpt")
+
+    assert run_with(disk_full) == 1
+    assert capsys.readouterr().err.startswith("error: could not write logs/last.ckpt: No space left on device;")
+
     def bug(args, rest):
         raise RuntimeError("a bug keeps its traceback")
 
     with pytest.raises(RuntimeError, match="a bug"):
         run_with(bug)
+    with pytest.raises(OSError, match="Bad file descriptor"):  # other OS errors are bugs too
+        run_with(lambda args, rest: os.close(-1))
 
 
 def test_unknown_arguments_are_overrides_forwarded_or_refused():

@@ -88,9 +88,10 @@ class ServedModel:
         """One line for the page: what is served, from which files, with which defaults."""
         files = sorted({os.fspath(p) for p in self.files.values()})
         where = files[0] if len(files) == 1 else f"{os.path.commonpath(files)}/..."
-        guidance = f"guidance {self.guidance_scale:g}" if self.guidance_scale is not None else "its learned guidance"
-        if self.guidance_fixed and self.guidance_scale is not None:
-            guidance = f"guidance {self.guidance_scale:g} (learned, fixed)"
+        if self.guidance_scale is None:
+            guidance = "its learned guidance"
+        else:
+            guidance = f"guidance {self.guidance_scale:g}" + (" (learned, fixed)" if self.guidance_fixed else "")
         return (f"**{self.name}** ({', '.join(self.modes)}): {self.steps} steps by default, {guidance}, "
                 f"{self.resolution} px; from `{where}`")
 
@@ -330,8 +331,7 @@ class Demo:
         resolution = self.resolution_of(served)
         photo, note = read_photo(image, resolution, self.max_pixels)
         notes = [note] if note else []
-        translator = next(iter(served.translators.values()))
-        dropped = translator.dropped_tokens([prompt])[0]
+        dropped = next(iter(served.translators.values())).dropped_tokens([prompt])[0]
         if dropped:
             notes.append(f"the prompt is {dropped} token(s) longer than the text encoder reads: its end was cut off")
         source = torch.from_numpy(photo).permute(2, 0, 1)[None]
