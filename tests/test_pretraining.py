@@ -128,7 +128,7 @@ def test_train_sd_trains_exports_and_resumes_the_autoencoder_then_the_unet(tiny_
     assert all(np.isfinite(reconstruction_psnr(vae, images)))
     assert (logdir / "autoencoder_tiny_checkpoint" / "image_log" / "step-000002.png").is_file()
 
-    with caplog.at_level(logging.INFO, logger="train_sd"):
+    with caplog.at_level(logging.INFO, logger="fcdiffusion.train.training"):  # where the resume is logged
         assert train_sd.main([*args[:-2], "--max_steps", "3"]) == 0
     assert any("resuming from" in r.getMessage() and "last.ckpt" in r.getMessage() for r in caplog.records)
     assert torch.load(logdir / "autoencoder_tiny_checkpoint" / "last.ckpt", weights_only=False)["global_step"] == 3
