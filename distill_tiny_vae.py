@@ -119,13 +119,14 @@ def build_module(config: DictConfig) -> TinyVAEDistiller:
 def run(args: argparse.Namespace, overrides: list[str]) -> None:
     """Distil in a locked checkpoint folder, the config and data checked before the big VAE loads."""
     config = resolve_config(args, overrides)
-    with locked_run(config.train, checkpoint_folder(config)) as data:
-        distil(config, data)
-
-
-def distil(config: DictConfig, data: RunData) -> None:
-    """The run itself, in a locked checkpoint folder: build, resume or start as a resampler, fit, then export."""
     train, folder = config.train, checkpoint_folder(config)
+    with locked_run(train, folder) as data:
+        distil(config, data, folder)
+
+
+def distil(config: DictConfig, data: RunData, folder: str) -> None:
+    """The run itself, in the locked checkpoint `folder`: build, resume or start as a resampler, fit, then export."""
+    train = config.train
     pl.seed_everything(train.seed, workers=True)
     resume = resume_checkpoint(folder, train.max_steps)
     module = build_module(config)

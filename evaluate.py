@@ -155,10 +155,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.batch_size < 1:
         raise cli.UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.prompt is not None:
-        try:
-            args.prompt = check_prompt(args.prompt)
-        except ValueError as error:
-            raise cli.UsageError(f"--prompt: {error}") from None
+        args.prompt = cli.checked_flag("prompt", check_prompt, args.prompt)
     try:
         check_metric_inputs(args.metrics, args.model is not None, args.fid_reference is not None,
                             args.reference is not None)

@@ -134,10 +134,7 @@ def check_usage(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides and not args.config:
         raise cli.UsageError(f"unrecognised arguments {overrides} (key.sub=value overrides need --config)")
     if args.prompt is not None:
-        try:
-            args.prompt = check_prompt(args.prompt)
-        except ValueError as error:
-            raise cli.UsageError(f"--prompt: {error}") from None
+        args.prompt = cli.checked_flag("prompt", check_prompt, args.prompt)
     if not os.path.isdir(args.input_dir):
         raise cli.UsageError(f"input folder not found: {args.input_dir}")
     try:

@@ -143,3 +143,11 @@ def main(arguments: argparse.ArgumentParser, run: Callable[[argparse.Namespace, 
               "room there (or write elsewhere) and run again", file=sys.stderr)
         return 1
     return 0 if status is None else int(status)
+
+
+def checked_flag(flag: str, check: Callable[[Any], Any], value: Any) -> Any:
+    """`check(value)` for the flag `--flag`, its ValueError turned into a UsageError that names the flag."""
+    try:
+        return check(value)
+    except ValueError as error:
+        raise UsageError(f"--{flag}: {error}") from None
