@@ -166,7 +166,10 @@ def test_projection_composition_and_cards():
     records = [{"step": {"resolution": r}, "dynamic_bytes": 100 + r * r} for r in (64, 128)]
     projected = project(records, 512)
     assert projected["how"] == "projected" and projected["bytes"] == pytest.approx(100 + 512 ** 2)
-    assert project(records, 128)["how"] == "measured"
+    assert project(records, 128)["how"] == "measured" and not projected["lower_bound"]
+    flat = [{"step": {"resolution": r}, "dynamic_bytes": 500 * 2 ** 20} for r in (64, 128)]
+    assert project(flat, 512)["lower_bound"]  # no growth resolved: only a lower bound
+    assert project(records[:1], 512)["bytes"] is None  # one size cannot be projected
     assert fits(21.9 * 2 ** 30) == {"16GB": False, "24GB": True, "40GB": True, "80GB": True}
     assert fits(80 * 2 ** 30)["80GB"] is False
 

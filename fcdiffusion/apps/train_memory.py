@@ -303,17 +303,28 @@ def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
+# Growth of the measured part between the smallest and largest measured size below which it is not resolved (the
+# resident set's noise): the projection is then only a lower bound.
+RESOLVED_GROWTH_BYTES = 64 * 2 ** 20
+
+
 def project(records: Sequence[Mapping[str, Any]], resolution: int) -> dict[str, Any]:
     """The measured part (`dynamic_bytes`) at `resolution` px from records at other sizes: a line in the pixel
-    count through them (`measured` when `resolution` itself was measured)."""
+    count through them (`measured` when `resolution` itself was measured; None from a single other size). When it
+    grows by less than `RESOLVED_GROWTH_BYTES` over the measured sizes, the activations are below the noise there
+    and the projection is a lower bound (`lower_bound`)."""
     points = sorted((r["step"]["resolution"] ** 2, float(r["dynamic_bytes"])) for r in records)
     measured = [y for x, y in points if x == resolution ** 2]
     if measured:
-        return {"bytes": max(measured), "how": "measured", "points": points}
+        return {"bytes": max(measured), "how": "measured", "points": points, "lower_bound": False}
+    if len({x for x, _ in points}) < 2:
+        return {"bytes": None, "how": "one size only", "points": points, "lower_bound": False}
     intercept, slope = fit_line(points)
     residual = max(abs(y - (intercept + slope * x)) for x, y in points)
-    return {"bytes": intercept + slope * resolution ** 2, "how": "projected", "points": points,
-            "per_megapixel": slope * 1e6, "fit_residual_bytes": residual}
+    growth = slope * (points[-1][0] - points[0][0])
+    return {"bytes": intercept + max(slope, 0.0) * resolution ** 2, "how": "projected", "points": points,
+            "per_megapixel": slope * 1e6, "fit_residual_bytes": residual,
+            "lower_bound": growth < RESOLVED_GROWTH_BYTES}
 
 
 def fits(peak_bytes: float) -> dict[str, bool]:
@@ -397,8 +408,10 @@ def compose(config: Mapping[str, Any], records: Sequence[Mapping[str, Any]], res
                        step_s=min(r["step_s"] for r in at) if at else None)
         else:
             dynamic = project(chosen, resolution)
-            row.update(dynamic=dynamic, how=f"composed, {dynamic['how']}" + (", proxy" if source == "proxy" else ""),
-                       peak_bytes=sum(static.values()) + dynamic["bytes"])
+            how = f"composed, {dynamic['how']}" + (", lower bound" if dynamic["lower_bound"] else "")
+            row.update(dynamic=dynamic, how=how + (", proxy" if source == "proxy" else ""),
+                       lower_bound=dynamic["lower_bound"],
+                       peak_bytes=None if dynamic["bytes"] is None else sum(static.values()) + dynamic["bytes"])
         if row["peak_bytes"] is not None:
             row["fits"] = fits(row["peak_bytes"])
         rows.append(row)
@@ -410,8 +423,9 @@ def gib(value: float | None) -> str:
 
 
 def table_markdown(rows: Iterable[Mapping[str, Any]], optimizers: Sequence[str] = OPTIMIZERS) -> str:
-    """The table: a line per recipe (all but the optimizer), per optimizer its peak in GiB and the smallest card
-    (16/24/40/80 GB) it fits with `HEADROOM_GIB` to spare."""
+    """The table: a line per recipe (all but the optimizer) that has a figure, per optimizer its peak in GiB and the
+    smallest card (16/24/40/80 GB) it fits with `HEADROOM_GIB` to spare (for a lower bound: the smallest card not
+    ruled out)."""
     grouped: dict[tuple, dict[str, Mapping[str, Any]]] = {}
     for row in rows:
         key = (row["role"], row["trainable"], row["teacher_dtype"], row["encoder_dtype"],
@@ -421,6 +435,8 @@ def table_markdown(rows: Iterable[Mapping[str, Any]], optimizers: Sequence[str] 
         f"{name}: peak GiB | {name}: fits" for name in optimizers) + " | how |"
     lines = [head, "|" + " --- |" * (7 + 2 * len(optimizers))]
     for (role, trainable, teachers, encoders, checkpointing, precision), by_optimizer in grouped.items():
+        if all(row["peak_bytes"] is None for row in by_optimizer.values()):
+            continue
         cells = []
         how = ""
         for name in optimizers:
@@ -429,7 +445,10 @@ def table_markdown(rows: Iterable[Mapping[str, Any]], optimizers: Sequence[str] 
                 cells += ["—", "—"]
                 continue
             smallest = next((card for card, ok in row["fits"].items() if ok), None)
-            cells += [gib(row["peak_bytes"]), f"{smallest}+" if smallest else "none"]
+            if row.get("lower_bound"):  # only the cards it cannot fit are known
+                cells += [f"≥ {gib(row['peak_bytes'])}", f"not below {smallest}" if smallest else "none"]
+            else:
+                cells += [gib(row["peak_bytes"]), f"{smallest}+" if smallest else "none"]
             how = row["how"]
         lines.append(f"| {role} | {trainable.replace('+', ' + ')} | {teachers if role == 'distiller' else '—'} | "
                      f"{encoders} | {'on' if checkpointing else 'off'} | {precision} | {' | '.join(cells)} | {how} |")
