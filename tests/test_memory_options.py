@@ -163,9 +163,9 @@ def test_optimizer_state_and_gradient_bytes_are_exact():
 def test_projection_composition_and_cards():
     intercept, slope = fit_line([(1.0, 3.0), (3.0, 7.0)])
     assert (intercept, slope) == (1.0, 2.0)
-    records = [{"step": {"resolution": r}, "dynamic_bytes": 100 + r * r} for r in (64, 128)]
+    records = [{"step": {"resolution": r}, "dynamic_bytes": 100 + 10_000 * r * r} for r in (64, 128)]
     projected = project(records, 512)
-    assert projected["how"] == "projected" and projected["bytes"] == pytest.approx(100 + 512 ** 2)
+    assert projected["how"] == "projected" and projected["bytes"] == pytest.approx(100 + 10_000 * 512 ** 2)
     assert project(records, 128)["how"] == "measured" and not projected["lower_bound"]
     flat = [{"step": {"resolution": r}, "dynamic_bytes": 500 * 2 ** 20} for r in (64, 128)]
     assert project(flat, 512)["lower_bound"]  # no growth resolved: only a lower bound
