@@ -45,6 +45,7 @@ from fcdiffusion.apps.train_memory import (
 )
 from fcdiffusion.core.devices import device_name, resolve_device
 from fcdiffusion.core.memory import OPTIMIZERS, check_optimizer
+from fcdiffusion.train.dataset import LATENT_GRID
 from ldm.util import atomic_write_text, load_config
 
 MARK = "MEASURED "
@@ -168,6 +169,11 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
         return
     device = resolve_device(args.device)
     resolutions = args.resolutions or ([args.target] if device.type == "cuda" else [128, 192])
+    if any(size < LATENT_GRID or size % LATENT_GRID for size in [args.target, *resolutions]):
+        raise ValueError(f"--target and --resolutions must be multiples of {LATENT_GRID} px, got {args.target} and "
+                         f"{resolutions}")
+    if args.guard_gib <= 0 or args.samples < 1:
+        raise ValueError("--guard_gib must be positive and --samples at least 1")
     builds, steps = plan(device, resolutions, args.samples)
     if args.only:
         builds = [b for b in builds if any(part in b.key() for part in args.only)]
