@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv quickstart demo test lint clean-quickstart
+.PHONY: venv quickstart demo test lint memory-benchmark clean-quickstart
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
+
+# Peak memory of a training step per recipe and which GPU it fits (not part of the quickstart; docs/memory.md).
+memory-benchmark: $(STAMP)
+	$(PY) benchmarks/memory_benchmark.py $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -145,7 +145,7 @@ def run(args: argparse.Namespace, overrides: list[str], extra_callbacks: Sequenc
 def distill(config: DictConfig, data: RunData, extra_callbacks: Sequence[pl.Callback]) -> None:
     """The run itself, in a locked checkpoint folder: resume or initialise, then fit."""
     train, folder = config.train, Path(checkpoint_folder(config))
-    resume = resume_checkpoint(folder, train.max_steps)
+    resume = resume_checkpoint(folder, train.max_steps, train.optimizer)
     check_inputs(config, resume is not None)
     if resume:
         conflicts = resume_conflicts(resume[1], distilled_student_config(config)["params"], RESUME_FIXED)

@@ -85,7 +85,7 @@ def train_teacher(config: DictConfig, data: RunData, extra_callbacks: Sequence[p
     """The run itself, in a locked checkpoint folder: resume or initialise, then fit."""
     train, mode, folder = config.train, config.model.params.control_mode, checkpoint_folder(config)
     pl.seed_everything(train.seed, workers=True)
-    resume = resume_checkpoint(folder, train.max_steps)
+    resume = resume_checkpoint(folder, train.max_steps, train.optimizer)
     try:
         model = instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
         if not resume:

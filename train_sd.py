@@ -88,7 +88,7 @@ def train_model(config: DictConfig, data: RunData) -> None:
     """The run itself, in a locked checkpoint folder: build, resume or initialise, fit, then export."""
     train, folder = config.train, checkpoint_folder(config)
     pl.seed_everything(train.seed, workers=True)
-    resume = resume_checkpoint(folder, train.max_steps)
+    resume = resume_checkpoint(folder, train.max_steps, train.optimizer)
     module = instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
     if not hasattr(module, "training_step"):
         raise ValueError(f"{config.model.target} has no training step")

@@ -43,6 +43,15 @@ KNOWN_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, 
 # command turned them into its own message, still one `error:` line (status 1) naming the file, not a traceback.
 FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
+def str2bool(value: str) -> bool:
+    """A boolean flag's value: true/false, yes/no, 1/0 (y/n)."""
+    if value.lower() in ("1", "true", "yes", "y"):
+        return True
+    if value.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+
+
 # A flag table: `--name` -> (type, help); a flag left out is None, which means "keep the config's value".
 Flags = Mapping[str, tuple[Callable[[str], Any], str]]
 
@@ -69,6 +78,12 @@ RUN_FLAGS: Flags = {
     "log_images_every": (int, "save an image grid every N steps (0: never)"),
     "precision": (str, "fp32, bf16 or fp16 (Lightning's 32-true, bf16-mixed, 16-mixed): bf16 and fp16 train in "
                        "mixed precision, float32 weights with the passes autocast to that dtype"),
+    "gradient_checkpointing": (str2bool, "true: recompute the trained networks' block activations in the backward "
+                                         "pass instead of keeping them (less memory, about a third more compute); "
+                                         "false: keep them (default: the model config's use_checkpoint)"),
+    "encoder_dtype": (str, "fp32 or bf16: dtype of the frozen VAE and text encoder on the training device (they run "
+                           "only without gradients; checkpoints keep their exact float32 values)"),
+    "optimizer": (str, "adamw (fused on CUDA) or adamw8bit (bitsandbytes' 8-bit AdamW: a quarter of the state bytes)"),
     "accelerator": (str, "Lightning accelerator: auto, cpu, gpu, ..."),
     "devices": (str, "Lightning devices: auto, 1, 8, '0,1', ..."),
     "strategy": (str, "Lightning strategy: auto, ddp, deepspeed_stage_2, ..."),
@@ -94,15 +109,6 @@ def apply_flags(section: DictConfig, args: argparse.Namespace, flags: Flags) -> 
     for name in flags:
         if getattr(args, name) is not None:
             section[name] = getattr(args, name)
-
-
-def str2bool(value: str) -> bool:
-    """A boolean flag's value: true/false, yes/no, 1/0 (y/n)."""
-    if value.lower() in ("1", "true", "yes", "y"):
-        return True
-    if value.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
 
 
 def add_device_flag(arguments: argparse.ArgumentParser) -> None:

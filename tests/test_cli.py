@@ -30,6 +30,8 @@ SCRIPTS = {
     "quickstart.py": (["--root", "{tmp}", "--out", "{tmp}/out", "--min_free_gb", "1e9"], "refused to start"),
     "benchmarks/distillation_benchmark.py": (["--tiny_config", "{tmp}/missing.yaml"], "config file not found"),
     "docs/take_screenshot.py": (["--chromium", ""], "no Chromium found"),
+    "benchmarks/memory_benchmark.py": (["--target", "500", "--records", "{tmp}/records.jsonl"],
+                                       "--target and --resolutions must be multiples of 64"),
 }
 FORWARDS = {"docs/take_screenshot.py"}  # passes the arguments it does not know on to app.py
 

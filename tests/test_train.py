@@ -95,3 +95,32 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights_and_ema_from_disjoin
     seen = [{path.split(":")[0] for path in r["paths"]} for r in ranks]
     assert len(ranks[0]["paths"]) == len(ranks[1]["paths"]) == 6
     assert seen[0].isdisjoint(seen[1]) and all(len(s) == 1 for s in seen)
+
+
+def test_two_process_ddp_distillation_ends_identical_with_frozen_tensors_held_once(workdir, model_config,
+                                                                                  distill_config, tmp_path):
+    """The distiller under a 2-process DDP strategy on CPU: both ranks end with the same student, which learnt, and
+    each still holds every frozen tensor once (the student's frozen tensors are its teachers')."""
+    from fcdiffusion.train.distiller import FrequencyDistiller
+    from tests.helpers import distill_args, teacher_paths
+
+    out = tmp_path / "ranks"
+    out.mkdir()
+    cmd = [sys.executable, "tests/ddp_worker.py", "--distill", str(out),
+           *distill_args(workdir, tmp_path / "logs", 2, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+                         "--log_images_every", "0", "--batch_size", "1", "--checkpoint_every", "2")]
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert all(r["world_size"] == 2 and r["step"] == 2 for r in ranks)
+    assert ranks[0]["state"].keys() == ranks[1]["state"].keys() and ranks[0]["state"]
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    assert ranks[0]["state"]["control_model.label_emb.weight"].any()  # it trained (the mode embedding starts at 0)
+    paths = teacher_paths(workdir / "logs")
+    alone = FrequencyDistiller(model_config, paths, paths["mid_pass"], {"trainable": ["control_net"]},
+                               dict(distill_config.distill)).parameter_counts()
+    for rank in ranks:
+        assert rank["frozen_shared"] == 1.0
+        assert rank["counts"]["resident"] == alone["resident"] < rank["counts"]["independent"]

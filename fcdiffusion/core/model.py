@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from fcdiffusion.core.control_net import ControlPair
 from fcdiffusion.core.frequency import CONTROL_MODES, ControlMode, check_band, frequency_control
 from fcdiffusion.core.inference import Translator, batch_images, seeded_noise
+from fcdiffusion.core.memory import make_optimizer
 from ldm.models.diffusion.ddpm import LatentDiffusion, freeze
 from ldm.models.diffusion.sampling import StepCallback, sample
 from ldm.models.diffusion.scheduler import Scheduler
@@ -50,6 +51,7 @@ class FrequencyControlledLDM(LatentDiffusion):
 
     kind = "model"  # what `weights_metadata` calls this model: "teacher" or "student"
     lr_schedule: Any = None  # the run's `LRSchedule`, set by `fcdiffusion.train.training.fit`; None: constant
+    optimizer_name = "adamw"  # `fcdiffusion.core.memory.OPTIMIZERS`, set by `fit` from `--optimizer`
 
     def __init__(
         self,
@@ -91,8 +93,9 @@ class FrequencyControlledLDM(LatentDiffusion):
         return [*self.control_model.parameters(), *self.unlocked_unet_parameters()]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW on the trained parameters, its learning rate following `lr_schedule` step by step."""
-        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        """AdamW (or `optimizer_name`'s optimizer) on the trained parameters, its learning rate following
+        `lr_schedule` step by step."""
+        optimizer = make_optimizer(self.trainable_parameters(), self.learning_rate, self.optimizer_name)
         return {"optimizer": optimizer} if self.lr_schedule is None else self.lr_schedule.attach(optimizer)
 
     def train(self, mode: bool = True) -> FrequencyControlledLDM:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from fcdiffusion.core.frequency import CONTROL_MODES, ControlMode, band_mask, dct_2d
 from fcdiffusion.core.guidance import check_guidance_range, check_guidance_scale
 from fcdiffusion.core.inference import Translator, batch_images
+from fcdiffusion.core.memory import make_optimizer
 from fcdiffusion.core.model import Cond, FCDiffusion
 from fcdiffusion.core.precision import cast_parameters, follow_weight_dtype, precision_dtype, resident_bytes
 from fcdiffusion.core.student import STUDENT_OPTIONS, student_config
@@ -482,10 +483,13 @@ class FrequencyDistiller(pl.LightningModule):
         self.log_dict(logs, batch_size=z.shape[0], sync_dist=True)
 
     lr_schedule = LRSchedule()  # `fcdiffusion.train.training.fit` sets the run's
+    optimizer_name = "adamw"  # and its `--optimizer` (`fcdiffusion.core.memory.OPTIMIZERS`)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW on the student's trained parameters, its learning rate following `lr_schedule` step by step."""
-        return self.lr_schedule.attach(torch.optim.AdamW(self.student.trainable_parameters(), lr=self.learning_rate))
+        """AdamW (or `optimizer_name`'s optimizer) on the student's trained parameters, its learning rate following
+        `lr_schedule` step by step."""
+        return self.lr_schedule.attach(make_optimizer(self.student.trainable_parameters(), self.learning_rate,
+                                                      self.optimizer_name))
 
     def student_metadata(self) -> dict[str, str]:
         """The student's self-description plus how it was distilled."""

@@ -40,8 +40,9 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from fcdiffusion.core.errors import RunError
+from fcdiffusion.core.memory import ENCODER_DTYPES, cast_frozen_encoders, check_optimizer, set_gradient_checkpointing
 from fcdiffusion.core.paths import LAST_CHECKPOINT
-from fcdiffusion.core.precision import lightning_precision
+from fcdiffusion.core.precision import lightning_precision, precision_dtype
 from fcdiffusion.train.data_module import RunData
 from fcdiffusion.train.dataset import LATENT_GRID, Augment
 from fcdiffusion.train.ema import EMACallback, shards_parameters
@@ -53,7 +54,10 @@ log = logging.getLogger(__name__)
 
 # `train:` entries a config may leave out, with the values that keep a run as it was before they existed.
 RUN_DEFAULTS = {"val_data": None, "val_every": 1000, "val_batches": 0, "keep_best": 5, "ema_decay": 0.0,
-                "lr_schedule": "constant", "warmup_steps": 0, "gradient_clip_val": 0.0, "accumulate_grad_batches": 1}
+                "lr_schedule": "constant", "warmup_steps": 0, "gradient_clip_val": 0.0, "accumulate_grad_batches": 1,
+                "gradient_checkpointing": None, "encoder_dtype": "fp32", "optimizer": "adamw"}
+# What a checkpoint records of the optimizer that wrote its state (absent: AdamW, the only one before).
+OPTIMIZER_KEY = "fcdiffusion_optimizer"
 
 
 def devices_arg(value: Any) -> Any:
@@ -137,6 +141,11 @@ def check_train_section(train: DictConfig) -> None:
     if float(train.gradient_clip_val) < 0:
         raise ValueError(f"--gradient_clip_val must be at least 0 (0: no clipping), got {train.gradient_clip_val}")
     lightning_precision(train.precision)
+    if train.encoder_dtype not in ENCODER_DTYPES:
+        raise ValueError(f"--encoder_dtype must be one of {', '.join(ENCODER_DTYPES)}, got {train.encoder_dtype!r}")
+    if train.gradient_checkpointing not in (None, True, False):
+        raise ValueError(f"--gradient_checkpointing must be true or false, got {train.gradient_checkpointing!r}")
+    check_optimizer(train.optimizer)
     LRSchedule.from_train(train)
     Augment.from_config(train.get("augment"))
 
@@ -212,15 +221,18 @@ class Resume(NamedTuple):
     path: str
     metadata: dict[str, str]
     step: int
+    optimizer: str = "adamw"
 
 
-def resume_checkpoint(folder: str | os.PathLike, max_steps: int | None = None) -> Resume | None:
+def resume_checkpoint(folder: str | os.PathLike, max_steps: int | None = None,
+                      optimizer: str | None = None) -> Resume | None:
     """The newest loadable checkpoint of `folder` to resume from, or None when there is none.
 
     Newest by the optimizer step recorded inside each file (`global_step`), not by its name or age: `last.ckpt`
     wins ties, a `step-*.ckpt` is read only when its name's step could beat the best found so far. Unreadable
     files are skipped with a warning, and resuming from anything but `last.ckpt` is logged with the reason. With
-    `max_steps`, a checkpoint already past it raises a ValueError (the run would stop at once, silently).
+    `max_steps`, a checkpoint already past it raises a ValueError (the run would stop at once, silently); with
+    `optimizer`, a checkpoint whose optimizer state another optimizer wrote raises one too.
     """
     folder = Path(folder)
     lasts, steps = [], []
@@ -253,6 +265,9 @@ def resume_checkpoint(folder: str | os.PathLike, max_steps: int | None = None) -
     if max_steps is not None and best.step > max_steps:
         raise ValueError(f"--max_steps {max_steps} is below the {best.step} steps {best.path} already holds: pass "
                          f"--max_steps {best.step} or more to go on, or another --logdir to start a new run")
+    if optimizer is not None and best.optimizer != optimizer:
+        raise ValueError(f"{best.path} holds the state of --optimizer {best.optimizer}, not {optimizer}: resume with "
+                         f"--optimizer {best.optimizer}, or give another --logdir to start a new run")
     return best
 
 
@@ -264,7 +279,8 @@ def _loadable(path: Path) -> Resume | None:
     if checkpoint is None:
         log.warning("skipping unreadable checkpoint %s (%s)", path, problem)
         return None
-    return Resume(os.fspath(path), dict(checkpoint.get("metadata") or {}), int(checkpoint["global_step"]))
+    return Resume(os.fspath(path), dict(checkpoint.get("metadata") or {}), int(checkpoint["global_step"]),
+                  str(checkpoint.get(OPTIMIZER_KEY, "adamw")))
 
 
 def remove_stray_last_versions(folder: str | os.PathLike) -> list[Path]:
@@ -352,10 +368,36 @@ class RunGuard(pl.Callback):
             raise TrainingStopped(f"stopped by {name} at step {trainer.global_step}; progress saved to {self.last}; "
                                   "run the same command to resume", 128 + (self.signum or signal.SIGTERM))
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Record which optimizer wrote the optimizer state (`resume_checkpoint` refuses another)."""
+        checkpoint[OPTIMIZER_KEY] = getattr(pl_module, "optimizer_name", "adamw")
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+def apply_memory_options(module: pl.LightningModule, train: DictConfig) -> None:
+    """Apply the `train:` entries that trade memory: `gradient_checkpointing` (None: as the model config says) on
+    the module and, for the distiller, its teachers (whose forwards keep no graph either way); `encoder_dtype` to
+    the frozen VAE and text encoder; `optimizer` (the module's `optimizer_name`). A ValueError for a module that
+    cannot take one of them."""
+    models = module.models() if hasattr(module, "models") else [module]
+    if train.get("gradient_checkpointing") is not None:
+        switched = set_gradient_checkpointing(models, train.gradient_checkpointing)
+        log.info("gradient checkpointing %s (%d blocks)", "on" if train.gradient_checkpointing else "off", switched)
+    encoder_dtype = train.get("encoder_dtype", "fp32")
+    if encoder_dtype != "fp32":
+        if not any(hasattr(m, "first_stage_model") and hasattr(m, "cond_stage_model") for m in models):
+            raise ValueError(f"{type(module).__name__} has no frozen VAE and text encoder: leave out --encoder_dtype")
+        cast = cast_frozen_encoders(models, precision_dtype(encoder_dtype))
+        log.info("frozen VAE and text encoder held in %s (%.1fM parameters cast)", encoder_dtype, cast / 1e6)
+    optimizer = train.get("optimizer", "adamw")
+    if hasattr(module, "optimizer_name"):
+        module.optimizer_name = optimizer
+    elif optimizer != "adamw":
+        raise ValueError(f"{type(module).__name__} takes no --optimizer")
 
 
 def fit(module: pl.LightningModule, data: RunData, train: DictConfig, trainer: pl.Trainer,
@@ -371,6 +413,7 @@ def fit(module: pl.LightningModule, data: RunData, train: DictConfig, trainer: p
         module.lr_schedule = schedule
     elif schedule != LRSchedule(total_steps=schedule.total_steps):
         raise ValueError(f"{type(module).__name__} takes no --lr_schedule or --warmup_steps")
+    apply_memory_options(module, train)
     if train.ema_decay and shards_parameters(trainer.strategy):
         raise ValueError(f"--ema_decay needs whole parameters on every device, which "
                          f"{type(trainer.strategy).__name__} splits; use ddp or deepspeed_stage_2, or leave EMA off")
