@@ -23,15 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from fcdiffusion import cli
 from fcdiffusion.core.frequency import ControlMode
 from fcdiffusion.core.paths import DOWNLOAD_HELP, LAST_CHECKPOINT, teacher_checkpoint_dir
+from fcdiffusion.train import training
 from fcdiffusion.train.data_module import RunData
-from fcdiffusion.train.training import (
-    build_trainer,
-    check_train_section,
-    fit,
-    locked_run,
-    resume_checkpoint,
-    resume_conflicts,
-)
 from ldm.checkpoint import load_weights
 from ldm.util import instantiate_from_config, load_config
 
@@ -64,7 +57,7 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig
         params.sd_locked = args.sd_locked
     params.learning_rate = config.train.learning_rate
     ControlMode(params.control_mode)
-    check_train_section(config.train)
+    training.check_train_section(config.train)
     return config
 
 
@@ -77,7 +70,7 @@ def run(args: argparse.Namespace, overrides: list[str], extra_callbacks: Sequenc
     """Train one teacher in its locked checkpoint folder; the config and the data are checked before any model is
     built."""
     config = resolve_config(args, overrides)
-    with locked_run(config.train, checkpoint_folder(config)) as data:
+    with training.locked_run(config.train, checkpoint_folder(config)) as data:
         train_teacher(config, data, extra_callbacks)
 
 
@@ -85,7 +78,7 @@ def train_teacher(config: DictConfig, data: RunData, extra_callbacks: Sequence[p
     """The run itself, in a locked checkpoint folder: resume or initialise, then fit."""
     train, mode, folder = config.train, config.model.params.control_mode, checkpoint_folder(config)
     pl.seed_everything(train.seed, workers=True)
-    resume = resume_checkpoint(folder, train.max_steps, train.optimizer)
+    resume = training.resume_checkpoint(folder, train.max_steps, train.optimizer)
     try:
         model = instantiate_from_config(OmegaConf.to_container(config.model, resolve=True))
         if not resume:
@@ -95,13 +88,13 @@ def train_teacher(config: DictConfig, data: RunData, extra_callbacks: Sequence[p
             raise
         raise FileNotFoundError(f"{error}\n\n{DOWNLOAD_HELP}") from error
     if resume:
-        conflicts = resume_conflicts(resume[1], model.model_config()["params"], RESUME_FIXED)
+        conflicts = training.resume_conflicts(resume[1], model.model_config()["params"], RESUME_FIXED)
         if conflicts:
             raise ValueError(f"{resume[0]} was trained with other settings ({'; '.join(conflicts)}); resume with "
                              "the same settings, or train into another --logdir")
     log.info("%s; control mode %s", model.describe(), model.control_mode)
-    trainer = build_trainer(train, folder, f"fcdiffusion_{mode}", extra_callbacks)
-    fit(model, data, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))
+    trainer = training.build_trainer(train, folder, f"fcdiffusion_{mode}", extra_callbacks)
+    training.fit(model, data, train, trainer, resume[0] if resume else None, os.path.join(folder, LAST_CHECKPOINT))
 
 
 def main(argv: Sequence[str] | None = None, extra_callbacks: Sequence[pl.Callback] = ()) -> int:
