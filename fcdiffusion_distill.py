@@ -3,7 +3,7 @@
     python fcdiffusion_distill.py                                       # configs/distill_config.yaml (SD 2.1-base)
     python fcdiffusion_distill.py --config configs/distill_config_tiny.yaml --max_steps 50
     python fcdiffusion_distill.py --devices 8 --strategy ddp --num_nodes 2 --precision bf16
-    python fcdiffusion_distill.py --trainable control_net lora --teacher_substeps 4 --guidance_scale 7.5
+    python fcdiffusion_distill.py --trainable control_net lora --student_steps 1 2 4 --guidance_scale 7.5
     python fcdiffusion_distill.py --teacher_dtype bf16 --precision bf16   # teachers in half the memory
     python fcdiffusion_distill.py --val_data datasets/training_data_val.json --val_every 500 --ema_decay 0.999
     python fcdiffusion_distill.py --guidance_range 2 14 --teacher_sampler dpmpp_2m   # w chosen at inference
@@ -53,8 +53,14 @@ log = logging.getLogger("fcdiffusion_distill")
 # What a resumed distillation must share with its checkpoint (the optimizer state and the sampler depend on them).
 RESUME_FIXED = ("trainable", "lora_rank", "lora_alpha", "student_steps", "guidance_range")
 DISTILL_FLAGS = {
-    "student_steps": (int, "student sampling steps k (trailing schedule)"),
-    "teacher_substeps": (int, "guided teacher DDIM steps per student step"),
+    "objective": (str, "trajectory (learn the teacher's full guided solve) or progressive (its short sub-step "
+                       "solves from noised data); docs/distillation.md"),
+    "teacher_steps": (int, "trajectory: steps of the teacher's guided DDIM solve the student learns"),
+    "trajectory_pool": (int, "trajectory: solved examples kept to train on"),
+    "trajectory_refresh": (int, "trajectory: solve the batch's trajectories every N steps (others reuse the pool)"),
+    "trajectory_file": (str, "trajectory: train on the pool saved in this file if it exists (no teacher solves), "
+                             "else write the run's pool there at the end (for an ablation on the same trajectories)"),
+    "teacher_substeps": (int, "progressive: guided teacher DDIM steps per student step"),
     "guidance_scale": (float, "teachers' classifier-free guidance (default: each teacher's)"),
     "modes_per_step": (int, "modes trained per step (4: all)"),
     "distill_weight": (float, "weight of the frequency-weighted distillation loss"),
@@ -75,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--student_init", help="student initialisation: a teacher or tool_add_control checkpoint")
     parser.add_argument("--trainable", nargs="+", choices=TRAINABLE_PARTS, help="what the student trains")
     parser.add_argument("--lora_rank", type=int, help="LoRA rank (with --trainable lora)")
+    parser.add_argument("--student_steps", type=int, nargs="+", metavar="K",
+                        help="the step counts the student is trained for and will sample with (trailing schedules)")
     parser.add_argument("--guidance_range", type=float, nargs=2, metavar=("LO", "HI"),
                         help="distil a guidance-conditioned student: w drawn per example from [LO, HI]")
     cli.add_flags(parser, {**DISTILL_FLAGS, **cli.RUN_FLAGS})
@@ -88,6 +96,8 @@ def resolve_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig
     cli.apply_flags(config.distill, args, DISTILL_FLAGS)
     if args.guidance_range is not None:
         config.distill.guidance_range = args.guidance_range
+    if args.student_steps is not None:  # one count stays a number, as configs and older checkpoints write it
+        config.distill.student_steps = args.student_steps[0] if len(args.student_steps) == 1 else args.student_steps
     for mode in CONTROL_MODES:
         if getattr(args, f"teacher_{mode}") is not None:
             config.teachers[mode] = getattr(args, f"teacher_{mode}")

@@ -10,19 +10,22 @@ scikit-image's photos (a few are held out: every picture and figure of the repor
      tiny SD checkpoint the FCDiffusion steps start from
   6. tool_add_control_sd21.py              7-10. fcdiffusion_train.py, one teacher per control mode (each also
       trains the UNet's decoder, which minutes of pretraining leave weak)
-  11. fcdiffusion_distill.py               12-13. test_distillation.py on the held-out photos (teachers, 50 guided
-      steps; the student at 1, 2 and 4 steps)
-  14. evaluate.py (band fidelity and band retrieval of both, the student's agreement with its teachers)
-  15. benchmarks/distillation_benchmark.py 16. outputs/quickstart/: grid.png, losses.png, report.md
+  11. fcdiffusion_distill.py: the student, for 1, 2 and 4 steps, on the teachers' 50-step guided trajectories
+  12. fcdiffusion_distill.py: the band-weight ablation, on the same trajectories
+  13-14. test_distillation.py on the held-out photos (teachers, 50 guided steps; the student at 1, 2 and 4 steps)
+  15. evaluate.py (band fidelity and band retrieval of both, the student's agreement with its teachers)
+  16. benchmarks/distillation_benchmark.py 17. outputs/quickstart/: grid.png, losses.png, report.md
 Re-running reuses what exists (training resumes from its last checkpoint and stops at once when done);
 `--restart` starts over.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -74,6 +77,15 @@ class Layout:
         return self.root / "models" / "autoencoder_tiny.safetensors"
 
     @property
+    def trajectories(self) -> Path:
+        """The distillation's solved teacher trajectories, which the band-weight ablation trains on too."""
+        return self.logdir / "trajectories.pt"
+
+    @property
+    def ablation_logdir(self) -> Path:
+        return self.logdir / "band_ablation"
+
+    @property
     def tiny_vae(self) -> Path:
         """The tiny autoencoder distilled from the tiny one (a diffusers AutoencoderTiny folder)."""
         return self.root / "models" / "tiny_vae_tiny"
@@ -111,12 +123,24 @@ class Layout:
 
 
 def run_script(args: Sequence[str]) -> None:
-    """Run a repository script with this interpreter; raise on a non-zero exit."""
-    command = [sys.executable, *map(str, args)]
-    print("  $ " + " ".join(command[1:]), flush=True)
-    code = subprocess.call(command, cwd=Path(__file__).resolve().parent)
+    """Run a repository script's `main` with these arguments, in this process and from the repository's folder
+    (what `python <script> <args>` runs, without starting Python and importing torch again for each of the steps);
+    raise on a non-zero exit status."""
+    script, *rest = map(str, args)
+    print(f"  $ python {script} {' '.join(rest)}", flush=True)
+    root = Path(__file__).resolve().parent
+    name = "quickstart_step_" + Path(script).stem
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, root / script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    with contextlib.chdir(root):
+        code = module.main(rest)
+    gc.collect()
     if code:
-        raise StepFailed(f"`{' '.join(command[1:])}` exited with status {code}")
+        raise StepFailed(f"`python {script} {' '.join(rest)}` exited with status {code}")
 
 
 def build_steps(layout: Layout, args: argparse.Namespace) -> list[tuple[str, Callable[[], None]]]:
@@ -173,6 +197,8 @@ def build_steps(layout: Layout, args: argparse.Namespace) -> list[tuple[str, Cal
     steps += [(f"train the {mode} teacher (fcdiffusion_train.py)", teacher(mode)) for mode in CONTROL_MODES]
     steps += [
         ("distill one student from the four teachers (fcdiffusion_distill.py)", lambda: distill(layout, args)),
+        ("distill the band-weight ablation on the same trajectories (fcdiffusion_distill.py)",
+         lambda: distill(layout, args, ablation=True)),
         (f"run the teachers on the held-out photos, {args.teacher_sample_steps} guided steps (test_distillation.py)",
          lambda: infer(layout, args, "teacher")),
         (f"run the student on the held-out photos at {', '.join(map(str, STUDENT_STEP_COUNTS))} steps "
@@ -192,20 +218,32 @@ def training_photos(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def distill(layout: Layout, args: argparse.Namespace) -> None:
-    """The teachers trained their UNet decoders (`model.params.sd_locked=false` builds them so, each keeping its own),
-    so the student trains its decoder too. It starts from the high_pass teacher: the finest band is the one a
-    few-step student of a tiny model learns last. It also learns from the data (`--denoise_weight`, the x0 loss
-    against the true latent): teachers trained for seconds add band energy their sources lack, and a student that
-    only copies them adds more."""
+def distill(layout: Layout, args: argparse.Namespace, ablation: bool = False) -> None:
+    """The guidance-conditioned student, trained for 1, 2 and 4 steps on the teachers' 50-step guided trajectories
+    (the config's `objective: trajectory`). The teachers trained their UNet decoders (`model.params.sd_locked=false`
+    builds them so, each keeping its own), so the student trains its decoder too; it starts from the high_pass
+    teacher: the finest band is the one a few-step student of a tiny model learns last. The run writes its solved
+    trajectories to `trajectories.pt`; the ablation (`ablation`) trains on exactly those, every band weight 1."""
     teachers = [arg for mode in CONTROL_MODES for arg in (f"--teacher_{mode}", layout.teacher(mode))]
+    unweighted = [f"distill.band_weights.{mode}.{band}=1.0" for mode, bands in tiny_band_weights().items()
+                  for band in bands] if ablation else []
     run_script(["fcdiffusion_distill.py", "--config", TINY_DISTILL_CONFIG, *teachers,
-                "--student_init", layout.teacher("high_pass"), "--student_steps", args.student_steps,
+                "--student_init", layout.teacher("high_pass"), "--student_steps", *STUDENT_STEP_COUNTS,
+                "--guidance_range", *args.guidance_range, "--teacher_steps", args.teacher_sample_steps,
+                "--trajectory_refresh", args.trajectory_refresh,
+                "--trajectory_file", layout.trajectories,
                 "--trainable", "control_net", "output_blocks", "--learning_rate", args.distill_lr,
-                "--denoise_weight", args.denoise_weight,
-                "--data", layout.data, "--logdir", layout.logdir, "--max_steps", args.distill_steps,
-                "--checkpoint_every", args.distill_steps, "--log_images_every", args.distill_steps,
-                layout.clip_override, "model.params.sd_locked=false"])
+                "--data", layout.data, "--logdir", layout.ablation_logdir if ablation else layout.logdir,
+                "--max_steps", args.distill_steps, "--checkpoint_every", args.distill_steps,
+                "--log_images_every", 0 if ablation else args.distill_steps,
+                layout.clip_override, "model.params.sd_locked=false", *unweighted])
+
+
+def tiny_band_weights() -> dict[str, dict[str, float]]:
+    """The tiny distillation config's band weights (mode -> band -> weight)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(TINY_DISTILL_CONFIG).distill.band_weights)
 
 
 def infer(layout: Layout, args: argparse.Namespace, which: str) -> None:
@@ -238,8 +276,39 @@ def benchmark(layout: Layout, args: argparse.Namespace) -> None:
     run_script(["benchmarks/distillation_benchmark.py", "--teachers_dir", layout.logdir, "--student", layout.student,
                 "--sd_resolution", args.sd_resolution, "--sd" if args.benchmark_sd else "--no-sd",
                 "--teacher_steps", args.teacher_sample_steps, "--images", args.benchmark_images, "--sd_images", 1,
-                "--heldout", layout.heldout, "--tiny_vae", layout.tiny_vae, "--sd_teacher_timing_steps",
+                "--heldout", layout.heldout, "--tiny_vae", layout.tiny_vae,
+                "--ablation_student", student_file(layout.ablation_logdir), "--sd_teacher_timing_steps",
                 *args.sd_teacher_timing_steps, "--out", layout.out / "benchmark.json"])
+
+
+def guidance_figure(layout: Layout, name: str, teacher_steps: int) -> list[float]:
+    """guidance.png: for held-out photo `name`, a row per mode: the 4-step student and the teacher's guided result at
+    the ends of the student's guidance range and at its default w (same noise). Returns those scales."""
+    import torch
+
+    from fcdiffusion.core.images import labelled_grid, save_png
+    from fcdiffusion.core.inference import Translator
+    from fcdiffusion.core.weights import load_student, load_teacher
+    from fcdiffusion.train.dataset import load_image
+
+    model = load_student(layout.student).eval()
+    student = Translator(model)
+    low, high = model.guidance_range
+    scales = sorted({float(low), float(model.guidance_scale), float(high)})
+    image = torch.from_numpy(load_image(layout.heldout / f"{name}.png", 128)).permute(2, 0, 1)[None]
+    prompt = (layout.heldout / f"{name}.txt").read_text(encoding="utf-8").strip()
+    columns: dict[str, list] = {"source": [image[0]] * len(CONTROL_MODES)}
+    for mode in CONTROL_MODES:
+        teacher = Translator(load_teacher(layout.teacher(mode), mode).eval())
+        for w in scales:
+            for label, translator, steps in ((f"student 4, w={w:g}", student, 4),
+                                             (f"teacher {teacher_steps}, w={w:g}", teacher, teacher_steps)):
+                result = translator(image, [prompt], [mode], steps=steps, guidance_scale=w, decode_control=False)
+                columns.setdefault(label, []).append(result[mode].image[0].clamp(-1, 1))
+    save_png(labelled_grid({k: torch.stack(v) for k, v in columns.items()},
+                           row_labels=[mode.replace("_pass", "") for mode in CONTROL_MODES]),
+             layout.out / "guidance.png")
+    return scales
 
 
 def autoencoder_figure(layout: Layout, names: Sequence[str]) -> str:
@@ -347,6 +416,7 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
     rows = [f"{name} {mode.replace('_pass', '')}" for name in names for mode in CONTROL_MODES]
     save_png(labelled_grid({k: torch.stack(v) for k, v in columns.items()}, row_labels=rows), layout.out / "grid.png")
     psnr_table = autoencoder_figure(layout, names)
+    scales = guidance_figure(layout, names[0], args.teacher_sample_steps)
     runs = {"autoencoder": "autoencoder_tiny", "tiny autoencoder": "tiny_vae_distill_tiny", "UNet": "sd21_tiny",
             **{f"{mode} teacher": f"fcdiffusion_{mode}" for mode in CONTROL_MODES}, "distiller": "fcdiffusion_distill"}
     plot_losses({label: read_losses(layout.logdir / run) for label, run in runs.items()}, layout.out / "losses.png")
@@ -358,9 +428,9 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
     atomic_write_text(layout.out / "report.md", REPORT.format(
         train_photos=len(training_photos(args)), heldout=", ".join(names), autoencoder_steps=args.autoencoder_steps,
         unet_steps=args.unet_steps, teacher_steps=args.teacher_steps, distill_steps=args.distill_steps,
-        tiny_vae_steps=args.tiny_vae_steps,
-        denoise_weight=args.denoise_weight,
-        sample_steps=args.teacher_sample_steps, student_steps=args.student_steps, tables=tables,
+        tiny_vae_steps=args.tiny_vae_steps, guidance_range=" to ".join(f"{w:g}" for w in args.guidance_range),
+        guidance_photo=names[0], guidance_scales=", ".join(f"{w:g}" for w in scales),
+        sample_steps=args.teacher_sample_steps, tables=tables,
         psnr_table=psnr_table, retrieval=retrieval_table(layout), teacher_metrics=evaluation["teacher"],
         student_metrics="\n".join(f"Student, {k} step{'s' * (k > 1)}, [evaluation/student_k{k}.json]"
                                   f"(evaluation/student_k{k}.json):\n\n" + evaluation[f"student_k{k}"]
@@ -374,9 +444,11 @@ The whole FCDiffusion pipeline ran on the embedded tiny default. Its stand-ins f
 below), the UNet text-to-image for {unet_steps} steps. Then four teachers trained for {teacher_steps} steps each,
 each training the UNet's decoder along with its control net (`--sd_locked false`, FCDiffusion's option: a UNet
 pretrained for minutes is too weak a base to keep frozen), and one student (its control net and decoder, started
-from the high_pass teacher) was distilled from them for {distill_steps} steps, also learning from the data (an x0
-loss against the true latent, weight {denoise_weight}). Every picture and figure below comes from photos none of
-these models saw: {heldout} (`datasets/quickstart/heldout/`).
+from the high_pass teacher) was distilled from them for {distill_steps} steps: for 1, 2 and 4 steps at once, on the
+teachers' {sample_steps}-step guided trajectories, at guidance scales {guidance_range} (an input of the student, so
+the demo's slider acts on it). A second student was distilled the same way on the same trajectories without band
+weights (the ablation in the figures). Every picture and figure below comes from photos none of these models saw:
+{heldout} (`datasets/quickstart/heldout/`).
 
 ## Pictures
 
@@ -386,6 +458,15 @@ Per-image outputs: [inference/](inference/) (`teacher/`, `student_k1/`, `student
 training grids: `lightning_logs/*/image_log/`.
 
 ![grid](grid.png)
+
+## The guidance scale acts
+
+[guidance.png](guidance.png): {guidance_photo}, a row per mode: the 4-step student and the teachers'
+{sample_steps}-step guided result at w = {guidance_scales} (same noise). The student takes w as an input and samples
+in 4 network evaluations whatever w; the teacher needs 2 per step. The fidelity table at each w is in the figures
+below; the demo's guidance slider drives the same input.
+
+![guidance](guidance.png)
 
 ## The autoencoder
 
@@ -482,9 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distill_steps", type=int, default=200, help="distillation steps")
     parser.add_argument("--distill_lr", type=float, default=3e-4,
                         help="the student's learning rate: 200 steps need more than the config's 1e-4")
-    parser.add_argument("--denoise_weight", type=float, default=2.0,
-                        help="the student's x0 loss weight against the true latent (config: 0, distillation only)")
-    parser.add_argument("--student_steps", type=int, default=4, help="the student's sampling steps")
+    parser.add_argument("--guidance_range", type=float, nargs=2, default=[2.0, 12.0], metavar=("LO", "HI"),
+                        help="the guidance scales the student learns (the teachers use 9)")
+    parser.add_argument("--trajectory_refresh", type=int, default=2,
+                        help="solve new teacher trajectories every N distillation steps (others reuse the pool)")
     parser.add_argument("--teacher_sample_steps", type=int, default=50, help="the teachers' DDIM steps")
     parser.add_argument("--benchmark_sd", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the SD 2.1-base architecture (random weights, reduced resolution)")

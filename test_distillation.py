@@ -229,7 +229,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     check_steps(args, max_sampling_steps(model.model_config(), args.spacing), args.student or args.teacher)
     modes = list(model.modes) if args.mode in (None, "all") else [model.check_mode(args.mode)]
     if isinstance(model, FCDiffusionStudent):  # teachers take any sampler, spacing and scale
-        model.check_sampling(args.guidance_scale, args.sampler, args.spacing)
+        model.check_sampling(args.guidance_scale, args.sampler, args.spacing, args.steps)
     model = prepare_for_inference(model, device, args.precision, args.compile)
     tiny_vae = load_tiny_vae(args.tiny_vae, args.tiny_vae_use, device, args.precision) if args.tiny_vae else None
     evaluator = Evaluator(args.evaluate, Settings(model=model, device=device)) if args.evaluate else None

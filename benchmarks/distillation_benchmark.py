@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "figures (default: the first --images demo photos)")
     parser.add_argument("--guidance_scales", type=float, nargs="+",
                         help="w at which a guidance-conditioned student is compared with its teachers")
+    parser.add_argument("--ablation_student", metavar="PATH",
+                        help="a second student measured like --student (the band-weight ablation: the same "
+                             "distillation without band weights); its table compares their errors per band")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--teacher_steps", type=int, default=50)
     cli.add_device_flag(parser)
@@ -99,14 +102,15 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
             args.teacher_steps, device, args.precision, args.compile, "random", args.sd_teacher_timing_steps)
 
     teachers = {m: teacher_checkpoint(args.teachers_dir, m) for m in CONTROL_MODES}
-    missing = [os.fspath(p) for p in [*teachers.values(), args.student] if not os.path.isfile(p)]
+    wanted = [*teachers.values(), args.student, *([args.ablation_student] if args.ablation_student else [])]
+    missing = [os.fspath(p) for p in wanted if not os.path.isfile(p)]
     if missing:
         print(f"fidelity skipped: missing {missing}")
     else:
         print("measuring fidelity of the trained tiny student ...", flush=True)
         results["fidelity"], results["fidelity_setup"] = fidelity(
             teachers, args.student, tiny_resolution, args.images, args.teacher_steps, device, args.heldout,
-            args.guidance_scales)
+            args.guidance_scales, args.ablation_student)
     results["memory"] = memory(model_node(args.sd_config), {"trainable": args.trainable, "lora_rank": args.lora_rank})
     print("\n" + format_tables(results, args.teacher_steps))
     if args.out:

@@ -79,12 +79,13 @@ def workdir(tmp_path_factory, model_config) -> Path:
 
 @pytest.fixture(scope="session")
 def distilled(workdir) -> Path:
-    """A two-step distillation of a 3-step student (image log at step 2, teacher samples in it); its logdir."""
+    """A two-step distillation of a student for 1, 2 and 3 steps (image log at step 2, teacher samples in it); its
+    logdir."""
     import fcdiffusion_distill
 
     logdir = workdir / "run"
-    args = distill_args(workdir, logdir, 2, "--log_images_every", "2", "--student_steps", "3",
-                        "distill.log_teacher_steps=2")
+    args = distill_args(workdir, logdir, 2, "--log_images_every", "2", "distill.log_teacher_steps=2",
+                        "--student_steps", "1", "2", "3")
     assert fcdiffusion_distill.main(args) == 0
     return logdir
 

@@ -82,12 +82,13 @@ def write_photos(folder: Path, index: Path | None = None) -> None:
 
 
 def distill_args(workdir: Path, logdir: Path, max_steps: int, *extra: str) -> list[str]:
-    """fcdiffusion_distill.py arguments for the tiny config on the workdir's teachers and photos."""
+    """fcdiffusion_distill.py arguments for the tiny config on the workdir's teachers and photos; the trajectory
+    objective's teacher solve shortened to 4 steps (its 50 are the quickstart's, not a test's)."""
     paths = teacher_paths(workdir / "logs")
     return ["--config", str(TINY_DISTILL_CONFIG), "--data", str(workdir / "data.json"), "--logdir", str(logdir),
             "--max_steps", str(max_steps), "--checkpoint_every", "1", "--batch_size", "2",
             "--student_init", str(paths["mid_pass"]),
-            *[a for m in CONTROL_MODES for a in (f"--teacher_{m}", str(paths[m]))], *extra]
+            *[a for m in CONTROL_MODES for a in (f"--teacher_{m}", str(paths[m]))], "--teacher_steps", "4", *extra]
 
 
 def train_args(files: SimpleNamespace, logdir: Path, *extra: str) -> list[str]:

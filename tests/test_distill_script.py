@@ -27,10 +27,10 @@ def test_checkpoints_hold_only_the_student_and_the_export_describes_itself(disti
     # The metadata says what to rebuild and how to run it: no config needed.
     assert metadata["fcdiffusion.kind"] == "student" and recorded(metadata, "modes") == list(CONTROL_MODES)
     params = recorded(metadata, "config")["params"]
-    assert params["student_steps"] == 3 and params["trainable"] == ["control_net"]
+    assert params["student_steps"] == [1, 2, 3] and params["trainable"] == ["control_net"]
     assert params["lora_rank"] == 4 and params["frequency_thresholds"]["high_threshold"] == 25
     assert params["cond_stage_config"]["params"]["version"] is None  # the text encoder's tensors are in the file
-    assert recorded(metadata, "distill")["teacher_substeps"] == 2
+    assert recorded(metadata, "distill")["objective"] == "trajectory"
     student = load_student(student_file(distilled))
     assert student.student_steps == 3 and student.modes == CONTROL_MODES
     label = checkpoint["state_dict"]["student.control_model.label_emb.weight"]
@@ -43,7 +43,7 @@ def test_checkpoints_hold_only_the_student_and_the_export_describes_itself(disti
 def test_interrupted_run_resumes_its_step_count(distilled, workdir):
     logdir = workdir / "resumed"
     shutil.copytree(distilled, logdir)
-    assert fcdiffusion_distill.main(distill_args(workdir, logdir, 4, "--student_steps", "3")) == 0
+    assert fcdiffusion_distill.main(distill_args(workdir, logdir, 4, "--student_steps", "1", "2", "3")) == 0
     folder = distill_checkpoint_dir(logdir)
     assert torch.load(folder / LAST_CHECKPOINT, map_location="cpu", weights_only=False)["global_step"] == 4
     assert (folder / "step-000003.ckpt").is_file() and not (folder / "step-000005.ckpt").exists()

@@ -12,9 +12,12 @@ from tests.helpers import SD_DISTILL_CONFIG, teacher_paths
 
 
 def make_distiller(workdir, model_config, distill_config, **distill) -> FrequencyDistiller:
+    """The tiny config's distiller; progressive on 4 steps unless `distill` says otherwise (the trajectory objective
+    has its own tests, tests/test_trajectory_distill.py)."""
     paths = teacher_paths(workdir / "logs")
-    return FrequencyDistiller(model_config, paths, paths["mid_pass"], {"trainable": ["control_net"]},
-                              {**dict(distill_config.distill), **distill}, learning_rate=1e-3)
+    options = {**dict(distill_config.distill), "objective": "progressive", "student_steps": 4, **distill}
+    return FrequencyDistiller(model_config, paths, paths["mid_pass"], {"trainable": ["control_net"]}, options,
+                              learning_rate=1e-3)
 
 
 def fixed_inputs(distiller: FrequencyDistiller):

@@ -180,7 +180,8 @@ def test_distiller_trains_its_float32_student_beside_bf16_teachers(workdir, mode
                                                                    tmp_path):
     paths = teacher_paths(workdir / "logs")
     modes = ["mid_pass", "high_pass"]
-    distill = {**OmegaConf.to_container(distill_config.distill), "teacher_substeps": 1}
+    distill = {**OmegaConf.to_container(distill_config.distill), "objective": "progressive", "student_steps": 4,
+               "teacher_substeps": 1}
     losses = {}
     for dtype in ("fp32", "bf16"):
         distiller = FrequencyDistiller(model_config, {m: paths[m] for m in modes}, paths["mid_pass"],

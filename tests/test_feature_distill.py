@@ -29,7 +29,8 @@ def distiller(workdir, model_config, distill_config, terms):
     """A distiller whose student starts as the mid_pass teacher, weighing every kind of feature term."""
     paths = teacher_paths(workdir / "logs")
     return FrequencyDistiller(model_config, paths, paths["mid_pass"], {"trainable": ["control_net"]},
-                              {**dict(distill_config.distill), "feature_weights": terms}).eval()
+                              {**dict(distill_config.distill), "objective": "progressive", "student_steps": 4,
+                               "feature_weights": terms}).eval()
 
 
 def inputs(distiller):

@@ -26,13 +26,13 @@ from tests.helpers import PHOTOS, ROOT, distill_args, teacher_paths
 
 @pytest.fixture(scope="module")
 def guided_run(workdir):
-    """fcdiffusion_distill.py for 2 steps (one image, two modes each): a 2-step guidance-conditioned student (w in
-    [2, 12]), DPM-Solver++ teacher sub-steps, feature terms whose weights change at step 1; its logdir."""
+    """fcdiffusion_distill.py for 2 steps (one image, two modes each): a guidance-conditioned student for 1 and 2
+    steps (w in [2, 12]) on the teachers' trajectories, feature terms (against the guided teacher) whose weights
+    change at step 1; its logdir."""
     logdir = workdir / "guided"
-    args = distill_args(workdir, logdir, 2, "--student_steps", "2", "--guidance_range", "2", "12",
-                        "--teacher_sampler", "dpmpp_2m", "--batch_size", "1", "--modes_per_step", "2",
-                        "distill.feature_weights={unet_out1: 0.5, attn_control_mid: 1}",
-                        "distill.loss_stages=[[1, {unet_out1: 0.0, control_mid: 1.0}]]")
+    args = distill_args(workdir, logdir, 2, "--guidance_range", "2", "12", "--batch_size", "1",
+                        "--modes_per_step", "2", "distill.feature_weights={unet_out1: 0.5, attn_control_mid: 1}",
+                        "distill.loss_stages=[[1, {unet_out1: 0.0, control_mid: 1.0}]]", "--student_steps", "1", "2")
     assert fcdiffusion_distill.main(args) == 0
     return logdir
 
@@ -42,7 +42,8 @@ def distiller(workdir, model_config, distill_config):
     """A distiller of a guidance-conditioned student (w in [2, 12]) that starts as the mid_pass teacher."""
     paths = teacher_paths(workdir / "logs")
     return FrequencyDistiller(model_config, paths, paths["mid_pass"], {"trainable": ["control_net"]},
-                              {**dict(distill_config.distill), "guidance_range": [2.0, 12.0]})
+                              {**dict(distill_config.distill), "objective": "progressive", "student_steps": 4,
+                               "guidance_range": [2.0, 12.0]})
 
 
 def test_dpm_solver_teacher_substeps_are_the_sampler_on_their_grid(distiller, monkeypatch):
@@ -114,7 +115,7 @@ def test_w_embedding_starts_as_a_no_op_and_two_w_differ_after_training(distiller
 def test_distilled_file_samples_any_w_in_its_range_at_one_evaluation_per_step(guided_run, workdir, monkeypatch):
     path = student_file(guided_run)
     _, metadata = load_checkpoint(path)
-    assert recorded(metadata, "distill")["teacher_sampler"] == "dpmpp_2m"
+    assert recorded(metadata, "distill")["objective"] == "trajectory"
     assert recorded(metadata, "config")["params"]["guidance_range"] == [2.0, 12.0]
     student = load_student(path).eval()  # strict: the guidance embedding's keys are in the file
     assert student.guidance_conditioned and student.guidance_range == [2.0, 12.0] and student.student_steps == 2

@@ -162,7 +162,7 @@ def test_old_files_without_metadata_need_and_take_a_config(distilled, workdir, s
     assert script.main([*common, "--student", str(old_student), "--out_dir", str(tmp_path / "a")]) == 1
     assert "records no model config" in capsys.readouterr().err
     assert script.main([*common, "--student", str(old_student), "--config", str(TINY_DISTILL_CONFIG),
-                        "distill.student_steps=3", "--out_dir", str(tmp_path / "b")]) == 0
+                        "distill.student_steps=[1,2,3]", "--out_dir", str(tmp_path / "b")]) == 0
     assert len(list((tmp_path / "b").glob("*_mid_pass.png"))) == len(PHOTOS)
     assert script.main([*common, "--teacher", str(old_teacher), "--config", str(TINY_DISTILL_CONFIG)]) == 1
     assert "records no control mode" in capsys.readouterr().err

@@ -270,7 +270,8 @@ def test_ema_turned_on_when_resuming_starts_from_the_checkpoint_weights(distille
     logdir = workdir / "ema_later"
     shutil.copytree(distilled, logdir)  # two steps, no EMA
     before = ckpt(distill_checkpoint_dir(logdir) / LAST_CHECKPOINT)["state_dict"]
-    args = distill_args(workdir, logdir, 3, "--student_steps", "3", "--ema_decay", "0.9", "--log_images_every", "0")
+    args = distill_args(workdir, logdir, 3, "--ema_decay", "0.9", "--log_images_every", "0",
+                        "--student_steps", "1", "2", "3")
     assert fcdiffusion_distill.main(args) == 0
     after = ckpt(distill_checkpoint_dir(logdir) / LAST_CHECKPOINT)
     assert after["global_step"] == 3 and after["ema"]["num_updates"] == 1

@@ -55,7 +55,7 @@ def test_small_quickstart_writes_every_artefact(small_run):
                 assert_png(out / "inference" / folder / f"{name}_{mode}.png", (128, 128))
             assert_png(out / "inference" / "teacher" / f"{name}_{mode}_control.png", (128, 128))
     assert (out / "lightning_logs" / "fcdiffusion_distill_checkpoint" / "student.safetensors").is_file()
-    for figure in ("grid.png", "autoencoder.png", "losses.png"):
+    for figure in ("grid.png", "autoencoder.png", "losses.png", "guidance.png"):
         assert_png(out / figure)
     for which in ("full", "tiny"):  # the held-out reconstructions of both decoders
         for name in HELDOUT:
@@ -66,8 +66,9 @@ def test_small_quickstart_writes_every_artefact(small_run):
 
 def test_small_quickstart_trains_the_decoders_it_says(small_run):
     """The report says the teachers train the UNet's decoder with their control nets and the student its own, and that
-    the student also learns from the data: each teacher's decoder moved away from the pretrained tiny UNet's (and its
-    encoder did not), and the files record it all."""
+    the student learns the teachers' trajectories for 1, 2 and 4 steps at a range of guidance scales, the ablation on
+    the same trajectories without band weights: each teacher's decoder moved away from the pretrained tiny UNet's
+    (and its encoder did not), and the files record it all."""
     _, root, out = small_run
     key = "model.diffusion_model.output_blocks.0.0.in_layers.2.weight"
     frozen = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
@@ -78,8 +79,15 @@ def test_small_quickstart_trains_the_decoders_it_says(small_run):
         assert not torch.equal(teacher[key], base[key]) and torch.equal(teacher[frozen], base[frozen])
     _, metadata = load_checkpoint(out / "lightning_logs" / "fcdiffusion_distill_checkpoint" / "student.safetensors")
     assert "output_blocks" in recorded(metadata, "config")["params"]["trainable"]
-    default = quickstart.build_parser().parse_args([]).denoise_weight
-    assert recorded(metadata, "distill")["denoise_weight"] == default > 0
+    distill = recorded(metadata, "distill")
+    assert distill["objective"] == "trajectory" and distill["student_steps"] == [1, 2, 4]
+    assert distill["teacher_steps"] == 4 and distill["guidance_range"] == [2.0, 12.0]
+    assert any(weight > 1 for bands in distill["band_weights"].values() for weight in bands.values())
+    _, ablation = load_checkpoint(out / "lightning_logs" / "band_ablation" / "fcdiffusion_distill_checkpoint"
+                                  / "student.safetensors")
+    ablated = recorded(ablation, "distill")
+    assert ablated["trajectory_file"] == distill["trajectory_file"]  # trained on the same trajectories
+    assert all(weight == 1 for bands in ablated["band_weights"].values() for weight in bands.values())
 
 
 def test_small_quickstart_tables_and_report(small_run):
@@ -88,6 +96,8 @@ def test_small_quickstart_tables_and_report(small_run):
     speed = figures["speed"]["tiny"]
     assert all(speed[k] > 0 for k in ("teacher_4_cfg_s", "student_1_s", "student_2_s", "student_4_s"))
     assert set(figures["fidelity"]) == set(CONTROL_MODES)
+    assert figures["fidelity_setup"]["student_steps"] == [1, 2, 4] and "ablation" in figures["fidelity_setup"]
+    assert all(f"ablation_student_k{k}_mse" in f for f in figures["fidelity"].values() for k in (1, 2, 4))
     assert all(f["student_k4_mse"] >= 0 and f["teacher_k4_mse"] >= 0 for f in figures["fidelity"].values())
     assert 0 < figures["memory"]["distiller_params"] < figures["memory"]["five_full_models_params"]
     tables = (out / "tables.md").read_text()
@@ -96,7 +106,8 @@ def test_small_quickstart_tables_and_report(small_run):
     assert all(any(line.startswith(f"| {mode} |") for line in rows) for mode in CONTROL_MODES)
     report = (out / "report.md").read_text()
     links = re.findall(r"\]\(([^)]+)\)", report)
-    expected = {"grid.png", "autoencoder.png", "losses.png", "benchmark.json", "tables.md", "evaluation/teacher.json",
+    expected = {"grid.png", "guidance.png", "autoencoder.png", "losses.png", "benchmark.json", "tables.md",
+                "evaluation/teacher.json",
                 *(f"evaluation/{s}.json" for s in STUDENTS)}
     assert expected <= set(links)
     for who in STUDENTS:
@@ -130,7 +141,7 @@ def test_quickstart_names_the_step_that_failed(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 1
     assert "reusing" in captured.out
-    assert "failed at step 6/17 (train the tiny UNet on its latents" in captured.err
+    assert "failed at step 6/18 (train the tiny UNet on its latents" in captured.err
     with pytest.raises(SystemExit):  # an unknown photo name is refused by the parser
         quickstart.main(["--heldout", "lena"])
     assert quickstart.main(["--root", str(tmp_path), "--out", str(tmp_path / "o"), "--photos", "coffee",

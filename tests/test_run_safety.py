@@ -104,9 +104,9 @@ def test_resuming_with_other_trained_parts_or_steps_is_refused(tiny_files, four_
     shutil.copytree(distilled, logdir)
     before = (distill_checkpoint_dir(logdir) / LAST_CHECKPOINT).read_bytes()
     assert fcdiffusion_distill.main(distill_args(workdir, logdir, 4, "--student_steps", "2")) == 1
-    assert "student_steps: checkpoint 3, now 2" in capsys.readouterr().err
-    assert fcdiffusion_distill.main(distill_args(workdir, logdir, 4, "--student_steps", "3", "--trainable",
-                                                 "control_net", "lora")) == 1
+    assert "student_steps: checkpoint [1, 2, 3], now 2" in capsys.readouterr().err
+    assert fcdiffusion_distill.main(distill_args(workdir, logdir, 4, "--trainable", "control_net", "lora",
+                                                 "--student_steps", "1", "2", "3")) == 1
     assert "trainable: checkpoint ['control_net'], now ['control_net', 'lora']" in capsys.readouterr().err
     assert (distill_checkpoint_dir(logdir) / LAST_CHECKPOINT).read_bytes() == before
 

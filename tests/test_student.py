@@ -18,9 +18,10 @@ from tests.helpers import teacher_paths, with_params
 
 @pytest.fixture(scope="module")
 def initial_student(workdir, model_config):
-    """A self-describing student file made from the mid_pass teacher, the way the distiller initialises it."""
+    """A self-describing student file made from the mid_pass teacher, the way the distiller initialises it, for the
+    step counts the sampling tests run (1, 2, 3, 4, 8)."""
     path = workdir / "initial_student.safetensors"
-    student = instantiate_from_config(with_params(student_config(model_config)))
+    student = instantiate_from_config(with_params(student_config(model_config, student_steps=[1, 2, 3, 4, 8])))
     teacher = load_state_dict(teacher_paths(workdir / "logs")["mid_pass"])
     student.load_state_dict({**student.state_dict(), **teacher})
     save_state_dict(student.state_dict(), path, student.weights_metadata())
@@ -85,7 +86,7 @@ def test_sample_uses_trailing_steps_and_ends_at_alpha_one(initial_student, steps
     torch.testing.assert_close(out, (last["x"] - (1 - a).sqrt() * last["eps"]) / a.sqrt())  # alpha_prev = 1
     seen.clear()
     student.sample(cond, x_T)
-    assert len(seen) == student.student_steps == 4  # its own default
+    assert len(seen) == student.student_steps == 8  # its own default: the most it was trained for
 
 
 def test_student_refuses_guidance_and_modes_it_did_not_learn(initial_student, model_config):

@@ -24,6 +24,7 @@ over the floor says how much the pipeline adds.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import statistics
 import time
@@ -51,8 +52,9 @@ from fcdiffusion.core.weights import (
 )
 from fcdiffusion.train.dataset import load_image, prepare_image
 from fcdiffusion.train.demo_data import CAPTIONS, load_photo
-from fcdiffusion.train.distiller import FrequencyDistiller
+from fcdiffusion.train.distiller import DistillOptions, FrequencyDistiller, band_energies
 from fcdiffusion.train.image_folder import prompted_images
+from ldm.checkpoint import load_checkpoint
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
 STUDENT_STEPS = (1, 2, 4)
@@ -164,7 +166,7 @@ def random_pair(config: Mapping[str, Any], resolution: int,
     torch.manual_seed(0)
     teacher_config = resized_config(config, resolution)
     teacher = instantiate_from_config(teacher_config).eval().to(device)
-    student = build_on_meta(student_config(teacher_config))
+    student = build_on_meta(student_config(teacher_config, student_steps=list(STUDENT_STEPS)))
     adopt_student(student, teacher.state_dict(), "random teacher", allow_fcdiffusion=True)
     return teacher, student.eval().to(device)  # moves only the student's own (zero) mode embedding
 
@@ -238,13 +240,23 @@ def extrapolate_teacher(figures: Mapping[str, Any], measured: Sequence[int], ste
                                                   "per_step_s": per_step, "fixed_s": fixed}}
 
 
+def distill_options(student_path: str | os.PathLike) -> DistillOptions:
+    """How the student in `student_path` was distilled (its `fcdiffusion.distill` metadata; defaults if absent)."""
+    _, metadata = load_checkpoint(student_path)
+    return DistillOptions.from_mapping(json.loads(metadata.get("fcdiffusion.distill", "{}")))
+
+
 @torch.no_grad()
 def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.PathLike, resolution: int,
              n_images: int, teacher_steps: int, device: torch.device, photos: str | os.PathLike | None = None,
-             guidance_scales: Sequence[float] | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Per mode, the latent MSE to the teacher's `teacher_steps`-step guided DDIM result of the student at k steps
-    (`student_k{k}_mse`) and of each guided teacher baseline at k steps (`TEACHER_BASELINES`: `<name>_k{k}_mse`),
-    for k in `STUDENT_STEPS`; and the settings they were measured with.
+             guidance_scales: Sequence[float] | None = None, ablation: str | os.PathLike | None = None
+             ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """Per mode, the latent MSE to the teacher's `teacher_steps`-step guided DDIM result of the student at each step
+    count it was trained for (`student_k{k}_mse`, and split over the DCT bands of its distillation,
+    `student_k{k}_band_<band>`: the band energies of the difference, which sum to the MSE) and of each guided teacher
+    baseline at k steps for k in `STUDENT_STEPS` (`TEACHER_BASELINES`: `<name>_k{k}_mse`); and the settings they were
+    measured with. `ablation` is a second student (e.g. distilled without band weights, on the same trajectories),
+    measured the same way as `ablation_student_k{k}_...`.
 
     `photos` is a folder of held-out images with same-named .txt prompts (its first `n_images`; default: the first
     `n_images` demo photos, which the quickstart also trains on). A guidance-conditioned student is also measured
@@ -254,6 +266,12 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
     """
     student_model = load_student(student_path).to(device).eval()
     student = Translator(student_model)
+    options = distill_options(student_path)
+    limits, band_names = options.band_limits(), list(options.bands)
+    students = {"student": student}
+    if ablation is not None:
+        students["ablation_student"] = Translator(load_student(ablation).to(device).eval())
+    counts = student_model.trained_steps
     if photos is None:
         images, prompts = demo_images(n_images, resolution)
         names = list(CAPTIONS)[:n_images]
@@ -279,14 +297,19 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
                 z, context, [mode], seed=1000 + i, control_seed=i, steps=steps, decode_control=False,
                 **options)[mode].latents
             reference = run(teacher, teacher_steps)
+            for name, translator in students.items():
+                for k in translator.model.trained_steps:
+                    latents = run(translator, k)
+                    record(f"{name}_k{k}_mse", latents, reference)
+                    for band, energy in zip(band_names, band_energies(latents - reference, limits)[0].tolist()):
+                        errors.setdefault(f"{name}_k{k}_band_{band}", []).append(energy)
             for k in STUDENT_STEPS:
-                record(f"student_k{k}_mse", run(student, k), reference)
                 for name, (sampler, spacing) in TEACHER_BASELINES.items():
                     record(f"{name}_k{k}_mse", run(teacher, k, sampler=sampler, spacing=spacing), reference)
             sampler, spacing = TEACHER_BASELINES[GUIDED_BASELINE]
             for w in scales:
                 guided = run(teacher, teacher_steps, guidance_scale=w)
-                for k in STUDENT_STEPS:
+                for k in counts:
                     record(f"w{w:g}_student_k{k}_mse", run(student, k, guidance_scale=w), guided)
                     record(f"w{w:g}_{GUIDED_BASELINE}_k{k}_mse",
                            run(teacher, k, guidance_scale=w, sampler=sampler, spacing=spacing), guided)
@@ -296,7 +319,12 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
              "teacher_steps": teacher_steps, "guidance_scales": scales,
              "baselines": {name: {"sampler": sampler, "spacing": spacing}
                            for name, (sampler, spacing) in TEACHER_BASELINES.items()},
-             "nfe": "student: k per image; a guided teacher k-step baseline: 2k (k batched calls of batch 2)"}
+             "nfe": "student: k per image; a guided teacher k-step baseline: 2k (k batched calls of batch 2)",
+             "student_steps": counts, "bands": options.bands,
+             "band_weights": {m: options.band_weights.get(m, {}) for m in CONTROL_MODES}}
+    if ablation is not None:
+        setup["ablation"] = {"student": os.fspath(ablation),
+                             "band_weights": distill_options(ablation).band_weights}
     return out, setup
 
 
@@ -339,6 +367,7 @@ def fidelity_tables(figures: Mapping[str, Mapping[str, float]], setup: Mapping[s
         return f"{f[key]:.4f}" if key in f else "—"
 
     where = f" on {len(setup['images'])} photos from {setup['photos']}" if setup.get("images") else ""
+    counts = setup.get("student_steps", STUDENT_STEPS)
     lines = [f"Fidelity: latent MSE to the teacher's {teacher_steps}-step guided DDIM result{where} (lower is "
              "better). Network evaluations (NFE) per image: the student's k steps take k, a guided teacher's k steps "
              "2k (each step one batched call of batch 2); the last column is the best teacher baseline at the "
@@ -347,7 +376,7 @@ def fidelity_tables(figures: Mapping[str, Mapping[str, float]], setup: Mapping[s
              "| teacher DPM-Solver++(2M) trailing (2k NFE) | best teacher at k NFE |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for mode, f in figures.items():
-        for k in STUDENT_STEPS:
+        for k in setup.get("student_steps", STUDENT_STEPS):
             half = [f[f"{name}_k{k // 2}_mse"] for name in TEACHER_BASELINES if f"{name}_k{k // 2}_mse" in f]
             best = f"{min(half):.4f}" if k > 1 and half else "—"
             baselines = " | ".join(cell(f, f"{name}_k{k}_mse") for name in TEACHER_BASELINES)
@@ -356,13 +385,36 @@ def fidelity_tables(figures: Mapping[str, Mapping[str, float]], setup: Mapping[s
     if scales:
         lines += ["", f"Guidance-conditioned student at w: latent MSE to the teacher's {teacher_steps}-step guided "
                       "DDIM result at the same w, beside the teacher's DPM-Solver++(2M) (trailing) at the same w", "",
-                  "| mode | w | " + " | ".join(f"student k={k} | DPM-Solver++ k={k}" for k in STUDENT_STEPS) + " |",
-                  "| --- | --- | " + " | ".join("--- | ---" for _ in STUDENT_STEPS) + " |"]
+                  "| mode | w | " + " | ".join(f"student k={k} | DPM-Solver++ k={k}" for k in counts) + " |",
+                  "| --- | --- | " + " | ".join("--- | ---" for _ in counts) + " |"]
         for mode, f in figures.items():
             for w in scales:
                 cells = " | ".join(f"{cell(f, f'w{w:g}_student_k{k}_mse')} | "
-                                   f"{cell(f, f'w{w:g}_{GUIDED_BASELINE}_k{k}_mse')}" for k in STUDENT_STEPS)
+                                   f"{cell(f, f'w{w:g}_{GUIDED_BASELINE}_k{k}_mse')}" for k in counts)
                 lines.append(f"| {mode} | {w:g} | {cells} |")
+    if setup.get("ablation"):
+        lines += ["", *ablation_table(figures, setup)]
+    return lines
+
+
+def ablation_table(figures: Mapping[str, Mapping[str, float]], setup: Mapping[str, Any]) -> list[str]:
+    """Markdown lines of the band-weight ablation: per mode and trained k, the error in the bands the mode's weights
+    raise and in the others, for the student and for the ablation student (the same distillation without them)."""
+    lines = ["Band-weight ablation: per mode, the student's error to the teacher's result in the DCT bands its "
+             "band weights raise and in the other bands (band energies of the latent difference; they sum to the "
+             "MSE), with the weights and without them (`ablation`: the same distillation on the same teacher "
+             "trajectories, `band_weights: {}`)", "",
+             "| mode | weighted bands | k | weighted: with / without | others: with / without |",
+             "| --- | --- | --- | --- | --- |"]
+    for mode, f in figures.items():
+        raised = [band for band, weight in setup["band_weights"].get(mode, {}).items() if weight > 1]
+        others = [band for band in setup["bands"] if band not in raised]
+        for k in setup["student_steps"]:
+            def total(who: str, bands: Sequence[str]) -> float:
+                return sum(f[f"{who}_k{k}_band_{band}"] for band in bands)
+            lines.append(f"| {mode} | {', '.join(raised) or '—'} | {k} | {total('student', raised):.4f} / "
+                         f"{total('ablation_student', raised):.4f} | {total('student', others):.4f} / "
+                         f"{total('ablation_student', others):.4f} |")
     return lines
 
 

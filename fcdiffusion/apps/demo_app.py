@@ -281,8 +281,8 @@ class Demo:
     def check(self, image: str | os.PathLike | None, prompt: str | None, modes: Sequence[str] | None, model: str,
               steps: Any, guidance_scale: Any, seed: Any) -> Request:
         """Every field of a request checked (the photo is read later), by the rules `test_distillation.py` applies
-        to its flags: an empty prompt is refused (`check_prompt`), a student takes the guidance scales its
-        `check_sampling` allows (a fixed-w student only its own w, or none given). A `DemoInputError` says what to
+        to its flags: an empty prompt is refused (`check_prompt`), a student takes the step counts and guidance scales
+        its `check_sampling` allows (a fixed-w student only its own w, or none given). A `DemoInputError` says what to
         change."""
         if image is None:
             raise DemoInputError("no photo: upload one (or paste it, or pick an example below) first")
@@ -309,7 +309,7 @@ class Demo:
         model = next(iter(served.translators.values())).model
         try:
             if isinstance(model, FCDiffusionStudent):
-                guidance_scale = model.check_sampling(guidance_scale)
+                guidance_scale = model.check_sampling(guidance_scale, steps=steps)
             else:
                 guidance_scale = check_guidance_scale(served.guidance_scale if guidance_scale is None
                                                       else guidance_scale)

@@ -103,14 +103,18 @@ def model_config(config: Mapping[str, Any], build: Build, resolution: int) -> di
 
 
 def build_module(config: Mapping[str, Any], build: Build, resolution: int) -> nn.Module:
-    """The module a step trains, on the meta device (no memory): `FCDiffusion` or `FrequencyDistiller`."""
+    """The module a step trains, on the meta device (no memory): `FCDiffusion` or `FrequencyDistiller`. The
+    distiller's step is measured with one guided teacher evaluation without graph, then the student's forward and
+    backward: the peak of a trajectory-objective step too, whose teacher solve is such evaluations one after
+    another (their activations are freed between them) and whose student pass is the same."""
     if build.role == "teacher":
         return build_on_meta(model_config(config, build, resolution))
     if build.role != "distiller":
         raise ValueError(f"unknown role {build.role!r}: teacher or distiller")
     return FrequencyDistiller(model_config(config, build, resolution), modes=CONTROL_MODES[:build.teachers],
                               student={"trainable": list(TRAINABLE_SETS[build.trainable])},
-                              distill={"teacher_dtype": build.teacher_dtype, "teacher_substeps": 1})
+                              distill={"teacher_dtype": build.teacher_dtype, "objective": "progressive",
+                                       "student_steps": 4, "teacher_substeps": 1})
 
 
 def models_of(module: nn.Module) -> list[nn.Module]:

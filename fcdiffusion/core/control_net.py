@@ -24,11 +24,16 @@ def _zero_conv(channels: int) -> nn.Sequential:
 class GuidanceEmbedding(nn.Module):
     """The classifier-free guidance scale w as an offset to the time embedding (guided distillation, Meng et al.
     2023): sinusoidal (Fourier) features of w, as `timestep_embedding` makes of t, then an MLP shaped like
-    `time_embed` whose last layer starts at zero, so a new embedding adds exactly nothing."""
+    `time_embed` whose last layer starts at zero, so a new embedding adds exactly nothing.
 
-    def __init__(self, channels: int, out_channels: int):
+    `scale` None embeds w itself (students distilled before the scale was recorded); a number embeds (w - 1) * scale,
+    as latent consistency models embed w (Luo et al. 2023, scale 1000): w in [1, 15] then spans the timesteps'
+    range [0, 1000), so every frequency of the embedding varies over it, not only the fastest few.
+    """
+
+    def __init__(self, channels: int, out_channels: int, scale: float | None = None):
         super().__init__()
-        self.channels = channels
+        self.channels, self.scale = channels, scale
         self.layers = nn.Sequential(nn.Linear(channels, out_channels), nn.SiLU(),
                                     zero_module(nn.Linear(out_channels, out_channels)))
 
@@ -38,7 +43,8 @@ class GuidanceEmbedding(nn.Module):
         zero_module(self.layers[2])
 
     def forward(self, guidance_scale: torch.Tensor) -> torch.Tensor:
-        return self.layers(timestep_embedding(guidance_scale, self.channels))
+        w = guidance_scale if self.scale is None else (guidance_scale - 1) * self.scale
+        return self.layers(timestep_embedding(w, self.channels))
 
 
 class FreqControlNet(UNetEncoder):
@@ -48,10 +54,12 @@ class FreqControlNet(UNetEncoder):
     by keyword; there is no decoder, so `out_channels` is not accepted. The hint has `in_channels` channels
     and the latent's spatial size. All output convs start at zero, so a fresh control net is a no-op.
     `guidance_embedding` adds a `GuidanceEmbedding` (`guidance_emb`) of the guidance scale to the time embedding:
-    the guidance-conditioned distilled student takes w as an input.
+    the guidance-conditioned distilled student takes w as an input, embedded as `GuidanceEmbedding` says with
+    `guidance_embedding_scale`.
     """
 
-    def __init__(self, hint_channels: int = 512, guidance_embedding: bool = False, **kwargs: Any):
+    def __init__(self, hint_channels: int = 512, guidance_embedding: bool = False,
+                 guidance_embedding_scale: float | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.input_hint_block = nn.Sequential(nn.Conv2d(self.in_channels, hint_channels, 3, padding=1), nn.SiLU())
         self.hint_add = zero_module(nn.Conv2d(hint_channels, self.model_channels, 1))
@@ -60,8 +68,8 @@ class FreqControlNet(UNetEncoder):
         self.zero_convs_mul = nn.ModuleList(_zero_conv(c) for c in self.input_block_channels)
         self.middle_block_out_add = _zero_conv(self.input_block_channels[-1])
         self.middle_block_out_mul = _zero_conv(self.input_block_channels[-1])
-        self.guidance_emb = GuidanceEmbedding(self.model_channels, 4 * self.model_channels) if guidance_embedding \
-            else None
+        self.guidance_emb = GuidanceEmbedding(self.model_channels, 4 * self.model_channels,
+                                              guidance_embedding_scale) if guidance_embedding else None
 
     def forward(
         self,

@@ -31,6 +31,7 @@ from ldm.models.diffusion.sampling import StepCallback, check_sampler, sample
 from ldm.models.diffusion.scheduler import Scheduler, check_spacing
 from ldm.modules.attention import CrossAttention
 
+GUIDANCE_EMBEDDING_SCALE = 1000.0  # w enters the guidance embedding as (w - 1) * 1000 (`GuidanceEmbedding`)
 TRAINABLE_PARTS = ("control_net", "output_blocks", "lora")
 STUDENT_TARGET = "fcdiffusion.core.student.FCDiffusionStudent"
 STUDENT_OPTIONS = ("trainable", "lora_rank", "lora_alpha")
@@ -41,6 +42,14 @@ TEACHER_ONLY_PARAMS = ("control_mode", "guidance_scale", "ddim_steps", "sd_locke
 # How a distilled student samples, as its config records it (`scheduler`): each of its steps learned one DDIM step
 # on the trailing spacing, the last one landing on clean data (alpha 1). Files from before the record sample so.
 DISTILLED_SCHEDULER = {"sampler": "ddim", "spacing": "trailing", "final_alpha_cumprod": 1.0}
+
+
+def step_counts(student_steps: int | Sequence[int]) -> list[int]:
+    """The step counts a student is trained for, ascending: `student_steps` is one count or a list of them."""
+    counts = [student_steps] if isinstance(student_steps, int) else list(student_steps)
+    if not counts or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in counts):
+        raise ValueError(f"student_steps must be a step count >= 1 or a list of them, got {student_steps}")
+    return sorted(set(counts))
 
 
 def check_scheduler(scheduler: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,7 +109,8 @@ class FCDiffusionStudent(FrequencyControlledLDM):
 
     `trainable`: any of `TRAINABLE_PARTS`; the mode embedding always trains. `lora_rank`/`lora_alpha` size the
     adapters when `lora` is chosen (alpha defaults to the rank, a scale of 1). `student_steps` is the number of
-    sampling steps it was distilled for (the default of `sample`); `modes` the control modes it learned.
+    sampling steps it was distilled for, or a list of them (`step_counts`): `sample` takes only those, by default
+    the largest; `modes` the control modes it learned.
     `sd_locked` is derived from `trainable` (unlocked exactly when `output_blocks` trains). The control net
     config must have `num_classes: 4`; `student_config` builds such a config from a teacher's.
     `guidance_range` [lo, hi] makes a guidance-conditioned student (its control net needs `guidance_embedding:
@@ -112,7 +122,7 @@ class FCDiffusionStudent(FrequencyControlledLDM):
     kind = "student"
 
     def __init__(self, trainable: Sequence[str] = ("control_net",), lora_rank: int = 8,
-                 lora_alpha: float | None = None, student_steps: int = 4,
+                 lora_alpha: float | None = None, student_steps: int | Sequence[int] = 4,
                  modes: Sequence[str] = CONTROL_MODES, guidance_scale: float | None = None,
                  guidance_range: Sequence[float] | None = None, scheduler: Mapping[str, Any] | None = None,
                  **kwargs: Any):
@@ -120,8 +130,8 @@ class FCDiffusionStudent(FrequencyControlledLDM):
         unknown = sorted(set(trainable) - set(TRAINABLE_PARTS))
         if unknown or not trainable:
             raise ValueError(f"trainable must name some of {', '.join(TRAINABLE_PARTS)}, got {list(trainable)}")
-        if student_steps < 1:
-            raise ValueError(f"student_steps must be >= 1, got {student_steps}")
+        self.trained_steps = step_counts(student_steps)
+        student_steps = student_steps if isinstance(student_steps, int) else list(student_steps)
         if guidance_range is not None:
             guidance_range = check_guidance_range(guidance_range)
             if guidance_scale is None:
@@ -139,7 +149,7 @@ class FCDiffusionStudent(FrequencyControlledLDM):
         if (guidance_range is None) != (self.control_model.guidance_emb is None):
             raise ValueError("a guidance-conditioned student (guidance_range) needs a control net with "
                              "guidance_embedding: true, and only it has one; build its config with student_config()")
-        self.trainable, self.student_steps = trainable, student_steps
+        self.trainable, self.student_steps = trainable, max(self.trained_steps)
         self.guidance_scale, self.guidance_range = guidance_scale, guidance_range
         self.scheduler_config = scheduler
         self._modes = tuple(ControlMode(m) for m in modes)
@@ -209,16 +219,19 @@ class FCDiffusionStudent(FrequencyControlledLDM):
         return cond
 
     def check_sampling(self, guidance_scale: float | None = None, sampler: str | None = None,
-                       spacing: str | None = None) -> float | None:
+                       spacing: str | None = None, steps: int | None = None) -> float | None:
         """The guidance scale to condition on (None for a fixed-w student), or a ValueError saying why the request
         does not apply: the student samples with the sampler and spacing it was distilled for (its recorded
-        `scheduler_config`), a fixed-w student at its one scale, a guidance-conditioned one at any scale in its
-        `guidance_range`."""
+        `scheduler_config`), in a step count it was distilled for (`trained_steps`), a fixed-w student at its one
+        scale, a guidance-conditioned one at any scale in its `guidance_range`."""
         recorded = self.scheduler_config
         if sampler not in (None, recorded["sampler"]) or spacing not in (None, recorded["spacing"]):
             raise ValueError(f"the distilled student samples with {recorded['sampler']} on the {recorded['spacing']} "
                              "schedule it was distilled for (each of its steps learned one such step); "
                              f"sampler={sampler!r}, spacing={spacing!r} apply to teachers")
+        if steps is not None and steps not in self.trained_steps:
+            raise ValueError(f"this student was distilled for {', '.join(map(str, self.trained_steps))} steps and "
+                             f"samples only with those; {steps} steps would run a schedule it never learned")
         if not self.guidance_conditioned:
             if guidance_scale is not None and guidance_scale != self.guidance_scale:
                 learned = "its teachers' one scale" if self.guidance_scale is None else f"w={self.guidance_scale:g}"
@@ -233,13 +246,13 @@ class FCDiffusionStudent(FrequencyControlledLDM):
     def sample(self, cond: Cond, x_T: torch.Tensor, steps: int | None = None,
                guidance_scale: float | None = None, verbose: bool = False, sampler: str | None = None,
                spacing: str | None = None, callback: StepCallback | None = None) -> torch.Tensor:
-        """Guidance-free sampling in `steps` (default `student_steps`) with its recorded scheduler (a distilled
-        student: DDIM on the trailing spacing, ending at alpha 1).
+        """Guidance-free sampling in `steps` (one of `trained_steps`, default the largest) with its recorded scheduler
+        (a distilled student: DDIM on the trailing spacing, ending at alpha 1).
 
         A guidance-conditioned student reproduces the teachers' guidance at `guidance_scale` (default its own) in
         one network evaluation per step; a fixed-w student refuses another scale (`check_sampling`).
         """
-        guidance_scale = self.check_sampling(guidance_scale, sampler, spacing)
+        guidance_scale = self.check_sampling(guidance_scale, sampler, spacing, steps)
         if guidance_scale is not None:
             cond = {**cond, "guidance_scale": torch.full((x_T.shape[0],), guidance_scale, device=x_T.device)}
         recorded = self.scheduler_config
@@ -250,7 +263,7 @@ class FCDiffusionStudent(FrequencyControlledLDM):
 
 
 def student_config(model_config: Mapping[str, Any], trainable: Sequence[str] = ("control_net",),
-                   lora_rank: int = 8, lora_alpha: float | None = None, student_steps: int = 4,
+                   lora_rank: int = 8, lora_alpha: float | None = None, student_steps: int | Sequence[int] = 4,
                    modes: Sequence[str] = CONTROL_MODES, guidance_scale: float | None = None,
                    guidance_range: Sequence[float] | None = None) -> dict[str, Any]:
     """The student's `{target, params}` from a teacher's model config node (its `model:` entry).
@@ -267,9 +280,11 @@ def student_config(model_config: Mapping[str, Any], trainable: Sequence[str] = (
     control = dict(params["control_stage_config"])
     control["params"] = {**dict(control.get("params") or {}), "num_classes": len(CONTROL_MODES)}
     if guidance_range is not None:
-        control["params"]["guidance_embedding"] = True
+        control["params"].update(guidance_embedding=True, guidance_embedding_scale=GUIDANCE_EMBEDDING_SCALE)
     params.update(control_stage_config=control, trainable=list(trainable), lora_rank=lora_rank,
-                  lora_alpha=lora_alpha, student_steps=student_steps, modes=[str(ControlMode(m)) for m in modes],
+                  lora_alpha=lora_alpha,
+                  student_steps=student_steps if isinstance(student_steps, int) else step_counts(student_steps),
+                  modes=[str(ControlMode(m)) for m in modes],
                   guidance_scale=teacher.get("guidance_scale") if guidance_scale is None else guidance_scale,
                   guidance_range=None if guidance_range is None else list(guidance_range),
                   scheduler=dict(DISTILLED_SCHEDULER))

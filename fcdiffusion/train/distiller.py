@@ -46,7 +46,7 @@ from fcdiffusion.core.inference import Translator, batch_images
 from fcdiffusion.core.memory import make_optimizer
 from fcdiffusion.core.model import Cond, FCDiffusion
 from fcdiffusion.core.precision import cast_parameters, follow_weight_dtype, precision_dtype, resident_bytes
-from fcdiffusion.core.student import STUDENT_OPTIONS, student_config
+from fcdiffusion.core.student import STUDENT_OPTIONS, step_counts, student_config
 from fcdiffusion.core.weights import (
     WeightAdopter,
     adopt_student,
@@ -58,6 +58,15 @@ from fcdiffusion.core.weights import (
 from fcdiffusion.train.ema import averaged_weights
 from fcdiffusion.train.feature_distill import FeatureTap, check_feature_name, feature_term
 from fcdiffusion.train.lr_schedule import LRSchedule
+from fcdiffusion.train.trajectory import (
+    FINAL,
+    START,
+    Trajectory,
+    TrajectoryPool,
+    boundary_timesteps,
+    cond_slice,
+    teacher_trajectory,
+)
 from fcdiffusion.train.validation import agreement_metrics, seeded
 from ldm.checkpoint import load_checkpoint, save_state_dict
 from ldm.models.diffusion.ddim import ddim_x0_target, predicted_x0
@@ -81,6 +90,20 @@ def band_energies(diff: torch.Tensor, bands: Sequence[tuple[int, int | None]]) -
         return torch.einsum("nhw,bhw->nb", spectrum, masks) / (h * w)
 
 
+def guided(conditional: torch.Tensor, unconditional: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance of any output: u + w (c - u), w (N,) per sample."""
+    w = scale.to(conditional.dtype).view(-1, *[1] * (conditional.ndim - 1))
+    return unconditional + w * (conditional - unconditional)
+
+
+def mode_chunks_list(items: Sequence[Any], modes: Sequence[str]) -> list[Sequence[Any]]:
+    """`mode_chunks` of a list: equal consecutive shares, one per mode."""
+    if len(items) % len(modes):
+        raise ValueError(f"{len(items)} examples do not split evenly over {len(modes)} modes")
+    n = len(items) // len(modes)
+    return [items[i * n:(i + 1) * n] for i in range(len(modes))]
+
+
 def mode_chunks(tensor: torch.Tensor, modes: Sequence[str]) -> tuple[torch.Tensor, ...]:
     """`tensor`'s samples split by mode (views): the distiller's batches are mode-major, an equal share per mode in
     the order of `modes`."""
@@ -89,6 +112,7 @@ def mode_chunks(tensor: torch.Tensor, modes: Sequence[str]) -> tuple[torch.Tenso
     return tensor.split(tensor.shape[0] // len(modes))
 
 
+OBJECTIVES = ("trajectory", "progressive")  # see the module docstring and docs/distillation.md
 BASE_TERMS = ("distill", "denoise", "control")  # loss terms besides the feature terms, as loss_stages names them
 
 
@@ -96,7 +120,12 @@ BASE_TERMS = ("distill", "denoise", "control")  # loss terms besides the feature
 class DistillOptions:
     """What the `distill:` config section sets (see configs/distill_config.yaml)."""
 
-    student_steps: int = 4
+    objective: str = "trajectory"
+    student_steps: int | list[int] = field(default_factory=lambda: [1, 2, 4])
+    teacher_steps: int = 50
+    trajectory_pool: int = 256
+    trajectory_refresh: int = 1
+    trajectory_file: str | None = None
     teacher_substeps: int = 2
     guidance_scale: float | None = None
     modes_per_step: int = 4
@@ -122,8 +151,20 @@ class DistillOptions:
         return cls(**options)
 
     def __post_init__(self) -> None:
-        if min(self.student_steps, self.teacher_substeps, self.modes_per_step) < 1:
-            raise ValueError("student_steps, teacher_substeps and modes_per_step must be >= 1")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown distillation objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
+        counts = step_counts(self.student_steps)
+        self.student_steps = self.student_steps if isinstance(self.student_steps, int) else counts
+        if min(self.teacher_substeps, self.modes_per_step, self.teacher_steps, self.trajectory_pool,
+               self.trajectory_refresh) < 1:
+            raise ValueError("teacher_substeps, modes_per_step, teacher_steps, trajectory_pool and "
+                             "trajectory_refresh must be >= 1")
+        if self.objective == "progressive" and len(counts) > 1:
+            raise ValueError(f"objective: progressive distils one step count, got student_steps {counts}; "
+                             "objective: trajectory trains several")
+        if self.objective == "trajectory" and self.denoise_weight:
+            raise ValueError("denoise_weight applies to objective: progressive, whose inputs are noised data; the "
+                             "trajectory objective's inputs lie on the teacher's solve, which is not the source")
         precision_dtype(self.teacher_dtype)
         starts = list(self.bands.values())
         if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
@@ -134,6 +175,9 @@ class DistillOptions:
             if unknown:
                 raise ValueError(f"band_weights.{mode} names unknown bands {unknown}; bands: {list(self.bands)}")
         check_sampler(self.teacher_sampler)
+        if self.objective == "trajectory" and self.teacher_sampler != "ddim":
+            raise ValueError("objective: trajectory follows the teacher's DDIM solve (what inference compares the "
+                             f"student with); teacher_sampler {self.teacher_sampler!r} applies to progressive")
         if self.guidance_range is not None:
             check_guidance_range(self.guidance_range)
         if self.guidance_scale is not None:
@@ -254,9 +298,17 @@ class FrequencyDistiller(pl.LightningModule):
         self.band_limits = self.options.band_limits()
         self.band_names = list(self.options.bands)
         self.register_buffer("band_weights", self.options.weight_matrix(), persistent=False)
-        timesteps = spaced_timesteps(self.options.student_steps, self.student.scheduler_config["spacing"],
-                                     self.student.num_timesteps)
+        spacing = self.student.scheduler_config["spacing"]
+        self.step_counts = step_counts(self.options.student_steps)
+        self.schedules = {k: spaced_timesteps(k, spacing, self.student.num_timesteps).tolist()
+                          for k in self.step_counts}
+        timesteps = self.schedules[self.step_counts[-1]]
         self.register_buffer("student_timesteps", torch.as_tensor(timesteps, device="cpu"), persistent=False)
+        # Trajectory objective: each student step (k, i) of every trained count, its running error scale, the pool.
+        self.step_pairs = [(k, i) for k in self.step_counts for i in range(k)]
+        self.boundaries = boundary_timesteps(self.step_counts, spacing, self.student.num_timesteps)
+        self.register_buffer("step_error", torch.full((len(self.step_pairs),), float("nan")), persistent=False)
+        self.pool, self._pool_from_file = TrajectoryPool(self.options.trajectory_pool), False
         counts = self.parameter_counts()
         log.info("distiller: %d teachers (%s) + student; resident parameters %.2fM (unique tensors) vs %.2fM for "
                  "independent models (%.1f%%), %.1f MB resident (teachers in %s); student trains %.2fM",
@@ -365,24 +417,45 @@ class FrequencyDistiller(pl.LightningModule):
         return (energies * per_sample).sum(1), energies
 
     def control_loss(self, x_t: torch.Tensor, t: torch.Tensor, modes: Sequence[str], conds: Sequence[Cond],
-                     student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Mean MSE between the student's control-net outputs and those of each sample's teacher."""
+                     student_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                     guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean MSE between the student's control-net outputs and those of each sample's teacher: its conditional
+        outputs, or with `guidance` (N,) the guided ones, u + w (c - u), as the teacher's guided solve combines its
+        two branches (the trajectory objective's target)."""
         with torch.no_grad():
-            per_mode = [self._teachers[mode].control(x, s, self.teacher_condition(cond))
-                        for mode, cond, x, s in zip(modes, conds, mode_chunks(x_t, modes), mode_chunks(t, modes))]
+            per_mode = []
+            for mode, cond, x, s, w in zip(modes, conds, mode_chunks(x_t, modes), mode_chunks(t, modes),
+                                           mode_chunks(guidance, modes) if guidance is not None else modes):
+                teacher, cond = self._teachers[mode], self.teacher_condition(cond)
+                pairs = teacher.control(x, s, cond)
+                if guidance is not None:
+                    unconditional = teacher.control(x, s, teacher.unconditional_conditioning(cond))
+                    pairs = [tuple(guided(c, u, w) for c, u in zip(pair, other))
+                             for pair, other in zip(pairs, unconditional)]
+                per_mode.append(pairs)
             teacher = [torch.cat(parts) for pair in zip(*per_mode) for parts in zip(*pair)]
         student = [tensor for pair in student_pairs for tensor in pair]
         return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
 
     @torch.no_grad()
     def teacher_features(self, x_t: torch.Tensor, t: torch.Tensor, modes: Sequence[str], conds: Sequence[Cond],
-                         names: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+                         names: Sequence[str], guidance: torch.Tensor | None = None) -> dict[str, list[torch.Tensor]]:
         """Per feature term, each sample's teacher's features from its conditional forward at (x_t, t),
-        concatenated over the mode chunks (mode-major, as the student's batch)."""
+        concatenated over the mode chunks (mode-major, as the student's batch). With `guidance` (N,), block outputs
+        are the guided u + w (c - u) of the two branches; attention maps stay the conditional branch's (a
+        distribution over the prompt's tokens: the unconditional branch attends to the empty prompt's)."""
         per_mode = []
-        for mode, cond, x, s in zip(modes, conds, mode_chunks(x_t, modes), mode_chunks(t, modes)):
+        for mode, cond, x, s, w in zip(modes, conds, mode_chunks(x_t, modes), mode_chunks(t, modes),
+                                       mode_chunks(guidance, modes) if guidance is not None else modes):
+            teacher, cond = self._teachers[mode], self.teacher_condition(cond)
             with self._taps[mode].recording(names) as features:
-                self._teachers[mode].apply_model(x, s, self.teacher_condition(cond))
+                teacher.apply_model(x, s, cond)
+            if guidance is not None:
+                blocks = [name for name in names if not name.startswith("attn_")]
+                with self._taps[mode].recording(blocks) as unconditional:
+                    teacher.apply_model(x, s, teacher.unconditional_conditioning(cond))
+                for name in blocks:
+                    features[name] = [guided(c, u, w) for c, u in zip(features[name], unconditional[name])]
             per_mode.append(features)
         return {name: [torch.cat(parts) for parts in zip(*(f[name] for f in per_mode))] for name in names}
 
@@ -392,13 +465,18 @@ class FrequencyDistiller(pl.LightningModule):
         """Loss and logs for latents z (B, C, H, W) with text context, trained on every mode in `modes`.
 
         Samples are ordered mode-major (B per mode); `step_index` (B * len(modes),) picks each one's student step,
-        `noise` its x_t and, for a guidance-conditioned student, `guidance_scale` its scale, all random when None
-        (give them for a reproducible loss). The terms' weights are those of the current global step
+        `noise` its x_t (trajectory: its x_T) and, for a guidance-conditioned student, `guidance_scale` its scale,
+        all random when None (give them for a reproducible loss). With the trajectory objective the teacher's
+        trajectories are solved here (`solve_trajectories`) and `step_index` indexes `step_pairs`; training draws
+        them from the pool instead (`training_step`). The terms' weights are those of the current global step
         (`loss_stages`).
         """
+        if self.options.objective == "trajectory":
+            trajectories = self.solve_trajectories(z, context, modes, noise, guidance_scale)
+            return self.trajectory_loss(trajectories, modes, step_index)
         b, m = z.shape[0], len(modes)
         if step_index is None:
-            step_index = torch.randint(0, self.options.student_steps, (b * m,), device=z.device)
+            step_index = torch.randint(0, self.step_counts[0], (b * m,), device=z.device)
         noise = torch.randn((b * m, *z.shape[1:]), device=z.device, dtype=z.dtype) if noise is None else noise
         t, t_prev = self.student_schedule(step_index.to(z.device))
         conds = [self.student.condition(z, context, mode) for mode in modes]
@@ -440,6 +518,132 @@ class FrequencyDistiller(pl.LightningModule):
         logs["train/loss"] = loss.detach()
         return loss, logs
 
+    # ---- the trajectory objective -------------------------------------------------------------------------
+    def example_guidance(self, n: int, device: torch.device, guidance_scale: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """Each example's guidance scale (n,): given, drawn uniformly from a guidance-conditioned student's range,
+        or the one distillation scale (`guidance_scale`, else the teachers')."""
+        if guidance_scale is not None:
+            return guidance_scale.to(device)
+        if self.student.guidance_conditioned:
+            low, high = self.student.guidance_range
+            return torch.empty(n, device=device).uniform_(low, high)
+        scale = self.options.guidance_scale
+        scale = next(iter(self._teachers.values())).guidance_scale if scale is None else scale
+        return torch.full((n,), float(scale), device=device)
+
+    @torch.no_grad()
+    def solve_trajectories(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str],
+                           noise: torch.Tensor | None = None, guidance_scale: torch.Tensor | None = None
+                           ) -> list[Trajectory]:
+        """Per example (mode-major, B per mode), the teacher's `teacher_steps`-step guided DDIM solve from its noise
+        x_T at its guidance scale, read at the student's boundaries (`teacher_trajectory`), with the student's
+        conditioning for it."""
+        b, m = z.shape[0], len(modes)
+        noise = torch.randn((b * m, *z.shape[1:]), device=z.device, dtype=z.dtype) if noise is None else noise
+        scales = self.example_guidance(b * m, z.device, guidance_scale)
+        trajectories = []
+        for mode, x_T, w in zip(modes, mode_chunks(noise, modes), mode_chunks(scales, modes)):
+            cond = self.student.condition(z, context, mode)
+            if self.student.guidance_conditioned:
+                cond["guidance_scale"] = w
+            teacher, teacher_cond = self._teachers[mode], self.teacher_condition(cond)
+            states = teacher_trajectory(teacher.apply_model, teacher.alphas_cumprod, x_T, teacher_cond,
+                                        teacher.unconditional_conditioning(teacher_cond), w, self.boundaries,
+                                        self.options.teacher_steps)
+            trajectories += [Trajectory(str(mode), cond_slice(cond, j), w[j:j + 1],
+                                        {key: state[j:j + 1] for key, state in states.items()}) for j in range(b)]
+        return trajectories
+
+    def pair_states(self, trajectory: Trajectory, pair: tuple[int, int]) -> tuple[torch.Tensor, int, torch.Tensor,
+                                                                                    int]:
+        """(x at t_i, t_i, the solve's state at t_{i-1}, t_{i-1}) of student step i of the k-step schedule, pair
+        (k, i); t_{-1} = -1 is the final latents (alpha 1)."""
+        k, i = pair
+        timesteps = self.schedules[k]
+        t, t_prev = timesteps[i], timesteps[i - 1] if i > 0 else -1
+        x = trajectory.states[START if i == k - 1 else t]
+        return x, t, trajectory.states[FINAL if i == 0 else t_prev], t_prev
+
+    def normalised(self, weighted: torch.Tensor, energies: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
+        """`weighted` (N,) divided by its student step's running error scale (`step_error`: an exponential average,
+        decay 0.9, of the mean unweighted error of each (k, i), updated while training): the error of a step from
+        pure noise is orders of magnitude above that of the last step, and would otherwise decide the loss alone."""
+        total = energies.sum(1).detach().float()
+        scale = self.step_error.clone()
+        for p in pair_index.unique().tolist():
+            mean = total[pair_index == p].mean()
+            seen = not torch.isnan(scale[p])
+            scale[p] = 0.9 * scale[p] + 0.1 * mean if seen else mean
+        if self.training:
+            self.step_error.copy_(scale)
+        return weighted / scale[pair_index].clamp(min=1e-12).to(weighted)
+
+    def trajectory_loss(self, trajectories: Sequence[Trajectory], modes: Sequence[str],
+                        pair_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and logs of the student on solved `trajectories` (mode-major, an equal share per mode in `modes`):
+        example j learns student step `step_pairs[pair_index[j]]` (random when None): from the solve's state at t_i
+        its one DDIM step must land on the solve's state at t_{i-1}, i.e. its x0 on `ddim_x0_target`. The x0 error
+        is band-weighted per mode, normalised per step (`normalised`); control and feature terms compare with the
+        guided teacher at the example's w on the same input."""
+        device = trajectories[0].guidance_scale.device
+        if pair_index is None:
+            pair_index = torch.randint(len(self.step_pairs), (len(trajectories),))
+        pair_index = pair_index.to(device)
+        picked = [self.pair_states(tr, self.step_pairs[p]) for tr, p in zip(trajectories, pair_index.tolist())]
+        x_t = torch.cat([x for x, _, _, _ in picked])
+        x_prev = torch.cat([x for _, _, x, _ in picked])
+        t = torch.tensor([s for _, s, _, _ in picked], device=device)
+        t_prev = torch.tensor([s for _, _, _, s in picked], device=device)
+        target = ddim_x0_target(x_t, x_prev, self.alpha_at(t), self.alpha_at(t_prev))
+        guidance = torch.cat([tr.guidance_scale for tr in trajectories])
+        chunks = [functools.reduce(cat_cond, [tr.cond for tr in chunk])
+                  for chunk in mode_chunks_list(trajectories, modes)]
+        weights, measured = self.options.loss_weights(self.global_step), self.options.measured_terms()
+        features = self.options.feature_names()
+        recording = self._taps["student"].recording(features) if features else contextlib.nullcontext({})
+        with recording as student_features:
+            eps, pairs = self.student.eps_and_control(x_t, t, functools.reduce(cat_cond, chunks))
+        x0 = predicted_x0(x_t, eps, self.alpha_at(t))
+        weighted, energies = self.band_loss(x0, target, modes)
+        loss_distill = self.normalised(weighted, energies, pair_index).mean()
+        loss = weights["distill"] * loss_distill
+        logs = {"train/loss_distill": loss_distill.detach()}
+        if "control" in measured:
+            loss_control = self.control_loss(x_t, t, modes, chunks, pairs, guidance)
+            loss = loss + weights["control"] * loss_control
+            logs["train/loss_control"] = loss_control.detach()
+        if features:
+            teacher_features = self.teacher_features(x_t, t, modes, chunks, features, guidance)
+            for name in features:
+                value = feature_term(name, student_features[name], teacher_features[name])
+                loss = loss + weights[name] * value
+                logs[f"train/feat_{name}"] = value.detach()
+        for name, value in zip(self.band_names, energies.detach().mean(0)):
+            logs[f"train/band_{name}"] = value
+        for mode, chunk in zip(modes, mode_chunks(weighted, modes)):
+            logs[f"train/distill_{mode}"] = chunk.detach().mean()
+        for k in self.step_counts:
+            of_k = torch.tensor([self.step_pairs[p][0] == k for p in pair_index.tolist()], device=device)
+            if of_k.any():
+                logs[f"train/error_k{k}"] = energies.detach().sum(1)[of_k].mean()
+        logs["train/loss"] = loss.detach()
+        return loss, logs
+
+    def pooled_trajectories(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str]) -> list[Trajectory]:
+        """B trajectories per mode from the pool, mode-major; the batch's are solved and pooled first every
+        `trajectory_refresh` steps, and whenever the pool lacks one of `modes` (never with a pool read from
+        `trajectory_file`)."""
+        if self._pool_from_file:
+            missing = [m for m in modes if not self.pool.count(m)]
+            if missing:
+                raise ValueError(f"the trajectory file {self.options.trajectory_file} holds no {', '.join(missing)} "
+                                 "trajectory; distil from a file of a run with the same modes")
+        elif self.global_step % self.options.trajectory_refresh == 0 or any(not self.pool.count(m) for m in modes):
+            for trajectory in self.solve_trajectories(z, context, modes):
+                self.pool.add(trajectory)
+        return [trajectory for mode in modes for trajectory in self.pool.draw(z.shape[0], mode)]
+
     # ---- Lightning hooks ----------------------------------------------------------------------------------
     def sample_modes(self) -> list[str]:
         """The modes of one step: all teachers' or `modes_per_step` of them drawn at random, in canonical order."""
@@ -449,9 +653,28 @@ class FrequencyDistiller(pl.LightningModule):
         picked = set(torch.randperm(len(self.modes))[:k].tolist())
         return [mode for i, mode in enumerate(self.modes) if i in picked]
 
+    def on_fit_start(self) -> None:
+        """With `trajectory_file` naming an existing file, train on its pool and solve nothing."""
+        path = self.options.trajectory_file
+        if self.options.objective == "trajectory" and path and os.path.isfile(path):
+            self.pool, self._pool_from_file = TrajectoryPool.load(path, self.device), True
+            log.info("training on the %d trajectories of %s (no teacher solves)", len(self.pool), path)
+
+    def on_train_end(self) -> None:
+        """With `trajectory_file` set and not read, write the pool there (rank 0) for another run to train on."""
+        path = self.options.trajectory_file
+        if self.options.objective == "trajectory" and path and not self._pool_from_file and len(self.pool) \
+                and self.trainer.is_global_zero:
+            self.pool.save(path)
+            log.info("wrote the %d pooled trajectories to %s", len(self.pool), path)
+
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         z, context = self.student.get_input(batch)
-        loss, logs = self.distillation_loss(z, context, self.sample_modes())
+        modes = self.sample_modes()
+        if self.options.objective == "trajectory":
+            loss, logs = self.trajectory_loss(self.pooled_trajectories(z, context, modes), modes)
+        else:
+            loss, logs = self.distillation_loss(z, context, modes)
         self.log_dict(logs, on_step=True, batch_size=z.shape[0])
         if self.logs_this_step():
             # The progress bar turns its values into numbers at every step, a device sync for a GPU tensor; a
@@ -474,7 +697,9 @@ class FrequencyDistiller(pl.LightningModule):
         student's agreement with its teachers and its band fidelity (`train.validation.agreement_metrics`)."""
         with seeded(batch_idx, self.device):
             z, context = self.student.get_input(batch)
-            step_index = torch.arange(z.shape[0] * len(self.modes), device=z.device) % self.options.student_steps
+            n = z.shape[0] * len(self.modes)
+            pairs = len(self.step_pairs) if self.options.objective == "trajectory" else self.step_counts[0]
+            step_index = torch.arange(n, device=z.device) % pairs
             _, logs = self.distillation_loss(z, context, list(self.modes), step_index=step_index)
         logs = {f"val/{name.split('/', 1)[-1]}": value for name, value in logs.items()}
         if batch_idx == 0:

@@ -1,0 +1,199 @@
+"""Trajectory distillation: the teacher's full guided solve read at the student's boundaries, the trained step
+counts the student records and keeps to, the per-step normalised loss, guided control targets, the w embedding."""
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fcdiffusion.core.control_net import GuidanceEmbedding
+from fcdiffusion.core.frequency import CONTROL_MODES
+from fcdiffusion.core.weights import load_student
+from fcdiffusion.train.distiller import DistillOptions, FrequencyDistiller
+from fcdiffusion.train.trajectory import (
+    FINAL,
+    START,
+    TrajectoryPool,
+    boundary_timesteps,
+    cond_slice,
+    teacher_trajectory,
+)
+from ldm.models.diffusion.ddim import ddim_step
+from ldm.models.diffusion.sampling import guided_eps
+from ldm.models.diffusion.scheduler import Scheduler
+from ldm.modules.diffusionmodules.util import timestep_embedding
+from tests.helpers import teacher_paths
+
+MODES = ("low_pass", "high_pass")
+
+
+def make_distiller(workdir, model_config, distill_config, **distill) -> FrequencyDistiller:
+    """Two teachers of the tiny config, the trajectory objective on a 6-step teacher solve."""
+    paths = teacher_paths(workdir / "logs")
+    options = {**OmegaConf.to_container(distill_config.distill), "teacher_steps": 6, **distill}
+    return FrequencyDistiller(model_config, {m: paths[m] for m in MODES}, paths["mid_pass"],
+                              {"trainable": ["control_net"]}, options, learning_rate=2e-3)
+
+
+def batch(distiller: FrequencyDistiller):
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 16, 16)
+    context = distiller.student.get_learned_conditioning(["a cat", "a red car"])
+    return z, context, torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_boundaries_are_the_inner_steps_of_every_trained_schedule():
+    assert boundary_timesteps([1, 2, 4], "trailing", 1000) == [749, 499, 249]
+    assert boundary_timesteps([1], "trailing", 1000) == []
+    assert boundary_timesteps([3], "trailing", 1000) == [666, 332]  # trailing: round(1000 - 1000 i / 3) - 1
+
+
+def test_the_trajectory_is_the_teachers_own_solve_read_at_the_boundaries(workdir, model_config, distill_config):
+    distiller = make_distiller(workdir, model_config, distill_config)
+    teacher = distiller.teachers["low_pass"]
+    z, context, noise = batch(distiller)
+    cond = teacher.condition(z, context, "low_pass")
+    uncond = teacher.unconditional_conditioning(cond)
+    w = torch.tensor([9.0, 3.0])
+    states = teacher_trajectory(teacher.apply_model, teacher.alphas_cumprod, noise[:2], cond, uncond, w,
+                                [749, 499, 249], 6)
+    # the end of the solve is the teacher's own 6-step guided DDIM sample, per sample at its w
+    for j in range(2):
+        reference = teacher.sample(cond_slice(cond, j), noise[j:j + 1], steps=6, guidance_scale=float(w[j]))
+        torch.testing.assert_close(states[FINAL][j:j + 1], reference, rtol=1e-4, atol=5e-4)  # batch of 2 vs 1
+    assert torch.equal(states[START], noise[:2])
+    # 749 lies between the grid's first two timesteps: one DDIM step from x_T with its guided eps
+    scheduler = Scheduler(teacher.alphas_cumprod).set_timesteps(6)
+    assert scheduler.timesteps[0] > 749 > scheduler.timesteps[1]
+    x = noise[:2]
+    t0, a0, a1 = scheduler.steps("cpu")[0]
+    eps = guided_eps(teacher.apply_model, x, torch.full((2,), t0), cond, uncond, w)
+    expected, _ = ddim_step(x, eps, a0, teacher.alphas_cumprod[749])
+    torch.testing.assert_close(states[749], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_student_keeps_to_the_step_counts_it_was_trained_for(workdir, model_config, distill_config, tmp_path):
+    distiller = make_distiller(workdir, model_config, distill_config, student_steps=[1, 2, 4])
+    assert distiller.step_pairs == [(1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2), (4, 3)]
+    path = tmp_path / "student.safetensors"
+    distiller.export_student(path)
+    student = load_student(path)
+    assert student.trained_steps == [1, 2, 4] and student.student_steps == 4
+    z, context, noise = batch(distiller)
+    cond = student.condition(z, context, "low_pass")
+    for k in (1, 2, 4):
+        assert student.sample(cond, noise[:2], steps=k).shape == noise[:2].shape
+    with pytest.raises(ValueError, match=r"distilled for 1, 2, 4 steps.*3 steps"):
+        student.sample(cond, noise[:2], steps=3)
+    with pytest.raises(ValueError, match="progressive distils one step count"):
+        DistillOptions(objective="progressive", student_steps=[1, 2])
+    with pytest.raises(ValueError, match="denoise_weight applies to objective: progressive"):
+        DistillOptions(denoise_weight=1.0)
+    with pytest.raises(ValueError, match="valid: trajectory, progressive"):
+        DistillOptions(objective="consistency")
+
+
+def test_each_pair_learns_from_the_state_at_its_start_towards_the_state_at_its_end(workdir, model_config,
+                                                                                  distill_config):
+    distiller = make_distiller(workdir, model_config, distill_config)
+    z, context, noise = batch(distiller)
+    trajectory = distiller.solve_trajectories(z, context, MODES, noise)[0]
+    x, t, x_next, t_next = distiller.pair_states(trajectory, (4, 3))
+    assert (t, t_next) == (999, 749) and torch.equal(x, noise[:1]) and torch.equal(x_next, trajectory.states[749])
+    x, t, x_next, t_next = distiller.pair_states(trajectory, (2, 0))
+    assert (t, t_next) == (499, -1) and torch.equal(x_next, trajectory.states[FINAL])
+    x, t, x_next, t_next = distiller.pair_states(trajectory, (1, 0))
+    assert (t, t_next) == (999, -1) and torch.equal(x, noise[:1])
+
+
+def test_the_normalised_loss_weighs_every_step_alike(workdir, model_config, distill_config):
+    """The x0 error of a step from pure noise is far above the last step's; normalised per step, both count about
+    one (times the band weights), so the band weights act whatever timesteps were drawn."""
+    distiller = make_distiller(workdir, model_config, distill_config, band_weights={})
+    z, context, noise = batch(distiller)
+    trajectories = distiller.solve_trajectories(z, context, MODES, noise)
+    pairs = torch.tensor([distiller.step_pairs.index((1, 0)), distiller.step_pairs.index((4, 0))] * 2)
+    distiller.train()
+    _, logs = distiller.trajectory_loss(trajectories, MODES, pairs)
+    raw = distiller.step_error[pairs[:2]]
+    assert raw[0] > 10 * raw[1]  # from noise in one step vs the last of four
+    assert logs["train/loss_distill"] == pytest.approx(1.0, rel=0.2)
+    first = distiller.step_error.clone()
+    distiller.trajectory_loss(trajectories, MODES, pairs)
+    torch.testing.assert_close(distiller.step_error, first, equal_nan=True)  # same errors: the running scale stays
+    distiller.eval()
+    assert torch.isnan(distiller.step_error[distiller.step_pairs.index((2, 1))])  # never drawn: no scale yet
+
+
+def test_the_student_converges_to_the_teachers_full_solve(workdir, model_config, distill_config):
+    """On a fixed pool of solved trajectories the student's k-step samples approach the teacher's solve."""
+    distiller = make_distiller(workdir, model_config, distill_config, student_steps=[1, 2], guidance_scale=5.0)
+    z, context, noise = batch(distiller)
+    pool = distiller.solve_trajectories(z, context, MODES, noise)
+
+    def distance() -> float:
+        errors = []
+        for tr in pool:
+            for k in (1, 2):
+                sample = distiller.student.sample(tr.cond, tr.states[START], steps=k)
+                errors.append(torch.mean((sample - tr.states[FINAL]) ** 2).item())
+        return sum(errors) / len(errors)
+
+    before = distance()
+    optimizer = distiller.configure_optimizers()["optimizer"]
+    distiller.train()
+    for step in range(40):
+        pairs = torch.arange(4) + step
+        loss, _ = distiller.trajectory_loss(pool, MODES, pairs % len(distiller.step_pairs))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    distiller.eval()
+    after = distance()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_control_targets_are_the_guided_teachers(workdir, model_config, distill_config):
+    distiller = make_distiller(workdir, model_config, distill_config, control_weight=1.0)
+    z, context, noise = batch(distiller)
+    teacher = distiller.teachers["low_pass"]
+    cond = distiller.teacher_condition(distiller.student.condition(z, context, "low_pass"))
+    t = torch.tensor([500, 500])
+    c = teacher.control(noise[:2], t, cond)
+    u = teacher.control(noise[:2], t, teacher.unconditional_conditioning(cond))
+    student_pairs = [(torch.zeros_like(a), torch.zeros_like(m)) for a, m in c]
+    w = torch.tensor([1.0, 1.0])
+    conditional = distiller.control_loss(noise[:2], t, ["low_pass"], [cond], student_pairs)
+    assert distiller.control_loss(noise[:2], t, ["low_pass"], [cond], student_pairs, w) == pytest.approx(
+        conditional.item())
+    w = torch.tensor([3.0, 3.0])
+    expected = torch.stack([(u_ + 3 * (c_ - u_)).pow(2).mean() for pair_c, pair_u in zip(c, u)
+                            for c_, u_ in zip(pair_c, pair_u)]).mean()
+    assert distiller.control_loss(noise[:2], t, ["low_pass"], [cond], student_pairs, w) == pytest.approx(
+        expected.item(), rel=1e-5)
+
+
+def test_the_guidance_embedding_scales_w_minus_one_as_latent_consistency_models():
+    torch.manual_seed(0)
+    embedding = GuidanceEmbedding(8, 16, scale=1000.0)
+    torch.nn.init.normal_(embedding.layers[2].weight)
+    w = torch.tensor([1.0, 7.5])
+    expected = embedding.layers(timestep_embedding((w - 1) * 1000, 8))
+    torch.testing.assert_close(embedding(w), expected)
+    raw = GuidanceEmbedding(8, 16)  # files from before the scale was recorded embed w itself
+    raw.load_state_dict(embedding.state_dict())
+    torch.testing.assert_close(raw(w), embedding.layers(timestep_embedding(w, 8)))
+
+
+def test_the_pool_keeps_the_newest_and_draws_by_mode(workdir, model_config, distill_config):
+    distiller = make_distiller(workdir, model_config, distill_config)
+    z, context, noise = batch(distiller)
+    trajectories = distiller.solve_trajectories(z, context, MODES, noise)
+    pool = TrajectoryPool(3)
+    for trajectory in trajectories:
+        pool.add(trajectory)
+    assert len(pool) == 3 and pool.count("low_pass") == 1 and pool.count("high_pass") == 2
+    assert all(tr.mode == "high_pass" for tr in pool.draw(5, "high_pass"))
+    with pytest.raises(ValueError, match="no mid_pass trajectory"):
+        pool.draw(1, "mid_pass")
+    assert set(CONTROL_MODES) >= set(MODES)
