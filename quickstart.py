@@ -560,13 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher_steps", type=int, default=200, help="training steps per teacher")
     parser.add_argument("--teacher_lr", type=float, default=1e-3,
                         help="the teachers' learning rate: 200 steps need more than the config's 1e-4")
-    parser.add_argument("--distill_steps", type=int, default=200, help="distillation steps")
+    parser.add_argument("--distill_steps", type=int, default=300, help="distillation steps")
     parser.add_argument("--distill_lr", type=float, default=3e-4,
                         help="the student's learning rate: 200 steps need more than the config's 1e-4")
     parser.add_argument("--guidance_range", type=float, nargs=2, default=[2.0, 12.0], metavar=("LO", "HI"),
                         help="the guidance scales the student learns (the teachers use 9)")
-    parser.add_argument("--trajectory_refresh", type=int, default=2,
-                        help="solve new teacher trajectories every N distillation steps (others reuse the pool)")
+    parser.add_argument("--trajectory_refresh", type=int, default=25,
+                        help="solve new teacher trajectories every N distillation steps (the others reuse the pool): "
+                             "a 50-step guided solve costs about 5x a training step per example here")
     parser.add_argument("--teacher_sample_steps", type=int, default=50, help="the teachers' DDIM steps")
     parser.add_argument("--benchmark_sd", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the SD 2.1-base architecture (random weights, reduced resolution)")

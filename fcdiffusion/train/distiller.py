@@ -489,25 +489,42 @@ class FrequencyDistiller(pl.LightningModule):
         z0 = z.repeat(m, 1, 1, 1)
         x_t = self.student.q_sample(z0, t, noise)
         target = self.teacher_targets(x_t, t, t_prev, modes, conds)
-        weights, measured = self.options.loss_weights(self.global_step), self.options.measured_terms()
-        features = self.options.feature_names()
-        recording = self._taps["student"].recording(features) if features else contextlib.nullcontext({})
-        with recording as student_features:
-            eps, pairs = self.student.eps_and_control(x_t, t, functools.reduce(cat_cond, conds))
-        x0 = predicted_x0(x_t, eps, self.alpha_at(t))
+        weights = self.options.loss_weights(self.global_step)
+        x0, pairs, student_features = self.student_pass(x_t, t, functools.reduce(cat_cond, conds))
 
         weighted, energies = self.band_loss(x0, target, modes)
         loss_distill = weighted.mean()
         loss_denoise = F.mse_loss(x0.float(), z0.float())
         loss = weights["distill"] * loss_distill + weights["denoise"] * loss_denoise
         logs = {"train/loss_distill": loss_distill.detach(), "train/loss_denoise": loss_denoise.detach()}
+        loss = self.shared_terms(loss, logs, x_t, t, modes, conds, pairs, student_features, weighted, energies)
+        logs["train/loss"] = loss.detach()
+        return loss, logs
+
+    def student_pass(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond
+                     ) -> tuple[torch.Tensor, list, dict[str, list[torch.Tensor]]]:
+        """The student's forward at (x_t, t): its x0, its control pairs and the features every weighed term needs."""
+        features = self.options.feature_names()
+        recording = self._taps["student"].recording(features) if features else contextlib.nullcontext({})
+        with recording as student_features:
+            eps, pairs = self.student.eps_and_control(x_t, t, cond)
+        return predicted_x0(x_t, eps, self.alpha_at(t)), pairs, student_features
+
+    def shared_terms(self, loss: torch.Tensor, logs: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
+                     modes: Sequence[str], conds: Sequence[Cond], pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                     student_features: Mapping[str, list[torch.Tensor]], weighted: torch.Tensor,
+                     energies: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """`loss` plus the control and feature terms both objectives weigh (against the guided teacher with
+        `guidance`), their values and the band and per-mode errors added to `logs`."""
+        weights, measured = self.options.loss_weights(self.global_step), self.options.measured_terms()
         if "control" in measured:
-            loss_control = self.control_loss(x_t, t, modes, conds, pairs)
+            loss_control = self.control_loss(x_t, t, modes, conds, pairs, guidance)
             loss = loss + weights["control"] * loss_control
             logs["train/loss_control"] = loss_control.detach()
-        if features:
-            teacher_features = self.teacher_features(x_t, t, modes, conds, features)
-            for name in features:
+        names = self.options.feature_names()
+        if names:
+            teacher_features = self.teacher_features(x_t, t, modes, conds, names, guidance)
+            for name in names:
                 value = feature_term(name, student_features[name], teacher_features[name])
                 loss = loss + weights[name] * value
                 logs[f"train/feat_{name}"] = value.detach()
@@ -515,8 +532,7 @@ class FrequencyDistiller(pl.LightningModule):
             logs[f"train/band_{name}"] = value
         for mode, chunk in zip(modes, mode_chunks(weighted, modes)):
             logs[f"train/distill_{mode}"] = chunk.detach().mean()
-        logs["train/loss"] = loss.detach()
-        return loss, logs
+        return loss
 
     # ---- the trajectory objective -------------------------------------------------------------------------
     def example_guidance(self, n: int, device: torch.device, guidance_scale: torch.Tensor | None = None
@@ -599,30 +615,14 @@ class FrequencyDistiller(pl.LightningModule):
         guidance = torch.cat([tr.guidance_scale for tr in trajectories])
         chunks = [functools.reduce(cat_cond, [tr.cond for tr in chunk])
                   for chunk in mode_chunks_list(trajectories, modes)]
-        weights, measured = self.options.loss_weights(self.global_step), self.options.measured_terms()
-        features = self.options.feature_names()
-        recording = self._taps["student"].recording(features) if features else contextlib.nullcontext({})
-        with recording as student_features:
-            eps, pairs = self.student.eps_and_control(x_t, t, functools.reduce(cat_cond, chunks))
-        x0 = predicted_x0(x_t, eps, self.alpha_at(t))
+        weights = self.options.loss_weights(self.global_step)
+        x0, pairs, student_features = self.student_pass(x_t, t, functools.reduce(cat_cond, chunks))
         weighted, energies = self.band_loss(x0, target, modes)
         loss_distill = self.normalised(weighted, energies, pair_index).mean()
         loss = weights["distill"] * loss_distill
         logs = {"train/loss_distill": loss_distill.detach()}
-        if "control" in measured:
-            loss_control = self.control_loss(x_t, t, modes, chunks, pairs, guidance)
-            loss = loss + weights["control"] * loss_control
-            logs["train/loss_control"] = loss_control.detach()
-        if features:
-            teacher_features = self.teacher_features(x_t, t, modes, chunks, features, guidance)
-            for name in features:
-                value = feature_term(name, student_features[name], teacher_features[name])
-                loss = loss + weights[name] * value
-                logs[f"train/feat_{name}"] = value.detach()
-        for name, value in zip(self.band_names, energies.detach().mean(0)):
-            logs[f"train/band_{name}"] = value
-        for mode, chunk in zip(modes, mode_chunks(weighted, modes)):
-            logs[f"train/distill_{mode}"] = chunk.detach().mean()
+        loss = self.shared_terms(loss, logs, x_t, t, modes, chunks, pairs, student_features, weighted, energies,
+                                 guidance)
         for k in self.step_counts:
             of_k = torch.tensor([self.step_pairs[p][0] == k for p in pair_index.tolist()], device=device)
             if of_k.any():
