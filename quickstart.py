@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,56 +55,31 @@ class StepFailed(RunError):
 
 @dataclass
 class Layout:
-    """Every path the quickstart reads or writes, under `root` (the repository by default)."""
+    """Every path the quickstart reads or writes: the models and data under `root` (the repository by default), the
+    logs, pictures and tables under `out`."""
 
     root: Path
     out: Path
+    sd: Path = field(init=False)
+    clip: Path = field(init=False)
+    init: Path = field(init=False)
+    autoencoder: Path = field(init=False)
+    tiny_vae: Path = field(init=False)  # the tiny autoencoder distilled from the tiny one (a diffusers folder)
+    photos: Path = field(init=False)
+    heldout: Path = field(init=False)
+    data: Path = field(init=False)
+    logdir: Path = field(init=False)
+    trajectories: Path = field(init=False)  # the distillation's solved trajectories, the ablation's too
+    ablation_logdir: Path = field(init=False)
 
-    @property
-    def sd(self) -> Path:
-        return self.root / "models" / "v2-1_tiny.ckpt"
-
-    @property
-    def clip(self) -> Path:
-        return self.root / "CLIP-ViT-H-14" / "open_clip_tiny.bin"
-
-    @property
-    def init(self) -> Path:
-        return self.root / "models" / "fcdiffusion_init_tiny.ckpt"
-
-    @property
-    def autoencoder(self) -> Path:
-        return self.root / "models" / "autoencoder_tiny.safetensors"
-
-    @property
-    def trajectories(self) -> Path:
-        """The distillation's solved teacher trajectories, which the band-weight ablation trains on too."""
-        return self.logdir / "trajectories.pt"
-
-    @property
-    def ablation_logdir(self) -> Path:
-        return self.logdir / "band_ablation"
-
-    @property
-    def tiny_vae(self) -> Path:
-        """The tiny autoencoder distilled from the tiny one (a diffusers AutoencoderTiny folder)."""
-        return self.root / "models" / "tiny_vae_tiny"
-
-    @property
-    def photos(self) -> Path:
-        return self.root / "datasets" / "quickstart" / "photos"
-
-    @property
-    def heldout(self) -> Path:
-        return self.root / "datasets" / "quickstart" / "heldout"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "datasets" / "quickstart" / "training_data.json"
-
-    @property
-    def logdir(self) -> Path:
-        return self.out / "lightning_logs"
+    def __post_init__(self) -> None:
+        models, data = self.root / "models", self.root / "datasets" / "quickstart"
+        self.sd, self.init = models / "v2-1_tiny.ckpt", models / "fcdiffusion_init_tiny.ckpt"
+        self.autoencoder, self.tiny_vae = models / "autoencoder_tiny.safetensors", models / "tiny_vae_tiny"
+        self.clip = self.root / "CLIP-ViT-H-14" / "open_clip_tiny.bin"
+        self.photos, self.heldout, self.data = data / "photos", data / "heldout", data / "training_data.json"
+        self.logdir = self.out / "lightning_logs"
+        self.trajectories, self.ablation_logdir = self.logdir / "trajectories.pt", self.logdir / "band_ablation"
 
     def teacher(self, mode: str) -> Path:
         return teacher_checkpoint(self.logdir, mode)
@@ -277,7 +252,8 @@ def benchmark(layout: Layout, args: argparse.Namespace) -> None:
                 "--sd_resolution", args.sd_resolution, "--sd" if args.benchmark_sd else "--no-sd",
                 "--teacher_steps", args.teacher_sample_steps, "--images", args.benchmark_images, "--sd_images", 1,
                 "--heldout", layout.heldout, "--tiny_vae", layout.tiny_vae,
-                "--ablation_student", student_file(layout.ablation_logdir), "--sd_teacher_timing_steps",
+                "--ablation_student", student_file(layout.ablation_logdir), "--guidance_images", 2,
+                "--sd_teacher_timing_steps",
                 *args.sd_teacher_timing_steps, "--out", layout.out / "benchmark.json"])
 
 
@@ -560,12 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher_steps", type=int, default=200, help="training steps per teacher")
     parser.add_argument("--teacher_lr", type=float, default=1e-3,
                         help="the teachers' learning rate: 200 steps need more than the config's 1e-4")
-    parser.add_argument("--distill_steps", type=int, default=300, help="distillation steps")
+    parser.add_argument("--distill_steps", type=int, default=250, help="distillation steps")
     parser.add_argument("--distill_lr", type=float, default=3e-4,
                         help="the student's learning rate: 200 steps need more than the config's 1e-4")
     parser.add_argument("--guidance_range", type=float, nargs=2, default=[2.0, 12.0], metavar=("LO", "HI"),
                         help="the guidance scales the student learns (the teachers use 9)")
-    parser.add_argument("--trajectory_refresh", type=int, default=25,
+    parser.add_argument("--trajectory_refresh", type=int, default=32,
                         help="solve new teacher trajectories every N distillation steps (the others reuse the pool): "
                              "a 50-step guided solve costs about 5x a training step per example here")
     parser.add_argument("--teacher_sample_steps", type=int, default=50, help="the teachers' DDIM steps")

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sd_images", type=int, help="photos per SD-architecture timing (default: half of --images)")
     parser.add_argument("--heldout", help="folder of held-out photos with same-named .txt prompts for the fidelity "
                                           "figures (default: the first --images demo photos)")
+    parser.add_argument("--guidance_images", type=int,
+                        help="measure the guidance sweep (--guidance_scales) on the first N photos only (default: all)")
     parser.add_argument("--guidance_scales", type=float, nargs="+",
                         help="w at which a guidance-conditioned student is compared with its teachers")
     parser.add_argument("--ablation_student", metavar="PATH",
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
         print("measuring fidelity of the trained tiny student ...", flush=True)
         results["fidelity"], results["fidelity_setup"] = fidelity(
             teachers, args.student, tiny_resolution, args.images, args.teacher_steps, device, args.heldout,
-            args.guidance_scales, args.ablation_student)
+            args.guidance_scales, args.ablation_student, args.guidance_images)
     results["memory"] = memory(model_node(args.sd_config), {"trainable": args.trainable, "lora_rank": args.lora_rank})
     print("\n" + format_tables(results, args.teacher_steps))
     if args.out:

@@ -249,14 +249,15 @@ def distill_options(student_path: str | os.PathLike) -> DistillOptions:
 @torch.no_grad()
 def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.PathLike, resolution: int,
              n_images: int, teacher_steps: int, device: torch.device, photos: str | os.PathLike | None = None,
-             guidance_scales: Sequence[float] | None = None, ablation: str | os.PathLike | None = None
-             ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+             guidance_scales: Sequence[float] | None = None, ablation: str | os.PathLike | None = None,
+             guidance_images: int | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Per mode, the latent MSE to the teacher's `teacher_steps`-step guided DDIM result of the student at each step
     count it was trained for (`student_k{k}_mse`, and split over the DCT bands of its distillation,
     `student_k{k}_band_<band>`: the band energies of the difference, which sum to the MSE) and of each guided teacher
     baseline at k steps for k in `STUDENT_STEPS` (`TEACHER_BASELINES`: `<name>_k{k}_mse`); and the settings they were
     measured with. `ablation` is a second student (e.g. distilled without band weights, on the same trajectories),
-    measured the same way as `ablation_student_k{k}_...`.
+    measured the same way as `ablation_student_k{k}_...`. `guidance_images` limits the guidance sweep below to the
+    first that many photos (each of its w needs another full teacher solve; default: all).
 
     `photos` is a folder of held-out images with same-named .txt prompts (its first `n_images`; default: the first
     `n_images` demo photos, which the quickstart also trains on). A guidance-conditioned student is also measured
@@ -307,8 +308,10 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
                 for name, (sampler, spacing) in TEACHER_BASELINES.items():
                     record(f"{name}_k{k}_mse", run(teacher, k, sampler=sampler, spacing=spacing), reference)
             sampler, spacing = TEACHER_BASELINES[GUIDED_BASELINE]
-            for w in scales:
-                guided = run(teacher, teacher_steps, guidance_scale=w)
+            for w in scales if guidance_images is None or i < guidance_images else ():
+                # the teacher's own w gives the reference again: reused, not sampled twice
+                guided = reference if w == teacher.model.guidance_scale else run(teacher, teacher_steps,
+                                                                                   guidance_scale=w)
                 for k in counts:
                     record(f"w{w:g}_student_k{k}_mse", run(student, k, guidance_scale=w), guided)
                     record(f"w{w:g}_{GUIDED_BASELINE}_k{k}_mse",
@@ -321,6 +324,7 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
                            for name, (sampler, spacing) in TEACHER_BASELINES.items()},
              "nfe": "student: k per image; a guided teacher k-step baseline: 2k (k batched calls of batch 2)",
              "student_steps": counts, "bands": options.bands,
+             "guidance_images": names[:guidance_images] if scales else [],
              "band_weights": {m: options.band_weights.get(m, {}) for m in CONTROL_MODES}}
     if ablation is not None:
         setup["ablation"] = {"student": os.fspath(ablation),
@@ -383,8 +387,10 @@ def fidelity_tables(figures: Mapping[str, Mapping[str, float]], setup: Mapping[s
             lines.append(f"| {mode} | {k} | {cell(f, f'student_k{k}_mse')} | {baselines} | {best} |")
     scales = setup.get("guidance_scales") or []
     if scales:
+        on = setup.get("guidance_images") or setup.get("images") or []
         lines += ["", f"Guidance-conditioned student at w: latent MSE to the teacher's {teacher_steps}-step guided "
-                      "DDIM result at the same w, beside the teacher's DPM-Solver++(2M) (trailing) at the same w", "",
+                      "DDIM result at the same w, beside the teacher's DPM-Solver++(2M) (trailing) at the same w"
+                      + (f", on {len(on)} photos ({', '.join(on)})" if on else ""), "",
                   "| mode | w | " + " | ".join(f"student k={k} | DPM-Solver++ k={k}" for k in counts) + " |",
                   "| --- | --- | " + " | ".join("--- | ---" for _ in counts) + " |"]
         for mode, f in figures.items():

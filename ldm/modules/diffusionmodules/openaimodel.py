@@ -38,14 +38,20 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
         return x
 
 
+def resampled_channels(kind: str, channels: int, use_conv: bool, out_channels: int | None) -> int:
+    """The output channels of a 2x resampling layer: `out_channels` (default `channels`), which only a conv changes."""
+    out_channels = out_channels or channels
+    if not use_conv and out_channels != channels:
+        raise ValueError(f"{kind} without a conv cannot change the channel count")
+    return out_channels
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 conv."""
 
     def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
         super().__init__()
-        out_channels = out_channels or channels
-        if not use_conv and out_channels != channels:
-            raise ValueError("Upsample without a conv cannot change the channel count")
+        out_channels = resampled_channels("Upsample", channels, use_conv, out_channels)
         self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +64,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
         super().__init__()
-        out_channels = out_channels or channels
-        if not use_conv and out_channels != channels:
-            raise ValueError("Downsample without a conv cannot change the channel count")
+        out_channels = resampled_channels("Downsample", channels, use_conv, out_channels)
         self.op = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
