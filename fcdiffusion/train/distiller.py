@@ -1,20 +1,27 @@
 """Unified frequency-aware distillation: four FCDiffusion teachers (one per control mode) -> one few-step student.
 
-Target (progressive distillation, Salimans & Ho 2022, with the guided teachers of Meng et al. 2023): the student
-samples in k steps on `trailing_timesteps(k)` (the scheduler it records, `DISTILLED_SCHEDULER`). For a random
-student step t_i -> t_{i-1} (alpha 1 after the last) the teacher of the sample's mode runs n
-classifier-free-guided DDIM sub-steps from x_{t_i} = q_sample(z0, t_i) to t_{i-1} (the shared sampling loop,
-`ldm.models.diffusion.sampling.sample`, on a grid of per-sample timesteps); the student's x0 target is the x0 for
-which ONE guidance-free DDIM step from x_{t_i} lands exactly on the teacher's x_{t_{i-1}} (`ddim_x0_target`). The
+The student samples in k steps on `trailing_timesteps(k)` (the scheduler it records, `DISTILLED_SCHEDULER`), for
+every k of `student_steps` (it records them and refuses others). Two targets (`objective`, docs/distillation.md):
+
+- `trajectory` (default; trajectory distillation, Luhman & Luhman 2021, one segment per student step as in TRACT,
+  guided teachers as in Meng et al. 2023): each example's teacher runs its full `teacher_steps`-step guided DDIM
+  solve once (`fcdiffusion.train.trajectory`), kept at the student's step boundaries and pooled for reuse; student
+  step (k, i) from the solve's state at t_i must land, in ONE guidance-free DDIM step, on its state at t_{i-1}.
+  The x0 error is normalised per student step (`normalised`).
+- `progressive` (progressive distillation's target, Salimans & Ho 2022): for a random student step t_i -> t_{i-1}
+  the teacher runs n guided DDIM sub-steps from x_{t_i} = q_sample(z0, t_i) to t_{i-1}.
+
+Either way the student's x0 target is the x0 for which one DDIM step from its input lands exactly on the teacher's
+state (`ddim_x0_target`), every teacher solve runs the shared loop `ldm.models.diffusion.sampling.sample`, and the
 x0 error is weighted per DCT band of i + j, each mode weighting up the band its teacher controls. Batches are
 mode-major (`mode_chunks`).
 
-Options beyond that (`DistillOptions`): the teacher's sub-steps may be DPM-Solver++(2M) (`teacher_sampler`); a
-guidance-conditioned student (`guidance_range`, Meng et al. 2023; CoDi samples w the same way) draws its
-guidance scale per example uniformly from the range and the teacher's sub-steps use that scale; feature terms
-(`feature_weights`, `fcdiffusion.train.feature_distill`) compare the student's intermediate features and
-cross-attention maps with the teacher's conditional forward at (x_t, t); and `loss_stages` changes the terms'
-weights from a given step on.
+Options beyond that (`DistillOptions`): the progressive teacher's sub-steps may be DPM-Solver++(2M)
+(`teacher_sampler`); a guidance-conditioned student (`guidance_range`, Meng et al. 2023; CoDi samples w the same
+way) draws its guidance scale per example uniformly from the range and the teacher's solve uses that scale; feature
+terms (`feature_weights`, `fcdiffusion.train.feature_distill`) compare the student's intermediate features and
+cross-attention maps with the teacher's forward at (x_t, t) (trajectory: the guided one, u + w (c - u)); and
+`loss_stages` changes the terms' weights from a given step on.
 
 Memory: teachers and student are built on the meta device and adopt their checkpoints' tensors, every frozen
 tensor held once (`fcdiffusion.core.weights`). Teachers are not submodules: they stay out of the distiller's
