@@ -54,7 +54,7 @@ from fcdiffusion.train.dataset import load_image, prepare_image
 from fcdiffusion.train.demo_data import CAPTIONS, load_photo
 from fcdiffusion.train.distiller import DistillOptions, FrequencyDistiller, band_energies
 from fcdiffusion.train.image_folder import prompted_images
-from ldm.checkpoint import load_checkpoint
+from ldm.checkpoint import read_metadata
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
 STUDENT_STEPS = (1, 2, 4)
@@ -242,8 +242,7 @@ def extrapolate_teacher(figures: Mapping[str, Any], measured: Sequence[int], ste
 
 def distill_options(student_path: str | os.PathLike) -> DistillOptions:
     """How the student in `student_path` was distilled (its `fcdiffusion.distill` metadata; defaults if absent)."""
-    _, metadata = load_checkpoint(student_path)
-    return DistillOptions.from_mapping(json.loads(metadata.get("fcdiffusion.distill", "{}")))
+    return DistillOptions.from_mapping(json.loads(read_metadata(student_path).get("fcdiffusion.distill", "{}")))
 
 
 @torch.no_grad()

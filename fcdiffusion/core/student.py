@@ -52,6 +52,11 @@ def step_counts(student_steps: int | Sequence[int]) -> list[int]:
     return sorted(set(counts))
 
 
+def recorded_steps(student_steps: int | Sequence[int]) -> int | list[int]:
+    """`student_steps` as configs and weight files record it: one count stays a number, several a sorted list."""
+    return student_steps if isinstance(student_steps, int) else step_counts(student_steps)
+
+
 def check_scheduler(scheduler: Mapping[str, Any]) -> dict[str, Any]:
     """A student's recorded `scheduler` as a dict, if it has the keys of `DISTILLED_SCHEDULER` with a known sampler
     and spacing and a final alpha in (0, 1] (or None, SD's alphas_cumprod[0]); else a ValueError."""
@@ -131,7 +136,7 @@ class FCDiffusionStudent(FrequencyControlledLDM):
         if unknown or not trainable:
             raise ValueError(f"trainable must name some of {', '.join(TRAINABLE_PARTS)}, got {list(trainable)}")
         self.trained_steps = step_counts(student_steps)
-        student_steps = student_steps if isinstance(student_steps, int) else list(student_steps)
+        student_steps = recorded_steps(student_steps)
         if guidance_range is not None:
             guidance_range = check_guidance_range(guidance_range)
             if guidance_scale is None:
@@ -283,7 +288,7 @@ def student_config(model_config: Mapping[str, Any], trainable: Sequence[str] = (
         control["params"].update(guidance_embedding=True, guidance_embedding_scale=GUIDANCE_EMBEDDING_SCALE)
     params.update(control_stage_config=control, trainable=list(trainable), lora_rank=lora_rank,
                   lora_alpha=lora_alpha,
-                  student_steps=student_steps if isinstance(student_steps, int) else step_counts(student_steps),
+                  student_steps=recorded_steps(student_steps),
                   modes=[str(ControlMode(m)) for m in modes],
                   guidance_scale=teacher.get("guidance_scale") if guidance_scale is None else guidance_scale,
                   guidance_range=None if guidance_range is None else list(guidance_range),

@@ -53,7 +53,7 @@ from fcdiffusion.core.inference import Translator, batch_images
 from fcdiffusion.core.memory import make_optimizer
 from fcdiffusion.core.model import Cond, FCDiffusion
 from fcdiffusion.core.precision import cast_parameters, follow_weight_dtype, precision_dtype, resident_bytes
-from fcdiffusion.core.student import STUDENT_OPTIONS, step_counts, student_config
+from fcdiffusion.core.student import STUDENT_OPTIONS, recorded_steps, step_counts, student_config
 from fcdiffusion.core.weights import (
     WeightAdopter,
     adopt_student,
@@ -78,7 +78,7 @@ from fcdiffusion.train.validation import agreement_metrics, seeded
 from ldm.checkpoint import load_checkpoint, save_state_dict
 from ldm.models.diffusion.ddim import ddim_x0_target, predicted_x0
 from ldm.models.diffusion.ddpm import freeze
-from ldm.models.diffusion.sampling import cat_cond, check_sampler, sample
+from ldm.models.diffusion.sampling import cat_cond, check_sampler, guidance_mix, sample
 from ldm.models.diffusion.scheduler import Step, spaced_timesteps
 
 log = logging.getLogger(__name__)
@@ -97,26 +97,13 @@ def band_energies(diff: torch.Tensor, bands: Sequence[tuple[int, int | None]]) -
         return torch.einsum("nhw,bhw->nb", spectrum, masks) / (h * w)
 
 
-def guided(conditional: torch.Tensor, unconditional: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance of any output: u + w (c - u), w (N,) per sample."""
-    w = scale.to(conditional.dtype).view(-1, *[1] * (conditional.ndim - 1))
-    return unconditional + w * (conditional - unconditional)
-
-
-def mode_chunks_list(items: Sequence[Any], modes: Sequence[str]) -> list[Sequence[Any]]:
-    """`mode_chunks` of a list: equal consecutive shares, one per mode."""
+def mode_chunks(items: torch.Tensor | Sequence[Any], modes: Sequence[str]) -> Sequence[Any]:
+    """`items`' samples split by mode: the distiller's batches (tensors: views) and lists of examples (trajectories)
+    are mode-major, an equal share per mode in the order of `modes`."""
     if len(items) % len(modes):
-        raise ValueError(f"{len(items)} examples do not split evenly over {len(modes)} modes")
+        raise ValueError(f"a batch of {len(items)} samples does not split evenly over {len(modes)} modes")
     n = len(items) // len(modes)
-    return [items[i * n:(i + 1) * n] for i in range(len(modes))]
-
-
-def mode_chunks(tensor: torch.Tensor, modes: Sequence[str]) -> tuple[torch.Tensor, ...]:
-    """`tensor`'s samples split by mode (views): the distiller's batches are mode-major, an equal share per mode in
-    the order of `modes`."""
-    if tensor.shape[0] % len(modes):
-        raise ValueError(f"a batch of {tensor.shape[0]} samples does not split evenly over {len(modes)} modes")
-    return tensor.split(tensor.shape[0] // len(modes))
+    return items.split(n) if torch.is_tensor(items) else [items[i * n:(i + 1) * n] for i in range(len(modes))]
 
 
 OBJECTIVES = ("trajectory", "progressive")  # see the module docstring and docs/distillation.md
@@ -161,7 +148,7 @@ class DistillOptions:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown distillation objective {self.objective!r}; valid: {', '.join(OBJECTIVES)}")
         counts = step_counts(self.student_steps)
-        self.student_steps = self.student_steps if isinstance(self.student_steps, int) else counts
+        self.student_steps = recorded_steps(self.student_steps)
         if min(self.teacher_substeps, self.modes_per_step, self.teacher_steps, self.trajectory_pool,
                self.trajectory_refresh) < 1:
             raise ValueError("teacher_substeps, modes_per_step, teacher_steps, trajectory_pool and "
@@ -437,7 +424,7 @@ class FrequencyDistiller(pl.LightningModule):
                 pairs = teacher.control(x, s, cond)
                 if guidance is not None:
                     unconditional = teacher.control(x, s, teacher.unconditional_conditioning(cond))
-                    pairs = [tuple(guided(c, u, w) for c, u in zip(pair, other))
+                    pairs = [tuple(guidance_mix(c, u, w) for c, u in zip(pair, other))
                              for pair, other in zip(pairs, unconditional)]
                 per_mode.append(pairs)
             teacher = [torch.cat(parts) for pair in zip(*per_mode) for parts in zip(*pair)]
@@ -462,7 +449,7 @@ class FrequencyDistiller(pl.LightningModule):
                 with self._taps[mode].recording(blocks) as unconditional:
                     teacher.apply_model(x, s, teacher.unconditional_conditioning(cond))
                 for name in blocks:
-                    features[name] = [guided(c, u, w) for c, u in zip(features[name], unconditional[name])]
+                    features[name] = [guidance_mix(c, u, w) for c, u in zip(features[name], unconditional[name])]
             per_mode.append(features)
         return {name: [torch.cat(parts) for parts in zip(*(f[name] for f in per_mode))] for name in names}
 
@@ -621,7 +608,7 @@ class FrequencyDistiller(pl.LightningModule):
         target = ddim_x0_target(x_t, x_prev, self.alpha_at(t), self.alpha_at(t_prev))
         guidance = torch.cat([tr.guidance_scale for tr in trajectories])
         chunks = [functools.reduce(cat_cond, [tr.cond for tr in chunk])
-                  for chunk in mode_chunks_list(trajectories, modes)]
+                  for chunk in mode_chunks(trajectories, modes)]
         weights = self.options.loss_weights(self.global_step)
         x0, pairs, student_features = self.student_pass(x_t, t, functools.reduce(cat_cond, chunks))
         weighted, energies = self.band_loss(x0, target, modes)

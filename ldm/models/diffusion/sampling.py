@@ -59,9 +59,16 @@ def guided_eps(
     if uncond is None or (not torch.is_tensor(guidance_scale) and guidance_scale == 1.0):
         return apply_model(x, t, cond)
     e_u, e_c = apply_model(torch.cat([x, x]), torch.cat([t, t]), cat_cond(uncond, cond)).chunk(2)
+    return guidance_mix(e_c, e_u, guidance_scale)
+
+
+def guidance_mix(conditional: torch.Tensor, unconditional: torch.Tensor,
+                 guidance_scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance of any output of the two branches: u + s (c - u), `guidance_scale` one number or one
+    per sample (N,)."""
     if torch.is_tensor(guidance_scale):
-        guidance_scale = guidance_scale.to(e_c.dtype).view(-1, *[1] * (e_c.ndim - 1))
-    return e_u + guidance_scale * (e_c - e_u)
+        guidance_scale = guidance_scale.to(conditional.dtype).view(-1, *[1] * (conditional.ndim - 1))
+    return unconditional + guidance_scale * (conditional - unconditional)
 
 
 @torch.no_grad()
