@@ -11,10 +11,10 @@ scikit-image's photos (a few are held out: every picture and figure of the repor
   6. tool_add_control_sd21.py              7-10. fcdiffusion_train.py, one teacher per control mode (each also
       trains the UNet's decoder, which minutes of pretraining leave weak)
   11. fcdiffusion_distill.py: the student, for 1, 2 and 4 steps, on the teachers' 50-step guided trajectories
-  12. fcdiffusion_distill.py: the band-weight ablation, on the same trajectories
-  13-14. test_distillation.py on the held-out photos (teachers, 50 guided steps; the student at 1, 2 and 4 steps)
-  15. evaluate.py (band fidelity and band retrieval of both, the student's agreement with its teachers)
-  16. benchmarks/distillation_benchmark.py 17. outputs/quickstart/: grid.png, losses.png, report.md
+      (with --band_ablation also a second one without band weights, on the same trajectories)
+  12-13. test_distillation.py on the held-out photos (teachers, 50 guided steps; the student at 1, 2 and 4 steps)
+  14. evaluate.py (band fidelity and band retrieval of both, the student's agreement with its teachers)
+  15. benchmarks/distillation_benchmark.py 16. outputs/quickstart/: grid.png, losses.png, report.md
 Re-running reuses what exists (training resumes from its last checkpoint and stops at once when done);
 `--restart` starts over.
 """
@@ -170,10 +170,11 @@ def build_steps(layout: Layout, args: argparse.Namespace) -> list[tuple[str, Cal
         ("add the control net (tool_add_control_sd21.py)", init),
     ]
     steps += [(f"train the {mode} teacher (fcdiffusion_train.py)", teacher(mode)) for mode in CONTROL_MODES]
+    steps.append(("distill one student from the four teachers (fcdiffusion_distill.py)", lambda: distill(layout, args)))
+    if args.band_ablation:
+        steps.append(("distill the band-weight ablation on the same trajectories (fcdiffusion_distill.py)",
+                      lambda: distill(layout, args, ablation=True)))
     steps += [
-        ("distill one student from the four teachers (fcdiffusion_distill.py)", lambda: distill(layout, args)),
-        ("distill the band-weight ablation on the same trajectories (fcdiffusion_distill.py)",
-         lambda: distill(layout, args, ablation=True)),
         (f"run the teachers on the held-out photos, {args.teacher_sample_steps} guided steps (test_distillation.py)",
          lambda: infer(layout, args, "teacher")),
         (f"run the student on the held-out photos at {', '.join(map(str, STUDENT_STEP_COUNTS))} steps "
@@ -252,7 +253,8 @@ def benchmark(layout: Layout, args: argparse.Namespace) -> None:
                 "--sd_resolution", args.sd_resolution, "--sd" if args.benchmark_sd else "--no-sd",
                 "--teacher_steps", args.teacher_sample_steps, "--images", args.benchmark_images, "--sd_images", 1,
                 "--heldout", layout.heldout, "--tiny_vae", layout.tiny_vae,
-                "--ablation_student", student_file(layout.ablation_logdir), "--guidance_images", 2,
+                *(["--ablation_student", student_file(layout.ablation_logdir)] if args.band_ablation else []),
+                "--guidance_images", 1,
                 "--sd_teacher_timing_steps",
                 *args.sd_teacher_timing_steps, "--out", layout.out / "benchmark.json"])
 
@@ -407,6 +409,8 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
         tiny_vae_steps=args.tiny_vae_steps, guidance_range=" to ".join(f"{w:g}" for w in args.guidance_range),
         guidance_photo=names[0], guidance_scales=", ".join(f"{w:g}" for w in scales),
         sample_steps=args.teacher_sample_steps, tables=tables,
+        ablation=" A second student was distilled the same way on the same trajectories without band weights (the "
+                 "ablation in the figures)." if args.band_ablation else "",
         psnr_table=psnr_table, retrieval=retrieval_table(layout), teacher_metrics=evaluation["teacher"],
         student_metrics="\n".join(f"Student, {k} step{'s' * (k > 1)}, [evaluation/student_k{k}.json]"
                                   f"(evaluation/student_k{k}.json):\n\n" + evaluation[f"student_k{k}"]
@@ -422,8 +426,7 @@ each training the UNet's decoder along with its control net (`--sd_locked false`
 pretrained for minutes is too weak a base to keep frozen), and one student (its control net and decoder, started
 from the high_pass teacher) was distilled from them for {distill_steps} steps: for 1, 2 and 4 steps at once, on the
 teachers' {sample_steps}-step guided trajectories, at guidance scales {guidance_range} (an input of the student, so
-the demo's slider acts on it). A second student was distilled the same way on the same trajectories without band
-weights (the ablation in the figures). Every picture and figure below comes from photos none of these models saw:
+the demo's slider acts on it).{ablation} Every picture and figure below comes from photos none of these models saw:
 {heldout} (`datasets/quickstart/heldout/`).
 
 ## Pictures
@@ -526,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--photos", nargs="*", help="scikit-image photos to train on (default: all but the held-out)")
     parser.add_argument("--heldout", nargs="+", default=list(HELDOUT), choices=list(CAPTIONS),
                         help="scikit-image photos never trained on; the report shows only them")
-    parser.add_argument("--autoencoder_steps", type=int, default=200, help="training steps of the autoencoder")
+    parser.add_argument("--autoencoder_steps", type=int, default=100,
+                        help="training steps of the autoencoder (it starts as a resampler; training refines it)")
     parser.add_argument("--tiny_vae_steps", type=int, default=100,
                         help="distillation steps of the tiny autoencoder (TAESD's architecture)")
     parser.add_argument("--sd_teacher_timing_steps", type=int, nargs=2, default=[1, 4], metavar=("K1", "K2"),
@@ -536,15 +540,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher_steps", type=int, default=200, help="training steps per teacher")
     parser.add_argument("--teacher_lr", type=float, default=1e-3,
                         help="the teachers' learning rate: 200 steps need more than the config's 1e-4")
-    parser.add_argument("--distill_steps", type=int, default=250, help="distillation steps")
-    parser.add_argument("--distill_lr", type=float, default=3e-4,
-                        help="the student's learning rate: 200 steps need more than the config's 1e-4")
+    parser.add_argument("--distill_steps", type=int, default=500,
+                        help="distillation steps (the student's errors still fall at 600: docs/measurements.md)")
+    parser.add_argument("--distill_lr", type=float, default=1e-3,
+                        help="the student's learning rate: a few hundred steps need more than the config's 1e-4 (at "
+                             "250 steps 1e-3 left the 4-step errors 6-46%% below 3e-4's, docs/measurements.md)")
     parser.add_argument("--guidance_range", type=float, nargs=2, default=[2.0, 12.0], metavar=("LO", "HI"),
                         help="the guidance scales the student learns (the teachers use 9)")
-    parser.add_argument("--trajectory_refresh", type=int, default=32,
+    parser.add_argument("--trajectory_refresh", type=int, default=64,
                         help="solve new teacher trajectories every N distillation steps (the others reuse the pool): "
                              "a 50-step guided solve costs about 5x a training step per example here")
     parser.add_argument("--teacher_sample_steps", type=int, default=50, help="the teachers' DDIM steps")
+    parser.add_argument("--band_ablation", action="store_true",
+                        help="also distil a student without band weights on the same trajectories and compare the two "
+                             "per band in the benchmark (docs/measurements.md; about 1.5 minutes more here)")
     parser.add_argument("--benchmark_sd", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the SD 2.1-base architecture (random weights, reduced resolution)")
     parser.add_argument("--sd_resolution", type=int, default=128, help="image size for the SD-architecture timing")

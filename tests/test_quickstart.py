@@ -32,7 +32,8 @@ def small_run(tmp_path_factory):
     code = quickstart.main(["--root", str(root), "--out", str(out), "--photos", *PHOTOS, "--heldout", *HELDOUT,
                             "--autoencoder_steps", "2", "--tiny_vae_steps", "2", "--unet_steps", "2",
                             "--teacher_steps", "2", "--distill_steps", "2", "--teacher_sample_steps", "4",
-                            "--no-benchmark_sd", "--benchmark_images", "1", "--min_free_gb", "0.1"])
+                            "--no-benchmark_sd", "--benchmark_images", "1", "--min_free_gb", "0.1",
+                            "--band_ablation"])
     return code, root, out
 
 
@@ -141,9 +142,17 @@ def test_quickstart_names_the_step_that_failed(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 1
     assert "reusing" in captured.out
-    assert "failed at step 6/18 (train the tiny UNet on its latents" in captured.err
+    assert "failed at step 6/17 (train the tiny UNet on its latents" in captured.err
     with pytest.raises(SystemExit):  # an unknown photo name is refused by the parser
         quickstart.main(["--heldout", "lena"])
     assert quickstart.main(["--root", str(tmp_path), "--out", str(tmp_path / "o"), "--photos", "coffee",
                             "--min_free_gb", "0.1"]) == 1
     assert "every photo is held out" in capsys.readouterr().err
+
+
+def test_the_band_ablation_runs_only_when_asked(tmp_path):
+    """The default quickstart distils one student; `--band_ablation` adds the second for the benchmark to compare."""
+    parser = quickstart.build_parser()
+    for flags, asked in (([], False), (["--band_ablation"], True)):
+        steps = quickstart.build_steps(quickstart.Layout(tmp_path, tmp_path / "out"), parser.parse_args(flags))
+        assert any("ablation" in name for name, _ in steps) is asked

@@ -107,22 +107,37 @@ def test_each_pair_learns_from_the_state_at_its_start_towards_the_state_at_its_e
 
 
 def test_the_normalised_loss_weighs_every_step_alike(workdir, model_config, distill_config):
-    """The x0 error of a step from pure noise is far above the last step's; normalised per step, both count about
-    one (times the band weights), so the band weights act whatever timesteps were drawn."""
+    """The x0 error of a step from pure noise is far above the last step's; normalised per mode and step, both count
+    about one, so the band weights act whatever timesteps were drawn."""
     distiller = make_distiller(workdir, model_config, distill_config, band_weights={})
     z, context, noise = batch(distiller)
     trajectories = distiller.solve_trajectories(z, context, MODES, noise)
-    pairs = torch.tensor([distiller.step_pairs.index((1, 0)), distiller.step_pairs.index((4, 0))] * 2)
+    p1, p4 = distiller.step_pairs.index((1, 0)), distiller.step_pairs.index((4, 0))
+    pairs = torch.tensor([p1, p4] * 2)
     distiller.train()
     _, logs = distiller.trajectory_loss(trajectories, MODES, pairs)
-    raw = distiller.step_error[pairs[:2]]
+    raw = distiller.step_error[CONTROL_MODES.index("low_pass"), [p1, p4]]
     assert raw[0] > 10 * raw[1]  # from noise in one step vs the last of four
     assert logs["train/loss_distill"] == pytest.approx(1.0, rel=0.2)
     first = distiller.step_error.clone()
     distiller.trajectory_loss(trajectories, MODES, pairs)
     torch.testing.assert_close(distiller.step_error, first, equal_nan=True)  # same errors: the running scale stays
     distiller.eval()
-    assert torch.isnan(distiller.step_error[distiller.step_pairs.index((2, 1))])  # never drawn: no scale yet
+    assert torch.isnan(distiller.step_error[0, distiller.step_pairs.index((2, 1))])  # never drawn: no scale yet
+
+
+def test_band_weights_do_not_tip_the_balance_between_modes(workdir, model_config, distill_config):
+    """A weight of 4 on every band of high_pass would make its examples count 4x a low_pass example's; normalised
+    per mode, each mode's weighted error counts one."""
+    distiller = make_distiller(workdir, model_config, distill_config,
+                               band_weights={"high_pass": {band: 4.0 for band in distill_config.distill.bands}})
+    z, context, noise = batch(distiller)
+    trajectories = distiller.solve_trajectories(z, context, MODES, noise)
+    pairs = torch.tensor([distiller.step_pairs.index((2, 0))] * 4)
+    distiller.train()
+    _, logs = distiller.trajectory_loss(trajectories, MODES, pairs)
+    assert logs["train/distill_high_pass"] > 2 * logs["train/distill_low_pass"]  # raw: the weights count in it
+    assert logs["train/loss_distill"] == pytest.approx(1.0, rel=0.05)
 
 
 def test_the_student_converges_to_the_teachers_full_solve(workdir, model_config, distill_config):

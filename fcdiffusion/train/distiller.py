@@ -298,10 +298,11 @@ class FrequencyDistiller(pl.LightningModule):
                           for k in self.step_counts}
         timesteps = self.schedules[self.step_counts[-1]]
         self.register_buffer("student_timesteps", torch.as_tensor(timesteps, device="cpu"), persistent=False)
-        # Trajectory objective: each student step (k, i) of every trained count, its running error scale, the pool.
+        # Trajectory objective: each student step (k, i) of every trained count, its error scale per mode, the pool.
         self.step_pairs = [(k, i) for k in self.step_counts for i in range(k)]
         self.boundaries = boundary_timesteps(self.step_counts, spacing, self.student.num_timesteps)
-        self.register_buffer("step_error", torch.full((len(self.step_pairs),), float("nan")), persistent=False)
+        self.register_buffer("step_error", torch.full((len(CONTROL_MODES), len(self.step_pairs)), float("nan")),
+                             persistent=False)
         self.pool, self._pool_from_file = TrajectoryPool(self.options.trajectory_pool), False
         counts = self.parameter_counts()
         log.info("distiller: %d teachers (%s) + student; resident parameters %.2fM (unique tensors) vs %.2fM for "
@@ -575,27 +576,32 @@ class FrequencyDistiller(pl.LightningModule):
         x = trajectory.states[START if i == k - 1 else t]
         return x, t, trajectory.states[FINAL if i == 0 else t_prev], t_prev
 
-    def normalised(self, weighted: torch.Tensor, energies: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
-        """`weighted` (N,) divided by its student step's running error scale (`step_error`: an exponential average,
-        decay 0.9, of the mean unweighted error of each (k, i), updated while training): the error of a step from
-        pure noise is orders of magnitude above that of the last step, and would otherwise decide the loss alone."""
-        total = energies.sum(1).detach().float()
-        scale = self.step_error.clone()
-        for p in pair_index.unique().tolist():
-            mean = total[pair_index == p].mean()
-            seen = not torch.isnan(scale[p])
-            scale[p] = 0.9 * scale[p] + 0.1 * mean if seen else mean
+    def normalised(self, weighted: torch.Tensor, modes: Sequence[str], pair_index: torch.Tensor) -> torch.Tensor:
+        """`weighted` (N, samples mode-major over `modes`) divided by the running scale of its mode's band-weighted
+        error at its student step (`step_error[mode, (k, i)]`: an exponential average, decay 0.9, of the batch means,
+        updated while training). The error of a step from pure noise is orders of magnitude above that of the last
+        step, and a mode whose weights raise a band holding much of its error would outweigh the others:
+        normalised, every mode counts alike at every step, and the band weights only move the emphasis between the
+        bands of each mode's error."""
+        mode_index = torch.cat([torch.full((len(chunk),), CONTROL_MODES.index(mode), device=pair_index.device)
+                                for mode, chunk in zip(modes, mode_chunks(pair_index, modes))])
+        cell = mode_index * len(self.step_pairs) + pair_index
+        values = weighted.detach().float()
+        scale = self.step_error.clone().view(-1)
+        for c in cell.unique().tolist():
+            mean = values[cell == c].mean()
+            scale[c] = 0.9 * scale[c] + 0.1 * mean if not torch.isnan(scale[c]) else mean
         if self.training:
-            self.step_error.copy_(scale)
-        return weighted / scale[pair_index].clamp(min=1e-12).to(weighted)
+            self.step_error.copy_(scale.view_as(self.step_error))
+        return weighted / scale[cell].clamp(min=1e-12).to(weighted)
 
     def trajectory_loss(self, trajectories: Sequence[Trajectory], modes: Sequence[str],
                         pair_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss and logs of the student on solved `trajectories` (mode-major, an equal share per mode in `modes`):
         example j learns student step `step_pairs[pair_index[j]]` (random when None): from the solve's state at t_i
         its one DDIM step must land on the solve's state at t_{i-1}, i.e. its x0 on `ddim_x0_target`. The x0 error
-        is band-weighted per mode, normalised per step (`normalised`); control and feature terms compare with the
-        guided teacher at the example's w on the same input."""
+        is band-weighted per mode, normalised per mode and step (`normalised`); control and feature terms compare with
+        the guided teacher at the example's w on the same input."""
         device = trajectories[0].guidance_scale.device
         if pair_index is None:
             pair_index = torch.randint(len(self.step_pairs), (len(trajectories),))
@@ -612,7 +618,7 @@ class FrequencyDistiller(pl.LightningModule):
         weights = self.options.loss_weights(self.global_step)
         x0, pairs, student_features = self.student_pass(x_t, t, functools.reduce(cat_cond, chunks))
         weighted, energies = self.band_loss(x0, target, modes)
-        loss_distill = self.normalised(weighted, energies, pair_index).mean()
+        loss_distill = self.normalised(weighted, modes, pair_index).mean()
         loss = weights["distill"] * loss_distill
         logs = {"train/loss_distill": loss_distill.detach()}
         loss = self.shared_terms(loss, logs, x_t, t, modes, chunks, pairs, student_features, weighted, energies,
