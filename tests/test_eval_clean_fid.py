@@ -94,7 +94,8 @@ def test_resampled_figures_equal_the_figures_of_the_resampled_set():
     x, reference = rng.normal(size=(10, 16)), Reference(rng.normal(0.3, 1.0, size=(10, 16)))
     fid, kid = reference.resampled_fid(x), reference.resampled_kid(x)
     everything = np.arange(10)
-    assert fid(everything) == pytest.approx(reference.fid(x), rel=1e-9)
+    # the two paths sum in different orders: 2e-9 apart on one CPU (a Zen 2 EPYC), far below any real difference
+    assert fid(everything) == pytest.approx(reference.fid(x), rel=1e-7)
     assert kid(everything) == pytest.approx(reference.kid(x), rel=1e-9)
     idx = rng.integers(0, 10, size=10)
     assert fid(idx) == pytest.approx(reference.fid(x[idx]), rel=1e-6)  # sqrt of rounding-level eigenvalues
