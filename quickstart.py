@@ -144,11 +144,13 @@ def build_steps(layout: Layout, args: argparse.Namespace) -> list[tuple[str, Cal
     def teacher(mode: str) -> Callable[[], None]:
         # --sd_locked false: each teacher trains the UNet's decoder with its control net (FCDiffusion's option for
         # a base that does not know the task yet); a tiny UNet pretrained for minutes needs it, SD 2.1 does not.
+        # Its own sampling steps (its image log's, a script's default) are the quickstart's --teacher_sample_steps.
         return lambda: run_script([
             "fcdiffusion_train.py", "--config", TINY_TEACHER_CONFIG, "--control_mode", mode,
             "--resume_path", layout.init, "--data", layout.data, "--logdir", layout.logdir,
             "--max_steps", args.teacher_steps, "--learning_rate", args.teacher_lr, "--sd_locked", "false",
-            "--checkpoint_every", args.teacher_steps, "--log_images_every", args.teacher_steps, layout.clip_override])
+            "--checkpoint_every", args.teacher_steps, "--log_images_every", args.teacher_steps, layout.clip_override,
+            f"model.params.ddim_steps={args.teacher_sample_steps}"])
 
     steps: list[tuple[str, Callable[[], None]]] = [
         ("build the tiny text tower", text_tower),

@@ -14,13 +14,17 @@ failure lists the rows or commands to change.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -212,18 +216,20 @@ def test_layout_table_matches_the_tree():
 
 @cache
 def help_texts() -> dict[str, str]:
-    """`python <script> --help` of every script, run once, two at a time, with the worktree's code first."""
-    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-
-    def run(script: str) -> tuple[str, str]:
-        done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert done.returncode == 0, f"python {script} --help failed ({done.returncode}):\n{done.stderr[-3000:]}"
-        return script, done.stdout
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(run, sorted(scripts())))
+    """`python <script> --help` of every script, run once: each script's `main(["--help"])` in this process (the
+    modules are imported once for all, instead of torch and Lightning once per script), its printout kept."""
+    texts = {}
+    for script in sorted(scripts()):
+        name = "help_of_" + re.sub(r"\W", "_", script)
+        spec = importlib.util.spec_from_file_location(name, ROOT / script)
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exited:
+            module.main(["--help"])
+        assert exited.value.code == 0, f"python {script} --help exited with {exited.value.code}"
+        texts[script] = printed.getvalue()
+    return texts
 
 
 def options(help_text: str) -> set[str]:

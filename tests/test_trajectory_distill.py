@@ -212,3 +212,17 @@ def test_the_pool_keeps_the_newest_and_draws_by_mode(workdir, model_config, dist
     with pytest.raises(ValueError, match="no mid_pass trajectory"):
         pool.draw(1, "mid_pass")
     assert set(CONTROL_MODES) >= set(MODES)
+
+
+def test_the_batch_is_encoded_only_when_the_pool_is_refreshed(workdir, model_config, distill_config, monkeypatch):
+    distiller = make_distiller(workdir, model_config, distill_config, trajectory_refresh=3, student_steps=[1])
+    encode, encoded = distiller.student.get_input, []
+    monkeypatch.setattr(distiller.student, "get_input", lambda b: encoded.append(1) or encode(b))
+    step = [0]
+    monkeypatch.setattr(FrequencyDistiller, "global_step", property(lambda self: step[0]))
+    torch.manual_seed(0)
+    photos = {"jpg": torch.rand(2, 64, 64, 3) * 2 - 1, "txt": ["a cat", "a red car"]}
+    for step[0] in range(7):
+        drawn = distiller.pooled_trajectories(photos, list(MODES))
+        assert [tr.mode for tr in drawn] == ["low_pass"] * 2 + ["high_pass"] * 2
+    assert len(encoded) == 3 and len(distiller.pool) == 3 * 2 * len(MODES)  # solved at steps 0, 3 and 6

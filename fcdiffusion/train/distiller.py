@@ -630,19 +630,22 @@ class FrequencyDistiller(pl.LightningModule):
         logs["train/loss"] = loss.detach()
         return loss, logs
 
-    def pooled_trajectories(self, z: torch.Tensor, context: torch.Tensor, modes: Sequence[str]) -> list[Trajectory]:
-        """B trajectories per mode from the pool, mode-major; the batch's are solved and pooled first every
-        `trajectory_refresh` steps, and whenever the pool lacks one of `modes` (never with a pool read from
-        `trajectory_file`)."""
+    def pooled_trajectories(self, batch: Mapping[str, Any], modes: Sequence[str]) -> list[Trajectory]:
+        """B trajectories per mode (B: the batch's size) from the pool, mode-major; the batch's are solved and pooled
+        first every `trajectory_refresh` steps, and whenever the pool lacks one of `modes` (never with a pool read
+        from `trajectory_file`). The batch is encoded (VAE, text encoder) only for a solve: the steps between train on
+        the pool alone."""
+        n = len(batch[self.student.first_stage_key])
         if self._pool_from_file:
             missing = [m for m in modes if not self.pool.count(m)]
             if missing:
                 raise ValueError(f"the trajectory file {self.options.trajectory_file} holds no {', '.join(missing)} "
                                  "trajectory; distil from a file of a run with the same modes")
         elif self.global_step % self.options.trajectory_refresh == 0 or any(not self.pool.count(m) for m in modes):
+            z, context = self.student.get_input(batch)
             for trajectory in self.solve_trajectories(z, context, modes):
                 self.pool.add(trajectory)
-        return [trajectory for mode in modes for trajectory in self.pool.draw(z.shape[0], mode)]
+        return [trajectory for mode in modes for trajectory in self.pool.draw(n, mode)]
 
     # ---- Lightning hooks ----------------------------------------------------------------------------------
     def sample_modes(self) -> list[str]:
@@ -669,17 +672,17 @@ class FrequencyDistiller(pl.LightningModule):
             log.info("wrote the %d pooled trajectories to %s", len(self.pool), path)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        z, context = self.student.get_input(batch)
         modes = self.sample_modes()
         if self.options.objective == "trajectory":
-            loss, logs = self.trajectory_loss(self.pooled_trajectories(z, context, modes), modes)
+            loss, logs = self.trajectory_loss(self.pooled_trajectories(batch, modes), modes)
         else:
-            loss, logs = self.distillation_loss(z, context, modes)
-        self.log_dict(logs, on_step=True, batch_size=z.shape[0])
+            loss, logs = self.distillation_loss(*self.student.get_input(batch), modes)
+        n = len(batch[self.student.first_stage_key])
+        self.log_dict(logs, on_step=True, batch_size=n)
         if self.logs_this_step():
             # The progress bar turns its values into numbers at every step, a device sync for a GPU tensor; a
             # host copy made only when the logger writes anyway (every log_every_n_steps) costs no extra sync.
-            self.log("loss", logs["train/loss"].cpu(), prog_bar=True, logger=False, batch_size=z.shape[0])
+            self.log("loss", logs["train/loss"].cpu(), prog_bar=True, logger=False, batch_size=n)
         return loss
 
     def logs_this_step(self) -> bool:
