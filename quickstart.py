@@ -198,7 +198,7 @@ def training_photos(args: argparse.Namespace) -> list[str]:
 
 def distill(layout: Layout, args: argparse.Namespace, ablation: bool = False) -> None:
     """The guidance-conditioned student, trained for 1, 2 and 4 steps on the teachers' 50-step guided trajectories
-    (the config's `objective: trajectory`). The teachers trained their UNet decoders (`model.params.sd_locked=false`
+    (the config's `objective: trajectory`), all solved in its first steps (`--trajectories`). The teachers trained their UNet decoders (`model.params.sd_locked=false`
     builds them so, each keeping its own), so the student trains its decoder too; it starts from the high_pass
     teacher: the finest band is the one a few-step student of a tiny model learns last. The run writes its solved
     trajectories to `trajectories.pt`; the ablation (`ablation`) trains on exactly those, every band weight 1."""
@@ -208,7 +208,7 @@ def distill(layout: Layout, args: argparse.Namespace, ablation: bool = False) ->
     run_script(["fcdiffusion_distill.py", "--config", TINY_DISTILL_CONFIG, *teachers,
                 "--student_init", layout.teacher("high_pass"), "--student_steps", *STUDENT_STEP_COUNTS,
                 "--guidance_range", *args.guidance_range, "--teacher_steps", args.teacher_sample_steps,
-                "--trajectory_refresh", args.trajectory_refresh,
+                "--trajectory_prefill", args.trajectories, "--trajectory_refresh", args.distill_steps,
                 "--trajectory_file", layout.trajectories,
                 "--trainable", "control_net", "output_blocks", "--learning_rate", args.distill_lr,
                 "--data", layout.data, "--logdir", layout.ablation_logdir if ablation else layout.logdir,
@@ -549,9 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "250 steps 1e-3 left the 4-step errors 6-46%% below 3e-4's, docs/measurements.md)")
     parser.add_argument("--guidance_range", type=float, nargs=2, default=[2.0, 12.0], metavar=("LO", "HI"),
                         help="the guidance scales the student learns (the teachers use 9)")
-    parser.add_argument("--trajectory_refresh", type=int, default=64,
-                        help="solve new teacher trajectories every N distillation steps (the others reuse the pool): "
-                             "a 50-step guided solve costs about 5x a training step per example here")
+    parser.add_argument("--trajectories", type=int, default=64,
+                        help="teacher trajectories the distillation solves in its first steps (2 photos x 4 modes "
+                             "per step) and then trains on: a 50-step guided solve costs about 5x a training step "
+                             "per example here")
     parser.add_argument("--teacher_sample_steps", type=int, default=50, help="the teachers' DDIM steps")
     parser.add_argument("--band_ablation", action="store_true",
                         help="also distil a student without band weights on the same trajectories and compare the two "

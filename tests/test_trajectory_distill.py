@@ -13,6 +13,7 @@ from fcdiffusion.train.distiller import DistillOptions, FrequencyDistiller
 from fcdiffusion.train.trajectory import (
     FINAL,
     START,
+    Trajectory,
     TrajectoryPool,
     boundary_timesteps,
     cond_slice,
@@ -226,3 +227,19 @@ def test_the_batch_is_encoded_only_when_the_pool_is_refreshed(workdir, model_con
         drawn = distiller.pooled_trajectories(photos, list(MODES))
         assert [tr.mode for tr in drawn] == ["low_pass"] * 2 + ["high_pass"] * 2
     assert len(encoded) == 3 and len(distiller.pool) == 3 * 2 * len(MODES)  # solved at steps 0, 3 and 6
+
+
+def test_the_pool_is_filled_first_then_refreshed_every_n_steps(workdir, model_config, distill_config, monkeypatch):
+    distiller = make_distiller(workdir, model_config, distill_config, trajectory_prefill=8, trajectory_refresh=4,
+                               student_steps=[1], teacher_steps=2)
+    solved = []
+    monkeypatch.setattr(distiller, "solve_trajectories", lambda z, context, modes: solved.append(step[0]) or [
+        Trajectory(m, {}, torch.ones(1), {}) for m in modes for _ in range(len(z))])
+    step = [0]
+    monkeypatch.setattr(FrequencyDistiller, "global_step", property(lambda self: step[0]))
+    photos = {"jpg": torch.rand(2, 64, 64, 3) * 2 - 1, "txt": ["a cat", "a red car"]}
+    for step[0] in range(9):
+        distiller.pooled_trajectories(photos, list(MODES))
+    assert solved == [0, 1, 4, 8]  # 4 per solve: steps 0 and 1 fill 8, then every 4th step
+    with pytest.raises(ValueError, match="trajectory_prefill"):
+        DistillOptions(trajectory_prefill=300, trajectory_pool=256)

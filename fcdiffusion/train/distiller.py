@@ -119,6 +119,7 @@ class DistillOptions:
     teacher_steps: int = 50
     trajectory_pool: int = 256
     trajectory_refresh: int = 1
+    trajectory_prefill: int = 0
     trajectory_file: str | None = None
     teacher_substeps: int = 2
     guidance_scale: float | None = None
@@ -153,6 +154,9 @@ class DistillOptions:
                self.trajectory_refresh) < 1:
             raise ValueError("teacher_substeps, modes_per_step, teacher_steps, trajectory_pool and "
                              "trajectory_refresh must be >= 1")
+        if not 0 <= self.trajectory_prefill <= self.trajectory_pool:
+            raise ValueError(f"trajectory_prefill ({self.trajectory_prefill}) must be from 0 to trajectory_pool "
+                             f"({self.trajectory_pool}): a pool that cannot hold it would be solved at every step")
         if self.objective == "progressive" and len(counts) > 1:
             raise ValueError(f"objective: progressive distils one step count, got student_steps {counts}; "
                              "objective: trajectory trains several")
@@ -632,16 +636,17 @@ class FrequencyDistiller(pl.LightningModule):
 
     def pooled_trajectories(self, batch: Mapping[str, Any], modes: Sequence[str]) -> list[Trajectory]:
         """B trajectories per mode (B: the batch's size) from the pool, mode-major; the batch's are solved and pooled
-        first every `trajectory_refresh` steps, and whenever the pool lacks one of `modes` (never with a pool read
-        from `trajectory_file`). The batch is encoded (VAE, text encoder) only for a solve: the steps between train on
-        the pool alone."""
+        first at every step while the pool holds fewer than `trajectory_prefill`, then every `trajectory_refresh`
+        steps, and whenever the pool lacks one of `modes` (never with a pool read from `trajectory_file`). The batch
+        is encoded (VAE, text encoder) only for a solve: the steps between train on the pool alone."""
         n = len(batch[self.student.first_stage_key])
         if self._pool_from_file:
             missing = [m for m in modes if not self.pool.count(m)]
             if missing:
                 raise ValueError(f"the trajectory file {self.options.trajectory_file} holds no {', '.join(missing)} "
                                  "trajectory; distil from a file of a run with the same modes")
-        elif self.global_step % self.options.trajectory_refresh == 0 or any(not self.pool.count(m) for m in modes):
+        elif (len(self.pool) < self.options.trajectory_prefill or self.global_step % self.options.trajectory_refresh == 0
+              or any(not self.pool.count(m) for m in modes)):
             z, context = self.student.get_input(batch)
             for trajectory in self.solve_trajectories(z, context, modes):
                 self.pool.add(trajectory)
