@@ -198,10 +198,11 @@ def training_photos(args: argparse.Namespace) -> list[str]:
 
 def distill(layout: Layout, args: argparse.Namespace, ablation: bool = False) -> None:
     """The guidance-conditioned student, trained for 1, 2 and 4 steps on the teachers' 50-step guided trajectories
-    (the config's `objective: trajectory`), all solved in its first steps (`--trajectories`). The teachers trained their UNet decoders (`model.params.sd_locked=false`
-    builds them so, each keeping its own), so the student trains its decoder too; it starts from the high_pass
-    teacher: the finest band is the one a few-step student of a tiny model learns last. The run writes its solved
-    trajectories to `trajectories.pt`; the ablation (`ablation`) trains on exactly those, every band weight 1."""
+    (the config's `objective: trajectory`), all solved in its first steps (`--trajectories`). The teachers trained
+    their UNet decoders (`model.params.sd_locked=false` builds them so, each keeping its own), so the student trains
+    its decoder too; it starts from the high_pass teacher: the finest band is the one a few-step student of a tiny
+    model learns last. The run writes its solved trajectories to `trajectories.pt`; the ablation (`ablation`) trains
+    on exactly those, every band weight 1."""
     teachers = [arg for mode in CONTROL_MODES for arg in (f"--teacher_{mode}", layout.teacher(mode))]
     unweighted = [f"distill.band_weights.{mode}.{band}=1.0" for mode, bands in tiny_band_weights().items()
                   for band in bands] if ablation else []

@@ -645,8 +645,8 @@ class FrequencyDistiller(pl.LightningModule):
             if missing:
                 raise ValueError(f"the trajectory file {self.options.trajectory_file} holds no {', '.join(missing)} "
                                  "trajectory; distil from a file of a run with the same modes")
-        elif (len(self.pool) < self.options.trajectory_prefill or self.global_step % self.options.trajectory_refresh == 0
-              or any(not self.pool.count(m) for m in modes)):
+        elif (len(self.pool) < self.options.trajectory_prefill
+              or self.global_step % self.options.trajectory_refresh == 0 or any(not self.pool.count(m) for m in modes)):
             z, context = self.student.get_input(batch)
             for trajectory in self.solve_trajectories(z, context, modes):
                 self.pool.add(trajectory)
