@@ -201,8 +201,9 @@ def distill(layout: Layout, args: argparse.Namespace, ablation: bool = False) ->
     (the config's `objective: trajectory`), all solved in its first steps (`--trajectories`). The teachers trained
     their UNet decoders (`model.params.sd_locked=false` builds them so, each keeping its own), so the student trains
     its decoder too; it starts from the high_pass teacher: the finest band is the one a few-step student of a tiny
-    model learns last. The run writes its solved trajectories to `trajectories.pt`; the ablation (`ablation`) trains
-    on exactly those, every band weight 1."""
+    model learns last. It exports the EMA of its weights (decay 0.99): on 64 trajectories the average lowered every
+    4-step error, by 7-29% (docs/measurements.md). The run writes its solved trajectories to `trajectories.pt`; the
+    ablation (`ablation`) trains on exactly those, every band weight 1."""
     teachers = [arg for mode in CONTROL_MODES for arg in (f"--teacher_{mode}", layout.teacher(mode))]
     unweighted = [f"distill.band_weights.{mode}.{band}=1.0" for mode, bands in tiny_band_weights().items()
                   for band in bands] if ablation else []
@@ -211,7 +212,7 @@ def distill(layout: Layout, args: argparse.Namespace, ablation: bool = False) ->
                 "--guidance_range", *args.guidance_range, "--teacher_steps", args.teacher_sample_steps,
                 "--trajectory_prefill", args.trajectories, "--trajectory_refresh", args.distill_steps,
                 "--trajectory_file", layout.trajectories,
-                "--trainable", "control_net", "output_blocks", "--learning_rate", args.distill_lr,
+                "--trainable", "control_net", "output_blocks", "--learning_rate", args.distill_lr, "--ema_decay", 0.99,
                 "--data", layout.data, "--logdir", layout.ablation_logdir if ablation else layout.logdir,
                 "--max_steps", args.distill_steps, "--checkpoint_every", args.distill_steps,
                 "--log_images_every", 0 if ablation else args.distill_steps,
