@@ -558,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher_sample_steps", type=int, default=50, help="the teachers' DDIM steps")
     parser.add_argument("--band_ablation", action="store_true",
                         help="also distil a student without band weights on the same trajectories and compare the two "
-                             "per band in the benchmark (docs/measurements.md; about 1.5 minutes more here)")
+                             "per band in the benchmark (docs/measurements.md; about 4 minutes more here)")
     parser.add_argument("--benchmark_sd", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the SD 2.1-base architecture (random weights, reduced resolution)")
     parser.add_argument("--sd_resolution", type=int, default=128, help="image size for the SD-architecture timing")
