@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fcdiffusion.core.control_net import GuidanceEmbedding
+from fcdiffusion.core.control_net import ScalarEmbedding
 from fcdiffusion.core.frequency import CONTROL_MODES
 from fcdiffusion.core.weights import load_student
 from fcdiffusion.train.distiller import DistillOptions, FrequencyDistiller
@@ -28,12 +28,14 @@ from tests.helpers import teacher_paths
 MODES = ("low_pass", "high_pass")
 
 
-def make_distiller(workdir, model_config, distill_config, **distill) -> FrequencyDistiller:
+def make_distiller(workdir, model_config, distill_config, step_embedding: bool = False,
+                   **distill) -> FrequencyDistiller:
     """Two teachers of the tiny config, the trajectory objective on a 6-step teacher solve."""
     paths = teacher_paths(workdir / "logs")
     options = {**OmegaConf.to_container(distill_config.distill), "teacher_steps": 6, **distill}
     return FrequencyDistiller(model_config, {m: paths[m] for m in MODES}, paths["mid_pass"],
-                              {"trainable": ["control_net"]}, options, learning_rate=2e-3)
+                              {"trainable": ["control_net"], "step_embedding": step_embedding}, options,
+                              learning_rate=2e-3)
 
 
 def batch(distiller: FrequencyDistiller):
@@ -141,9 +143,11 @@ def test_band_weights_do_not_tip_the_balance_between_modes(workdir, model_config
     assert logs["train/loss_distill"] == pytest.approx(1.0, rel=0.05)
 
 
-def test_the_student_converges_to_the_teachers_full_solve(workdir, model_config, distill_config):
+@pytest.mark.parametrize("step_embedding", [False, True])
+def test_the_student_converges_to_the_teachers_full_solve(workdir, model_config, distill_config, step_embedding):
     """On a fixed pool of solved trajectories the student's k-step samples approach the teacher's solve."""
-    distiller = make_distiller(workdir, model_config, distill_config, student_steps=[1, 2], guidance_scale=5.0)
+    distiller = make_distiller(workdir, model_config, distill_config, step_embedding, student_steps=[1, 2],
+                               guidance_scale=5.0)
     z, context, noise = batch(distiller)
     pool = distiller.solve_trajectories(z, context, MODES, noise)
 
@@ -169,6 +173,46 @@ def test_the_student_converges_to_the_teachers_full_solve(workdir, model_config,
     assert after < 0.5 * before, (before, after)
 
 
+def test_a_step_conditioned_student_is_told_the_size_of_each_step(workdir, model_config, distill_config, tmp_path,
+                                                                    monkeypatch):
+    """The first step of 1, 2 and 4 steps starts from the same noise at t = 999 and must land on three different
+    states; a step-conditioned student takes num_timesteps / k as an input, in training and in sampling, and its
+    weights file keeps the embedding."""
+    distiller = make_distiller(workdir, model_config, distill_config, step_embedding=True)
+    z, context, noise = batch(distiller)
+    trajectories = distiller.solve_trajectories(z, context, MODES, noise)
+    assert "step_size" not in trajectories[0].cond  # one trajectory serves every count
+    student = distiller.student
+    seen, forward = [], student.control_model.forward
+    monkeypatch.setattr(student.control_model, "forward",
+                        lambda *args, **kwargs: (seen.append(kwargs["step_size"]), forward(*args, **kwargs))[1])
+    pairs = torch.tensor([distiller.step_pairs.index(pair) for pair in [(1, 0), (2, 1), (4, 0), (4, 3)]])
+    distiller.trajectory_loss(trajectories, MODES, pairs)
+    assert seen[-1].tolist() == [1000.0, 500.0, 250.0, 250.0]
+    cond = student.condition(z, context, "low_pass")
+    assert "step_size" not in distiller.teacher_condition(cond)
+    for k in (1, 2, 4):
+        seen.clear()
+        student.sample(cond, noise[:2], steps=k)
+        assert len(seen) == k and all(s.tolist() == [1000.0 / k] * 2 for s in seen)
+    x, t = noise[:2], torch.tensor([999, 999])
+    fresh = student.apply_model(x, t, {**cond, "step_size": torch.full((2,), 1000.0)})
+    torch.testing.assert_close(student.apply_model(x, t, {**cond, "step_size": torch.full((2,), 250.0)}), fresh)
+    with torch.no_grad():  # a trained embedding: the step size changes the step
+        torch.nn.init.normal_(student.control_model.step_emb.layers[2].weight)
+    one = student.apply_model(x, t, {**cond, "step_size": torch.full((2,), 1000.0)})
+    assert not torch.allclose(one, student.apply_model(x, t, {**cond, "step_size": torch.full((2,), 250.0)}))
+    path = tmp_path / "student.safetensors"
+    distiller.export_student(path)
+    loaded = load_student(path)
+    assert loaded.step_conditioned
+    torch.testing.assert_close(loaded.apply_model(x, t, {**cond, "step_size": torch.full((2,), 1000.0)}), one)
+    plain = make_distiller(workdir, model_config, distill_config).student
+    with pytest.raises(ValueError, match="step size must be given exactly when the control net has a step size "
+                                         "embedding"):
+        plain.apply_model(x, t, {**plain.condition(z, context, "low_pass"), "step_size": torch.full((2,), 250.0)})
+
+
 def test_control_targets_are_the_guided_teachers(workdir, model_config, distill_config):
     distiller = make_distiller(workdir, model_config, distill_config, control_weight=1.0)
     z, context, noise = batch(distiller)
@@ -191,12 +235,12 @@ def test_control_targets_are_the_guided_teachers(workdir, model_config, distill_
 
 def test_the_guidance_embedding_scales_w_minus_one_as_latent_consistency_models():
     torch.manual_seed(0)
-    embedding = GuidanceEmbedding(8, 16, scale=1000.0)
+    embedding = ScalarEmbedding(8, 16, scale=1000.0)
     torch.nn.init.normal_(embedding.layers[2].weight)
     w = torch.tensor([1.0, 7.5])
     expected = embedding.layers(timestep_embedding((w - 1) * 1000, 8))
     torch.testing.assert_close(embedding(w), expected)
-    raw = GuidanceEmbedding(8, 16)  # files from before the scale was recorded embed w itself
+    raw = ScalarEmbedding(8, 16)  # files from before the scale was recorded embed w itself
     raw.load_state_dict(embedding.state_dict())
     torch.testing.assert_close(raw(w), embedding.layers(timestep_embedding(w, 8)))
 

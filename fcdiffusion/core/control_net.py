@@ -21,14 +21,19 @@ def _zero_conv(channels: int) -> nn.Sequential:
     return nn.Sequential(zero_module(nn.Conv2d(channels, channels, 1)))
 
 
-class GuidanceEmbedding(nn.Module):
-    """The classifier-free guidance scale w as an offset to the time embedding (guided distillation, Meng et al.
-    2023): sinusoidal (Fourier) features of w, as `timestep_embedding` makes of t, then an MLP shaped like
-    `time_embed` whose last layer starts at zero, so a new embedding adds exactly nothing.
+class ScalarEmbedding(nn.Module):
+    """A per-sample number as an offset to the time embedding: sinusoidal (Fourier) features of it, as
+    `timestep_embedding` makes of t, then an MLP shaped like `time_embed` whose last layer starts at zero, so a new
+    embedding adds exactly nothing.
 
-    `scale` None embeds w itself (students distilled before the scale was recorded); a number embeds (w - 1) * scale,
-    as latent consistency models embed w (Luo et al. 2023, scale 1000): w in [1, 15] then spans the timesteps'
-    range [0, 1000), so every frequency of the embedding varies over it, not only the fastest few.
+    The student's two such inputs:
+    - the classifier-free guidance scale w (guided distillation, Meng et al. 2023). `scale` None embeds w itself
+      (students distilled before the scale was recorded); a number embeds (w - 1) * scale, as latent consistency
+      models embed w (Luo et al. 2023, scale 1000): w in [1, 15] then spans the timesteps' range [0, 1000), so every
+      frequency of the embedding varies over it, not only the fastest few.
+    - the step size in timesteps, num_timesteps / k for a k-step student step (embedded as it is, like t), so one
+      network holds a different step for each step count it learned (shortcut models, Frans et al. 2024, condition
+      on the step size the same way).
     """
 
     def __init__(self, channels: int, out_channels: int, scale: float | None = None):
@@ -42,9 +47,9 @@ class GuidanceEmbedding(nn.Module):
         self.layers[0].reset_parameters()
         zero_module(self.layers[2])
 
-    def forward(self, guidance_scale: torch.Tensor) -> torch.Tensor:
-        w = guidance_scale if self.scale is None else (guidance_scale - 1) * self.scale
-        return self.layers(timestep_embedding(w, self.channels))
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        value = value if self.scale is None else (value - 1) * self.scale
+        return self.layers(timestep_embedding(value, self.channels))
 
 
 class FreqControlNet(UNetEncoder):
@@ -53,13 +58,14 @@ class FreqControlNet(UNetEncoder):
     Takes `hint_channels` (width of the hint embedding, 512 in FCDiffusion) plus every `UNetEncoder` option,
     by keyword; there is no decoder, so `out_channels` is not accepted. The hint has `in_channels` channels
     and the latent's spatial size. All output convs start at zero, so a fresh control net is a no-op.
-    `guidance_embedding` adds a `GuidanceEmbedding` (`guidance_emb`) of the guidance scale to the time embedding:
-    the guidance-conditioned distilled student takes w as an input, embedded as `GuidanceEmbedding` says with
-    `guidance_embedding_scale`.
+    `guidance_embedding` adds a `ScalarEmbedding` (`guidance_emb`) of the guidance scale to the time embedding:
+    the guidance-conditioned distilled student takes w as an input, embedded with `guidance_embedding_scale`.
+    `step_embedding` adds one (`step_emb`) of the step size: a student trained for several step counts takes the
+    size of the step it is taking as an input.
     """
 
     def __init__(self, hint_channels: int = 512, guidance_embedding: bool = False,
-                 guidance_embedding_scale: float | None = None, **kwargs: Any):
+                 guidance_embedding_scale: float | None = None, step_embedding: bool = False, **kwargs: Any):
         super().__init__(**kwargs)
         self.input_hint_block = nn.Sequential(nn.Conv2d(self.in_channels, hint_channels, 3, padding=1), nn.SiLU())
         self.hint_add = zero_module(nn.Conv2d(hint_channels, self.model_channels, 1))
@@ -68,8 +74,9 @@ class FreqControlNet(UNetEncoder):
         self.zero_convs_mul = nn.ModuleList(_zero_conv(c) for c in self.input_block_channels)
         self.middle_block_out_add = _zero_conv(self.input_block_channels[-1])
         self.middle_block_out_mul = _zero_conv(self.input_block_channels[-1])
-        self.guidance_emb = GuidanceEmbedding(self.model_channels, 4 * self.model_channels,
-                                              guidance_embedding_scale) if guidance_embedding else None
+        self.guidance_emb = ScalarEmbedding(self.model_channels, 4 * self.model_channels,
+                                            guidance_embedding_scale) if guidance_embedding else None
+        self.step_emb = ScalarEmbedding(self.model_channels, 4 * self.model_channels) if step_embedding else None
 
     def forward(
         self,
@@ -79,20 +86,24 @@ class FreqControlNet(UNetEncoder):
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
         guidance_scale: torch.Tensor | None = None,
+        step_size: torch.Tensor | None = None,
     ) -> list[ControlPair]:
         """Return len(input_blocks) + 1 pairs (add, mul): one per input block, then the middle block's.
 
         `y` (N,) is the class label when the net has `num_classes` (SD's `label_emb`, added to the time
         embedding); the distilled student uses it for the control-mode index. `guidance_scale` (N,) is the
-        classifier-free guidance scale w, given exactly when the net has a guidance embedding.
+        classifier-free guidance scale w, given exactly when the net has a guidance embedding; `step_size` (N,) the
+        step's size in timesteps, given exactly when it has a step embedding.
         """
-        if (guidance_scale is None) != (self.guidance_emb is None):
-            raise ValueError("a guidance scale must be given exactly when the control net has a guidance embedding "
-                             f"(guidance embedding {'missing' if self.guidance_emb is None else 'present'}, "
-                             f"guidance_scale {'missing' if guidance_scale is None else 'given'})")
         emb = self.embed_time(timesteps, y)
-        if guidance_scale is not None:
-            emb = emb + self.guidance_emb(guidance_scale)
+        for name, embedding, value in (("guidance scale", self.guidance_emb, guidance_scale),
+                                       ("step size", self.step_emb, step_size)):
+            if (value is None) != (embedding is None):
+                raise ValueError(f"a {name} must be given exactly when the control net has a {name} embedding "
+                                 f"({name} embedding {'missing' if embedding is None else 'present'}, "
+                                 f"{name} {'missing' if value is None else 'given'})")
+            if value is not None:
+                emb = emb + embedding(value)
         guide = self.input_hint_block(hint)
         h = self.input_blocks[0](x.type(self.dtype), emb, context)
         h = h * (1 + self.hint_mul(guide)) + self.hint_add(guide)

@@ -32,7 +32,7 @@ from ldm.models.diffusion.scheduler import Scheduler
 from ldm.util import instantiate_from_config, without_text_encoder_file
 
 # {"c_crossattn": [context], "c_concat": [control signal]}, for the student also "y" (mode labels) and, when
-# guidance-conditioned, "guidance_scale" (per sample)
+# guidance-conditioned, "guidance_scale" (per sample) and, when step-conditioned, "step_size" (per sample)
 Cond = dict[str, Any]
 
 
@@ -163,7 +163,7 @@ class FrequencyControlledLDM(LatentDiffusion):
         """The control net's scaled (add, mul) pairs."""
         pairs = self.control_model(x=x_noisy, hint=torch.cat(cond["c_concat"], 1), timesteps=t,
                                    context=torch.cat(cond["c_crossattn"], 1), y=cond.get("y"),
-                                   guidance_scale=cond.get("guidance_scale"))
+                                   guidance_scale=cond.get("guidance_scale"), step_size=cond.get("step_size"))
         return [(add * s, mul * s) for (add, mul), s in zip(pairs, self.control_scales)]
 
     def eps_and_control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, list]:

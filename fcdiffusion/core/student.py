@@ -8,7 +8,10 @@ start the student is exactly the network it was initialised from. A guidance-con
 through a
 zero-initialised Fourier embedding added to its control net's time embedding (Meng et al. 2023, "On Distillation
 of Guided Diffusion Models"), so w is chosen at inference at one network evaluation per step; a fixed-w student
-(the default) learned one scale. What trains is configurable:
+(the default) learned one scale. A step-conditioned student (`step_embedding`) also takes the size of the step it
+takes, `cond["step_size"]` (num_timesteps / k for k steps), the same way: trained for 1, 2 and 4 steps, it starts
+each count's first step from the same noise at the same t and must land in a different place for each (shortcut
+models, Frans et al. 2024, condition on the step size for the same reason). What trains is configurable:
 `control_net` (default), `output_blocks` (the UNet decoder) and/or `lora` (low-rank adapters on the attention
 projections of the UNet decoder; the encoder runs under `torch.no_grad()` in `ControlledUnetModel`, so adapters
 there could never learn). The mode embedding always trains.
@@ -31,12 +34,13 @@ from ldm.models.diffusion.sampling import StepCallback, check_sampler, sample
 from ldm.models.diffusion.scheduler import Scheduler, check_spacing
 from ldm.modules.attention import CrossAttention
 
-GUIDANCE_EMBEDDING_SCALE = 1000.0  # w enters the guidance embedding as (w - 1) * 1000 (`GuidanceEmbedding`)
+GUIDANCE_EMBEDDING_SCALE = 1000.0  # w enters the guidance embedding as (w - 1) * 1000 (`ScalarEmbedding`)
 TRAINABLE_PARTS = ("control_net", "output_blocks", "lora")
 STUDENT_TARGET = "fcdiffusion.core.student.FCDiffusionStudent"
-STUDENT_OPTIONS = ("trainable", "lora_rank", "lora_alpha")
+STUDENT_OPTIONS = ("trainable", "lora_rank", "lora_alpha", "step_embedding")
 MODE_LABEL_KEY = "control_model.label_emb.weight"
 GUIDANCE_PREFIX = "control_model.guidance_emb."
+STEP_PREFIX = "control_model.step_emb."
 # Teacher-only constructor arguments that a student config does not take.
 TEACHER_ONLY_PARAMS = ("control_mode", "guidance_scale", "ddim_steps", "sd_locked")
 # How a distilled student samples, as its config records it (`scheduler`): each of its steps learned one DDIM step
@@ -121,7 +125,8 @@ class FCDiffusionStudent(FrequencyControlledLDM):
     `guidance_range` [lo, hi] makes a guidance-conditioned student (its control net needs `guidance_embedding:
     true`), whose default w is `guidance_scale`; without it, `guidance_scale` is the one scale it was distilled
     at (None in files from before students recorded it). `scheduler` is how it samples (`check_scheduler`; None,
-    in files from before students recorded it: `DISTILLED_SCHEDULER`, what they were distilled for).
+    in files from before students recorded it: `DISTILLED_SCHEDULER`, what they were distilled for). A control net
+    with `step_embedding: true` makes a step-conditioned student (`step_size`).
     """
 
     kind = "student"
@@ -168,8 +173,9 @@ class FCDiffusionStudent(FrequencyControlledLDM):
             self.lora_layers = add_lora(self.model.diffusion_model.output_blocks, lora_rank,
                                         float(lora_rank if lora_alpha is None else lora_alpha))
         nn.init.zeros_(self.control_model.label_emb.weight)  # a no-op label: the student starts as its init
-        if self.control_model.guidance_emb is not None:
-            self.control_model.guidance_emb.reset_parameters()  # a no-op w: the same
+        for embedding in (self.control_model.guidance_emb, self.control_model.step_emb):
+            if embedding is not None:
+                embedding.reset_parameters()  # a no-op w or step size: the same
         trained = {id(p) for p in self.trainable_parameters()}
         for p in self.parameters():
             p.requires_grad_(id(p) in trained)
@@ -183,10 +189,20 @@ class FCDiffusionStudent(FrequencyControlledLDM):
         """Whether w is an input (chosen at inference) rather than fixed at distillation."""
         return self.guidance_range is not None
 
+    @property
+    def step_conditioned(self) -> bool:
+        """Whether the size of the step it takes is an input (`step_size`), rather than one step for every count."""
+        return self.control_model.step_emb is not None
+
+    def step_size(self, steps: int) -> float:
+        """The step-size input of a `steps`-step sample: num_timesteps / steps, the mean step of its schedule in
+        timesteps (1000, 500 and 250 for 1, 2 and 4 steps)."""
+        return self.num_timesteps / steps
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = [self.control_model.label_emb.weight]
-        if self.guidance_conditioned:
-            params += list(self.control_model.guidance_emb.parameters())
+        for embedding in (self.control_model.guidance_emb, self.control_model.step_emb):
+            params += list(embedding.parameters()) if embedding is not None else []
         if "control_net" in self.trainable:
             params += list(self.control_model.parameters())
         params += self.unlocked_unet_parameters()
@@ -195,32 +211,36 @@ class FCDiffusionStudent(FrequencyControlledLDM):
         return list({id(p): p for p in params}.values())  # listed twice: embeddings, adapters inside the decoder
 
     def student_only_keys(self) -> set[str]:
-        """State-dict keys that an FCDiffusion (teacher or init) checkpoint lacks: mode and guidance embeddings
-        and adapters."""
-        return {k for k in self.state_dict() if k == MODE_LABEL_KEY or k.startswith(GUIDANCE_PREFIX) or ".lora_" in k}
+        """State-dict keys that an FCDiffusion (teacher or init) checkpoint lacks: mode, guidance and step
+        embeddings and adapters."""
+        return {k for k in self.state_dict()
+                if k == MODE_LABEL_KEY or k.startswith((GUIDANCE_PREFIX, STEP_PREFIX)) or ".lora_" in k}
 
     def reset_student_parameters(self, device: torch.device | str = "cpu") -> None:
         """(Re)initialise the student-only parameters at zero update, materialising them on `device` if on meta."""
         adapters = [m for layer in self.lora_layers for m in (layer.lora_down, layer.lora_up)]
-        guidance = [self.control_model.guidance_emb] if self.guidance_conditioned else []
-        for module in [self.control_model.label_emb, *guidance, *adapters]:
+        embeddings = [e for e in (self.control_model.guidance_emb, self.control_model.step_emb) if e is not None]
+        for module in [self.control_model.label_emb, *embeddings, *adapters]:
             if any(p.is_meta for p in module.parameters()):
                 module.to_empty(device=device)
         with torch.no_grad():
             nn.init.zeros_(self.control_model.label_emb.weight)
-            for module in guidance:
+            for module in embeddings:
                 module.reset_parameters()
             for layer in self.lora_layers:
                 layer.reset_adapter()
 
     def condition(self, z: torch.Tensor, context: torch.Tensor, mode: str,
                   generator: torch.Generator | None = None) -> Cond:
-        """The teacher's conditioning for `mode` plus the mode's class label `y` for the control net, and for a
-        guidance-conditioned student its default `guidance_scale` (per sample)."""
+        """The teacher's conditioning for `mode` plus the mode's class label `y` for the control net, for a
+        guidance-conditioned student its default `guidance_scale` and for a step-conditioned one the `step_size` of
+        its default step count (per sample; `sample` sets the one of the count it runs)."""
         cond = super().condition(z, context, mode, generator)
         cond["y"] = torch.full((z.shape[0],), CONTROL_MODES.index(mode), dtype=torch.long, device=z.device)
         if self.guidance_conditioned:
             cond["guidance_scale"] = torch.full((z.shape[0],), float(self.guidance_scale), device=z.device)
+        if self.step_conditioned:
+            cond["step_size"] = torch.full((z.shape[0],), self.step_size(self.student_steps), device=z.device)
         return cond
 
     def check_sampling(self, guidance_scale: float | None = None, sampler: str | None = None,
@@ -258,11 +278,14 @@ class FCDiffusionStudent(FrequencyControlledLDM):
         one network evaluation per step; a fixed-w student refuses another scale (`check_sampling`).
         """
         guidance_scale = self.check_sampling(guidance_scale, sampler, spacing, steps)
+        steps = self.student_steps if steps is None else steps
         if guidance_scale is not None:
             cond = {**cond, "guidance_scale": torch.full((x_T.shape[0],), guidance_scale, device=x_T.device)}
+        if self.step_conditioned:
+            cond = {**cond, "step_size": torch.full((x_T.shape[0],), self.step_size(steps), device=x_T.device)}
         recorded = self.scheduler_config
         scheduler = Scheduler(self.alphas_cumprod, recorded["spacing"], recorded["final_alpha_cumprod"])
-        scheduler.set_timesteps(self.student_steps if steps is None else steps)
+        scheduler.set_timesteps(steps)
         return sample(self.apply_model, x_T, scheduler.steps(x_T.device), cond, sampler=recorded["sampler"],
                       verbose=verbose, callback=callback)
 
@@ -270,12 +293,13 @@ class FCDiffusionStudent(FrequencyControlledLDM):
 def student_config(model_config: Mapping[str, Any], trainable: Sequence[str] = ("control_net",),
                    lora_rank: int = 8, lora_alpha: float | None = None, student_steps: int | Sequence[int] = 4,
                    modes: Sequence[str] = CONTROL_MODES, guidance_scale: float | None = None,
-                   guidance_range: Sequence[float] | None = None) -> dict[str, Any]:
+                   guidance_range: Sequence[float] | None = None, step_embedding: bool = False) -> dict[str, Any]:
     """The student's `{target, params}` from a teacher's model config node (its `model:` entry).
 
     The teacher-only arguments go, the control net gets one class label per control mode (and a guidance
-    embedding with `guidance_range`). `guidance_scale` (default: the teachers') is the w the student learns, or
-    its default w when guidance-conditioned. The student samples with `DISTILLED_SCHEDULER`, which it records.
+    embedding with `guidance_range`, a step-size embedding with `step_embedding`). `guidance_scale` (default: the
+    teachers') is the w the student learns, or its default w when guidance-conditioned. The student samples with
+    `DISTILLED_SCHEDULER`, which it records.
     """
     if isinstance(trainable, str):
         raise ValueError(f"trainable is a list of parts, got the string {trainable!r}")
@@ -286,6 +310,8 @@ def student_config(model_config: Mapping[str, Any], trainable: Sequence[str] = (
     control["params"] = {**dict(control.get("params") or {}), "num_classes": len(CONTROL_MODES)}
     if guidance_range is not None:
         control["params"].update(guidance_embedding=True, guidance_embedding_scale=GUIDANCE_EMBEDDING_SCALE)
+    if step_embedding:
+        control["params"]["step_embedding"] = True
     params.update(control_stage_config=control, trainable=list(trainable), lora_rank=lora_rank,
                   lora_alpha=lora_alpha,
                   student_steps=recorded_steps(student_steps),

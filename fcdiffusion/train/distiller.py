@@ -372,9 +372,9 @@ class FrequencyDistiller(pl.LightningModule):
 
     @staticmethod
     def teacher_condition(cond: Cond) -> Cond:
-        """A student's conditioning as a teacher takes it: the same prompt and control signal, no mode label and
-        no guidance scale."""
-        return {k: v for k, v in cond.items() if k not in ("y", "guidance_scale")}
+        """A student's conditioning as a teacher takes it: the same prompt and control signal, no mode label, no
+        guidance scale and no step size."""
+        return {k: v for k, v in cond.items() if k not in ("y", "guidance_scale", "step_size")}
 
     def teacher_steps(self, t: torch.Tensor, t_prev: torch.Tensor) -> list[Step]:
         """The teacher's n sub-steps from t to t_prev (per sample, (N,)) as `sample` takes them: (s, a_s, a_next)
@@ -560,6 +560,7 @@ class FrequencyDistiller(pl.LightningModule):
         trajectories = []
         for mode, x_T, w in zip(modes, mode_chunks(noise, modes), mode_chunks(scales, modes)):
             cond = self.student.condition(z, context, mode)
+            cond.pop("step_size", None)  # a trajectory serves every count: `trajectory_loss` sets each step's
             if self.student.guidance_conditioned:
                 cond["guidance_scale"] = w
             teacher, teacher_cond = self._teachers[mode], self.teacher_condition(cond)
@@ -619,6 +620,10 @@ class FrequencyDistiller(pl.LightningModule):
         guidance = torch.cat([tr.guidance_scale for tr in trajectories])
         chunks = [functools.reduce(cat_cond, [tr.cond for tr in chunk])
                   for chunk in mode_chunks(trajectories, modes)]
+        if self.student.step_conditioned:  # each example's step is one of its count k: num_timesteps / k
+            sizes = torch.tensor([self.student.step_size(self.step_pairs[p][0]) for p in pair_index.tolist()],
+                                 device=device)
+            chunks = [{**cond, "step_size": size} for cond, size in zip(chunks, mode_chunks(sizes, modes))]
         weights = self.options.loss_weights(self.global_step)
         x0, pairs, student_features = self.student_pass(x_t, t, functools.reduce(cat_cond, chunks))
         weighted, energies = self.band_loss(x0, target, modes)
