@@ -198,7 +198,8 @@ def training_photos(args: argparse.Namespace) -> list[str]:
 
 def distill(layout: Layout, args: argparse.Namespace, ablation: bool = False) -> None:
     """The guidance-conditioned student, trained for 1, 2 and 4 steps on the teachers' 50-step guided trajectories
-    (the config's `objective: trajectory`), all solved in its first steps (`--trajectories`). The teachers trained
+    (the config's `objective: trajectory`), all solved in its first steps (`--trajectories`), with the size of each
+    step as an input (the config's `student.step_embedding`). The teachers trained
     their UNet decoders (`model.params.sd_locked=false` builds them so, each keeping its own), so the student trains
     its decoder too; it starts from the high_pass teacher: the finest band is the one a few-step student of a tiny
     model learns last. It exports the EMA of its weights (decay 0.99): on 64 trajectories the average lowered every
