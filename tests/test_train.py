@@ -119,7 +119,8 @@ def test_two_process_ddp_distillation_ends_identical_with_frozen_tensors_held_on
         assert torch.equal(value, ranks[1]["state"][key]), key
     assert ranks[0]["state"]["control_model.label_emb.weight"].any()  # it trained (the mode embedding starts at 0)
     paths = teacher_paths(workdir / "logs")
-    alone = FrequencyDistiller(model_config, paths, paths["mid_pass"], {"trainable": ["control_net"]},
+    alone = FrequencyDistiller(model_config, paths, paths["mid_pass"],
+                               {"trainable": ["control_net"], "step_embedding": distill_config.student.step_embedding},
                                dict(distill_config.distill)).parameter_counts()
     for rank in ranks:
         assert rank["frozen_shared"] == 1.0
