@@ -54,8 +54,8 @@ def test_pipeline_benchmark_and_log_images_give_identical_results(distilled, wor
     paths = teacher_paths(workdir / "logs")
 
     # The student: the pipeline, the benchmark's end-to-end timing and the distiller's image log.
-    distiller = FrequencyDistiller(model_config, paths, student_file(distilled),
-                                   {"trainable": ["control_net"], "step_embedding": distill_config.student.step_embedding},
+    student_options = {"trainable": ["control_net"], "step_embedding": distill_config.student.step_embedding}
+    distiller = FrequencyDistiller(model_config, paths, student_file(distilled), student_options,
                                    {**dict(distill_config.distill), "student_steps": 3}).eval()
     student = Translator(distiller.student)
     for mode in CONTROL_MODES:
