@@ -58,8 +58,10 @@ DISTILL_FLAGS = {
     "teacher_steps": (int, "trajectory: steps of the teacher's guided DDIM solve the student learns"),
     "trajectory_pool": (int, "trajectory: solved examples kept to train on"),
     "trajectory_refresh": (int, "trajectory: solve the batch's trajectories every N steps (others reuse the pool)"),
-    "trajectory_prefill": (int, "trajectory: solve at every step until the pool holds N trajectories, then every "
-                                "trajectory_refresh steps (trains on a full pool sooner)"),
+    "trajectory_prefill": (int, "trajectory: solve N trajectories before the first step (trains on a full pool "
+                                "from the start), then a batch's every trajectory_refresh steps"),
+    "trajectory_prefill_batch": (int, "trajectory: photos per teacher solve while prefilling (0: the batch size; "
+                                      "more uses a GPU better, at the memory of a larger no-grad batch)"),
     "trajectory_file": (str, "trajectory: train on the pool saved in this file if it exists (no teacher solves), "
                              "else write the run's pool there at the end (for an ablation on the same trajectories)"),
     "teacher_substeps": (int, "progressive: guided teacher DDIM steps per student step"),

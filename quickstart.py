@@ -198,8 +198,8 @@ def training_photos(args: argparse.Namespace) -> list[str]:
 
 def distill(layout: Layout, args: argparse.Namespace, ablation: bool = False) -> None:
     """The guidance-conditioned student, trained for 1, 2 and 4 steps on the teachers' 50-step guided trajectories
-    (the config's `objective: trajectory`), all solved in its first steps (`--trajectories`), with the size of each
-    step as an input (the config's `student.step_embedding`). The teachers trained
+    (the config's `objective: trajectory`), all solved before its first step in one batched solve (`--trajectories`),
+    with the size of each step as an input (the config's `student.step_embedding`). The teachers trained
     their UNet decoders (`model.params.sd_locked=false` builds them so, each keeping its own), so the student trains
     its decoder too; it starts from the high_pass teacher: the finest band is the one a few-step student of a tiny
     model learns last. It exports the EMA of its weights (decay 0.99): on 64 trajectories the average lowered every
@@ -212,6 +212,7 @@ def distill(layout: Layout, args: argparse.Namespace, ablation: bool = False) ->
                 "--student_init", layout.teacher("high_pass"), "--student_steps", *STUDENT_STEP_COUNTS,
                 "--guidance_range", *args.guidance_range, "--teacher_steps", args.teacher_sample_steps,
                 "--trajectory_prefill", args.trajectories, "--trajectory_refresh", args.distill_steps,
+                "--trajectory_prefill_batch", -(-args.trajectories // len(CONTROL_MODES)),
                 "--trajectory_file", layout.trajectories,
                 "--trainable", "control_net", "output_blocks", "--learning_rate", args.distill_lr, "--ema_decay", 0.99,
                 "--data", layout.data, "--logdir", layout.ablation_logdir if ablation else layout.logdir,
@@ -553,9 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance_range", type=float, nargs=2, default=[2.0, 12.0], metavar=("LO", "HI"),
                         help="the guidance scales the student learns (the teachers use 9)")
     parser.add_argument("--trajectories", type=int, default=64,
-                        help="teacher trajectories the distillation solves in its first steps (2 photos x 4 modes "
-                             "per step) and then trains on: a 50-step guided solve costs about 5x a training step "
-                             "per example here")
+                        help="teacher trajectories the distillation solves before its first step (a quarter as "
+                             "many photos x 4 modes, in one batched solve) and then trains on")
     parser.add_argument("--teacher_sample_steps", type=int, default=50, help="the teachers' DDIM steps")
     parser.add_argument("--band_ablation", action="store_true",
                         help="also distil a student without band weights on the same trajectories and compare the two "

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,15 +94,24 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
                       "vae_dtype": str(vae_dtype(PRECISIONS[args.precision])).removeprefix("torch.")},
         "speed": {}}
 
+    start = time.perf_counter()
+
+    def section_done() -> None:
+        nonlocal start
+        print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+        start = time.perf_counter()
+
     tiny_resolution = config_resolution(tiny)
     print(f"timing the tiny config at {tiny_resolution} px ...", flush=True)
     results["speed"]["tiny"] = speed(tiny, tiny_resolution, args.images, args.repeats, args.teacher_steps, device,
                                      args.precision, args.compile, args.tiny_vae)
+    section_done()
     if args.sd:
         print(f"timing the SD 2.1-base architecture at {sd_resolution} px (random weights) ...", flush=True)
         results["speed"][f"sd21_base_{sd_resolution}px"] = speed(
             model_node(args.sd_config), sd_resolution, args.sd_images or max(1, args.images // 2), args.repeats,
             args.teacher_steps, device, args.precision, args.compile, "random", args.sd_teacher_timing_steps)
+        section_done()
 
     teachers = {m: teacher_checkpoint(args.teachers_dir, m) for m in CONTROL_MODES}
     wanted = [*teachers.values(), args.student, *([args.ablation_student] if args.ablation_student else [])]
@@ -113,7 +123,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
         results["fidelity"], results["fidelity_setup"] = fidelity(
             teachers, args.student, tiny_resolution, args.images, args.teacher_steps, device, args.heldout,
             args.guidance_scales, args.ablation_student, args.guidance_images)
+        section_done()
+    print("sizing memory at the SD 2.1-base config (meta tensors) ...", flush=True)
     results["memory"] = memory(model_node(args.sd_config), {"trainable": args.trainable, "lora_rank": args.lora_rank})
+    section_done()
     print("\n" + format_tables(results, args.teacher_steps))
     if args.out:
         atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")

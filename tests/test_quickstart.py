@@ -10,6 +10,7 @@ from PIL import Image
 import quickstart
 from fcdiffusion.core.frequency import CONTROL_MODES
 from fcdiffusion.core.weights import recorded
+from fcdiffusion.train.trajectory import TrajectoryPool
 from ldm.checkpoint import load_checkpoint
 
 PHOTOS = ["rocket", "moon"]
@@ -32,8 +33,8 @@ def small_run(tmp_path_factory):
     code = quickstart.main(["--root", str(root), "--out", str(out), "--photos", *PHOTOS, "--heldout", *HELDOUT,
                             "--autoencoder_steps", "2", "--tiny_vae_steps", "2", "--unet_steps", "2",
                             "--teacher_steps", "2", "--distill_steps", "2", "--teacher_sample_steps", "4",
-                            "--no-benchmark_sd", "--benchmark_images", "1", "--min_free_gb", "0.1",
-                            "--band_ablation"])
+                            "--trajectories", "8", "--no-benchmark_sd", "--benchmark_images", "1",
+                            "--min_free_gb", "0.1", "--band_ablation"])
     return code, root, out
 
 
@@ -88,6 +89,8 @@ def test_small_quickstart_trains_the_decoders_it_says(small_run):
                                   / "student.safetensors")
     ablated = recorded(ablation, "distill")
     assert ablated["trajectory_file"] == distill["trajectory_file"]  # trained on the same trajectories
+    pool = TrajectoryPool.load(distill["trajectory_file"])  # solved before the first step: 2 photos x 4 modes
+    assert len(pool) == 8 and all(pool.count(mode) == 2 for mode in CONTROL_MODES)
     assert all(weight == 1 for bands in ablated["band_weights"].values() for weight in bands.values())
 
 

@@ -273,17 +273,25 @@ def test_the_batch_is_encoded_only_when_the_pool_is_refreshed(workdir, model_con
     assert len(encoded) == 3 and len(distiller.pool) == 3 * 2 * len(MODES)  # solved at steps 0, 3 and 6
 
 
-def test_the_pool_is_filled_first_then_refreshed_every_n_steps(workdir, model_config, distill_config, monkeypatch):
-    distiller = make_distiller(workdir, model_config, distill_config, trajectory_prefill=8, trajectory_refresh=4,
-                               student_steps=[1], teacher_steps=2)
+def test_the_pool_is_filled_before_the_first_step_then_refreshed_every_n_steps(workdir, model_config, distill_config,
+                                                                               monkeypatch):
+    distiller = make_distiller(workdir, model_config, distill_config, trajectory_prefill=10, trajectory_refresh=4,
+                               trajectory_prefill_batch=3, student_steps=[1], teacher_steps=2)
     solved = []
-    monkeypatch.setattr(distiller, "solve_trajectories", lambda z, context, modes: solved.append(step[0]) or [
+    monkeypatch.setattr(distiller, "solve_trajectories", lambda z, context, modes: solved.append((step[0], len(z))) or [
         Trajectory(m, {}, torch.ones(1), {}) for m in modes for _ in range(len(z))])
     step = [0]
     monkeypatch.setattr(FrequencyDistiller, "global_step", property(lambda self: step[0]))
     photos = {"jpg": torch.rand(2, 64, 64, 3) * 2 - 1, "txt": ["a cat", "a red car"]}
+    distiller.prefill_pool([photos])  # 10 trajectories of 2 modes: 5 photos, the 2-photo loader read 3 times
+    assert solved == [(0, 3), (0, 2)] and len(distiller.pool) == 10
+    distiller.prefill_pool([photos])  # full: nothing more to solve
     for step[0] in range(9):
         distiller.pooled_trajectories(photos, list(MODES))
-    assert solved == [0, 1, 4, 8]  # 4 per solve: steps 0 and 1 fill 8, then every 4th step
+    assert solved == [(0, 3), (0, 2), (4, 2), (8, 2)]  # then a batch's every 4th step, not again at step 0
+    with pytest.raises(ValueError, match="yielded no batch"):
+        make_distiller(workdir, model_config, distill_config, trajectory_prefill=4).prefill_pool([])
+    with pytest.raises(ValueError, match="trajectory_prefill_batch"):
+        DistillOptions(trajectory_prefill_batch=-1)
     with pytest.raises(ValueError, match="trajectory_prefill"):
         DistillOptions(trajectory_prefill=300, trajectory_pool=256)

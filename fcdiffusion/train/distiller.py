@@ -38,7 +38,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -46,6 +46,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from fcdiffusion.core.frequency import CONTROL_MODES, ControlMode, band_mask, dct_2d
 from fcdiffusion.core.guidance import check_guidance_range, check_guidance_scale
@@ -120,6 +121,7 @@ class DistillOptions:
     trajectory_pool: int = 256
     trajectory_refresh: int = 1
     trajectory_prefill: int = 0
+    trajectory_prefill_batch: int = 0
     trajectory_file: str | None = None
     teacher_substeps: int = 2
     guidance_scale: float | None = None
@@ -154,6 +156,9 @@ class DistillOptions:
                self.trajectory_refresh) < 1:
             raise ValueError("teacher_substeps, modes_per_step, teacher_steps, trajectory_pool and "
                              "trajectory_refresh must be >= 1")
+        if self.trajectory_prefill_batch < 0:
+            raise ValueError(f"trajectory_prefill_batch must be >= 0 (0: the training batch), got "
+                             f"{self.trajectory_prefill_batch}")
         if not 0 <= self.trajectory_prefill <= self.trajectory_pool:
             raise ValueError(f"trajectory_prefill ({self.trajectory_prefill}) must be from 0 to trajectory_pool "
                              f"({self.trajectory_pool}): a pool that cannot hold it would be solved at every step")
@@ -641,21 +646,49 @@ class FrequencyDistiller(pl.LightningModule):
 
     def pooled_trajectories(self, batch: Mapping[str, Any], modes: Sequence[str]) -> list[Trajectory]:
         """B trajectories per mode (B: the batch's size) from the pool, mode-major; the batch's are solved and pooled
-        first at every step while the pool holds fewer than `trajectory_prefill`, then every `trajectory_refresh`
-        steps, and whenever the pool lacks one of `modes` (never with a pool read from `trajectory_file`). The batch
-        is encoded (VAE, text encoder) only for a solve: the steps between train on the pool alone."""
+        every `trajectory_refresh` steps after the first and whenever the pool lacks one of `modes` (never with a pool
+        read from `trajectory_file`; `prefill_pool` fills it before the first step). The batch is encoded (VAE, text
+        encoder) only for a solve: the steps between train on the pool alone."""
         n = len(batch[self.student.first_stage_key])
         if self._pool_from_file:
             missing = [m for m in modes if not self.pool.count(m)]
             if missing:
                 raise ValueError(f"the trajectory file {self.options.trajectory_file} holds no {', '.join(missing)} "
                                  "trajectory; distil from a file of a run with the same modes")
-        elif (len(self.pool) < self.options.trajectory_prefill
-              or self.global_step % self.options.trajectory_refresh == 0 or any(not self.pool.count(m) for m in modes)):
+        elif (0 < self.global_step and self.global_step % self.options.trajectory_refresh == 0
+              or any(not self.pool.count(m) for m in modes)):
             z, context = self.student.get_input(batch)
             for trajectory in self.solve_trajectories(z, context, modes):
                 self.pool.add(trajectory)
         return [trajectory for mode in modes for trajectory in self.pool.draw(n, mode)]
+
+    def prefill_pool(self, batches: Iterable[Mapping[str, Any]]) -> None:
+        """Solve `trajectory_prefill` trajectories (rounded up to whole photos, each solved for every mode with its
+        own noise and guidance scale) from the photos of `batches`, read again from the start until there are
+        enough, `trajectory_prefill_batch` photos per solve (0: a training batch's worth). Every step then draws
+        from the whole pool. A larger solve batch costs memory, not fidelity; it pays where a small batch leaves the
+        device idle (a GPU), not on a CPU, where the tiny teacher's evaluations are compute-bound."""
+        photos = -(-(self.options.trajectory_prefill - len(self.pool)) // len(self.modes))
+        if self._pool_from_file or photos <= 0:
+            return
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        while sum(len(z) for z, _ in parts) < photos:
+            start = len(parts)
+            for batch in batches:
+                parts.append(self.student.get_input(self.transfer_batch_to_device(batch, self.device, 0)))
+                if sum(len(z) for z, _ in parts) >= photos:
+                    break
+            if len(parts) == start:
+                raise ValueError("the training data yielded no batch to solve trajectories from")
+        z = torch.cat([z for z, _ in parts])[:photos]
+        context = torch.cat([context for _, context in parts])[:photos]
+        size = self.options.trajectory_prefill_batch or len(parts[0][0])
+        log.info("solving %d trajectories (%d photos x %d modes, %d photos per solve) before the first step",
+                 photos * len(self.modes), photos, len(self.modes), size)
+        for chunk in tqdm(range(0, photos, size), desc="teacher trajectories", unit="solve",
+                          disable=self._trainer is None or not self._trainer.is_global_zero):
+            for trajectory in self.solve_trajectories(z[chunk:chunk + size], context[chunk:chunk + size], self.modes):
+                self.pool.add(trajectory)
 
     # ---- Lightning hooks ----------------------------------------------------------------------------------
     def sample_modes(self) -> list[str]:
@@ -672,6 +705,12 @@ class FrequencyDistiller(pl.LightningModule):
         if self.options.objective == "trajectory" and path and os.path.isfile(path):
             self.pool, self._pool_from_file = TrajectoryPool.load(path, self.device), True
             log.info("training on the %d trajectories of %s (no teacher solves)", len(self.pool), path)
+
+    def on_train_start(self) -> None:
+        """Fill the trajectory pool from the training data before the first step (`prefill_pool`); a resumed run
+        fills it anew."""
+        if self.options.objective == "trajectory" and self.options.trajectory_prefill:
+            self.prefill_pool(self.trainer.train_dataloader)
 
     def on_train_end(self) -> None:
         """With `trajectory_file` set and not read, write the pool there (rank 0) for another run to train on."""
