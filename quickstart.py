@@ -216,7 +216,8 @@ def distill(layout: Layout, args: argparse.Namespace, ablation: bool = False) ->
                 "--trajectory_file", layout.trajectories,
                 "--trainable", "control_net", "output_blocks", "--learning_rate", args.distill_lr, "--ema_decay", 0.99,
                 "--data", layout.data, "--logdir", layout.ablation_logdir if ablation else layout.logdir,
-                "--max_steps", args.distill_steps, "--checkpoint_every", args.distill_steps,
+                "--max_steps", args.distill_steps, "--batch_size", args.distill_batch,
+                "--checkpoint_every", args.distill_steps,
                 "--log_images_every", 0 if ablation else args.distill_steps,
                 layout.clip_override, "model.params.sd_locked=false", *unweighted])
 
@@ -412,7 +413,8 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
     atomic_write_text(layout.out / "report.md", REPORT.format(
         train_photos=len(training_photos(args)), heldout=", ".join(names), autoencoder_steps=args.autoencoder_steps,
         unet_steps=args.unet_steps, teacher_steps=args.teacher_steps, distill_steps=args.distill_steps,
-        tiny_vae_steps=args.tiny_vae_steps, guidance_range=" to ".join(f"{w:g}" for w in args.guidance_range),
+        distill_batch=args.distill_batch, tiny_vae_steps=args.tiny_vae_steps,
+        guidance_range=" to ".join(f"{w:g}" for w in args.guidance_range),
         guidance_photo=names[0], guidance_scales=", ".join(f"{w:g}" for w in scales),
         sample_steps=args.teacher_sample_steps, tables=tables,
         ablation=" A second student was distilled the same way on the same trajectories without band weights (the "
@@ -430,10 +432,10 @@ The whole FCDiffusion pipeline ran on the embedded tiny default. Its stand-ins f
 below), the UNet text-to-image for {unet_steps} steps. Then four teachers trained for {teacher_steps} steps each,
 each training the UNet's decoder along with its control net (`--sd_locked false`, FCDiffusion's option: a UNet
 pretrained for minutes is too weak a base to keep frozen), and one student (its control net and decoder, started
-from the high_pass teacher) was distilled from them for {distill_steps} steps: for 1, 2 and 4 steps at once, on the
-teachers' {sample_steps}-step guided trajectories, at guidance scales {guidance_range} (an input of the student, so
-the demo's slider acts on it).{ablation} Every picture and figure below comes from photos none of these models saw:
-{heldout} (`datasets/quickstart/heldout/`).
+from the high_pass teacher) was distilled from them for {distill_steps} steps (a batch of {distill_batch} per mode):
+for 1, 2 and 4 steps at once, on the teachers' {sample_steps}-step guided trajectories, at guidance scales
+{guidance_range} (an input of the student, so the demo's slider acts on it).{ablation} Every picture and figure
+below comes from photos none of these models saw: {heldout} (`datasets/quickstart/heldout/`).
 
 ## Pictures
 
@@ -546,8 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher_steps", type=int, default=200, help="training steps per teacher")
     parser.add_argument("--teacher_lr", type=float, default=1e-3,
                         help="the teachers' learning rate: 200 steps need more than the config's 1e-4")
-    parser.add_argument("--distill_steps", type=int, default=500,
-                        help="distillation steps (its 1-step errors still fall from 400 to 600: docs/measurements.md)")
+    parser.add_argument("--distill_steps", type=int, default=1000,
+                        help="distillation steps (its errors still fall from 500 to 1000: docs/measurements.md)")
+    parser.add_argument("--distill_batch", type=int, default=1,
+                        help="photos per mode in a distillation step: 1000 steps of 1 cost about what 500 of 2 do and "
+                             "got nearer the teachers (docs/measurements.md)")
     parser.add_argument("--distill_lr", type=float, default=1e-3,
                         help="the student's learning rate: a few hundred steps need more than the config's 1e-4 (at "
                              "250 steps 1e-3 left the 4-step errors 6-46%% below 3e-4's, docs/measurements.md)")
