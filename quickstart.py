@@ -551,8 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distill_steps", type=int, default=1000,
                         help="distillation steps (its errors still fall from 500 to 1000: docs/measurements.md)")
     parser.add_argument("--distill_batch", type=int, default=1,
-                        help="photos per mode in a distillation step: 1000 steps of 1 cost about what 500 of 2 do and "
-                             "got nearer the teachers (docs/measurements.md)")
+                        help="trajectories per mode in a distillation step (its batch size): 1000 steps of 1 cost "
+                             "about what 500 of 2 do and got nearer the teachers (docs/measurements.md)")
     parser.add_argument("--distill_lr", type=float, default=1e-3,
                         help="the student's learning rate: a few hundred steps need more than the config's 1e-4 (at "
                              "250 steps 1e-3 left the 4-step errors 6-46%% below 3e-4's, docs/measurements.md)")

@@ -672,13 +672,15 @@ class FrequencyDistiller(pl.LightningModule):
         if self._pool_from_file or photos <= 0:
             return
         parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        while sum(len(z) for z, _ in parts) < photos:
-            start = len(parts)
+        encoded = 0
+        while encoded < photos:
+            before = encoded
             for batch in batches:
                 parts.append(self.student.get_input(self.transfer_batch_to_device(batch, self.device, 0)))
-                if sum(len(z) for z, _ in parts) >= photos:
+                encoded += len(parts[-1][0])
+                if encoded >= photos:
                     break
-            if len(parts) == start:
+            if encoded == before:
                 raise ValueError("the training data yielded no batch to solve trajectories from")
         z = torch.cat([z for z, _ in parts])[:photos]
         context = torch.cat([context for _, context in parts])[:photos]
