@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fcdiffusion.apps.benchmark import STUDENT_STEPS, extrapolate_teacher, format_tables, speed
+from fcdiffusion.apps.benchmark import STUDENT_STEPS, extrapolate_teacher, fast_random_init, format_tables, speed
 
 
 def test_extrapolated_teacher_time_is_linear_in_the_steps():
@@ -15,6 +15,21 @@ def test_extrapolated_teacher_time_is_linear_in_the_steps():
                                                   "per_step_s": 0.5, "fixed_s": 0.5}
     with pytest.raises(ValueError, match="two different step counts"):
         extrapolate_teacher(figures, (2, 2), 50)
+
+
+def test_fast_random_init_keeps_each_initialiser_distribution_and_restores_torch():
+    uniform_, normal_ = torch.Tensor.uniform_, torch.Tensor.normal_
+    with fast_random_init(block=1000):
+        layer = torch.nn.Linear(3000, 7)  # kaiming_uniform_: U(-1/sqrt(3000), 1/sqrt(3000)), 21,000 values
+        wide = torch.empty(2500).normal_(2.0, 3.0)  # two whole blocks and half of one
+        bounded = torch.empty(10).uniform_(-1.0, 0.0)
+    bound = 3000 ** -0.5
+    assert -bound <= layer.weight.min() < -0.95 * bound and 0.95 * bound < layer.weight.max() <= bound
+    assert torch.equal(wide[:1000], wide[1000:2000]) and torch.equal(wide[2000:], wide[:500])  # one block, repeated
+    assert wide.mean().item() == pytest.approx(2.0, abs=0.3) and wide.std().item() == pytest.approx(3.0, rel=0.1)
+    assert bounded.min() >= -1.0 and bounded.max() <= 0.0
+    assert (torch.Tensor.uniform_, torch.Tensor.normal_) == (uniform_, normal_)
+    assert torch.empty(2000).uniform_().unique().numel() == 2000  # torch's own generator again
 
 
 def test_speed_times_the_student_with_the_tiny_vae_and_extrapolates_the_teacher(model_config):

@@ -23,12 +23,13 @@ over the floor says how much the pipeline adds.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -160,12 +161,47 @@ def resized_config(config: Mapping[str, Any], resolution: int) -> dict[str, Any]
     return config
 
 
+@contextlib.contextmanager
+def fast_random_init(block: int = 1 << 20, seed: int = 0) -> Iterator[None]:
+    """Within it, `Tensor.uniform_` and `Tensor.normal_` (which torch's initialisers call) fill from one fixed block
+    of `block` random values, repeated and scaled to the asked range: each tensor keeps its initialiser's
+    distribution, at memory speed. For timing only, where the values do not matter: torch's CPU generator draws
+    about 60M values a second, 27 of the 38 seconds that building the SD 2.1-base teacher took on a 2-core CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    uniform, normal = torch.rand(block, generator=generator), torch.randn(block, generator=generator)
+
+    def fill(tensor: torch.Tensor, values: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
+        with torch.no_grad():
+            flat = tensor.view(-1)  # initialisers get fresh, contiguous tensors
+            whole = flat.numel() // block * block
+            flat[:whole].view(-1, block).copy_(values)
+            flat[whole:].copy_(values[:flat.numel() - whole])
+            return tensor.mul_(scale).add_(shift)
+
+    def uniform_(tensor: torch.Tensor, low: float = 0.0, high: float = 1.0, **kwargs: Any) -> torch.Tensor:
+        low, high = kwargs.get("from", low), kwargs.get("to", high)
+        return fill(tensor, uniform, high - low, low)
+
+    def normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, **kwargs: Any) -> torch.Tensor:
+        return fill(tensor, normal, kwargs.get("std", std), kwargs.get("mean", mean))
+
+    originals = torch.Tensor.uniform_, torch.Tensor.normal_
+    torch.Tensor.uniform_, torch.Tensor.normal_ = uniform_, normal_
+    try:
+        yield
+    finally:
+        torch.Tensor.uniform_, torch.Tensor.normal_ = originals
+
+
 def random_pair(config: Mapping[str, Any], resolution: int,
                 device: torch.device) -> tuple[FCDiffusion, FCDiffusionStudent]:
-    """A random-weight teacher of `config`'s architecture at `resolution` px and a student sharing its tensors."""
-    torch.manual_seed(0)
+    """A random-weight teacher of `config`'s architecture at `resolution` px (initialised by `fast_random_init`) and a
+    student sharing its tensors."""
+    torch.manual_seed(0)  # for what initialises without uniform_ or normal_
     teacher_config = resized_config(config, resolution)
-    teacher = instantiate_from_config(teacher_config).eval().to(device)
+    with fast_random_init():
+        teacher = instantiate_from_config(teacher_config)
+    teacher = teacher.eval().to(device)
     student = build_on_meta(student_config(teacher_config, student_steps=list(STUDENT_STEPS)))
     adopt_student(student, teacher.state_dict(), "random teacher", allow_fcdiffusion=True)
     return teacher, student.eval().to(device)  # moves only the student's own (zero) mode embedding
