@@ -70,6 +70,7 @@ class Layout:
     data: Path = field(init=False)
     logdir: Path = field(init=False)
     trajectories: Path = field(init=False)  # the distillation's solved trajectories, the ablation's too
+    sweep: Path = field(init=False)  # the benchmark's guidance sweep latents, which guidance.png decodes
     ablation_logdir: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +81,7 @@ class Layout:
         self.photos, self.heldout, self.data = data / "photos", data / "heldout", data / "training_data.json"
         self.logdir = self.out / "lightning_logs"
         self.trajectories, self.ablation_logdir = self.logdir / "trajectories.pt", self.logdir / "band_ablation"
+        self.sweep = self.out / "guidance_sweep.pt"
 
     def teacher(self, mode: str) -> Path:
         return teacher_checkpoint(self.logdir, mode)
@@ -230,8 +232,11 @@ def tiny_band_weights() -> dict[str, dict[str, float]]:
 
 
 def infer(layout: Layout, args: argparse.Namespace, which: str) -> None:
-    """Weight files describe themselves: the student serves every mode it learned, each teacher its own mode."""
-    common = ["--input_dir", layout.heldout, "--resolution", 128]
+    """Weight files describe themselves: the student serves every mode it learned, each teacher its own mode. Both
+    use the benchmark's fidelity seed, so the teachers' saved latents are its references (solved once, not twice)."""
+    from fcdiffusion.apps.benchmark import SEED
+
+    common = ["--input_dir", layout.heldout, "--resolution", 128, "--seed", SEED]
     if which == "student":
         for k in STUDENT_STEP_COUNTS:
             run_script(["test_distillation.py", *common, "--student", layout.student, "--steps", k,
@@ -239,7 +244,7 @@ def infer(layout: Layout, args: argparse.Namespace, which: str) -> None:
         return
     for mode in CONTROL_MODES:
         run_script(["test_distillation.py", *common, "--teacher", layout.teacher(mode),
-                    "--steps", args.teacher_sample_steps, "--out_dir", layout.results("teacher")])
+                    "--steps", args.teacher_sample_steps, "--save_latents", "--out_dir", layout.results("teacher")])
 
 
 def evaluate(layout: Layout) -> None:
@@ -259,41 +264,40 @@ def benchmark(layout: Layout, args: argparse.Namespace) -> None:
     run_script(["benchmarks/distillation_benchmark.py", "--teachers_dir", layout.logdir, "--student", layout.student,
                 "--sd_resolution", args.sd_resolution, "--sd" if args.benchmark_sd else "--no-sd",
                 "--teacher_steps", args.teacher_sample_steps, "--images", args.benchmark_images, "--sd_images", 1,
-                "--heldout", layout.heldout, "--tiny_vae", layout.tiny_vae,
+                "--heldout", layout.heldout, "--references", layout.results("teacher"), "--tiny_vae", layout.tiny_vae,
                 *(["--ablation_student", student_file(layout.ablation_logdir)] if args.band_ablation else []),
-                "--guidance_images", 1,
+                "--guidance_images", 1, "--sweep_latents", layout.sweep,
                 "--sd_teacher_timing_steps",
                 *args.sd_teacher_timing_steps, "--out", layout.out / "benchmark.json"])
 
 
-def guidance_figure(layout: Layout, name: str, teacher_steps: int) -> list[float]:
-    """guidance.png: for held-out photo `name`, a row per mode: the 4-step student and the teacher's guided result at
-    the ends of the student's guidance range and at its default w (same noise). Returns those scales."""
+def guidance_figure(layout: Layout) -> tuple[str, list[float]]:
+    """guidance.png: for the benchmark's guidance photo, a row per mode: the 4-step student and the teacher's guided
+    result at the ends of the student's guidance range and at its default w (same noise), decoded from the latents
+    the benchmark measured them with (`--sweep_latents`: no solve again). Returns the photo's name and the scales."""
     import torch
 
     from fcdiffusion.core.images import labelled_grid, save_png
     from fcdiffusion.core.inference import Translator
-    from fcdiffusion.core.weights import load_student, load_teacher
+    from fcdiffusion.core.weights import load_student
     from fcdiffusion.train.dataset import load_image
 
-    model = load_student(layout.student).eval()
-    student = Translator(model)
-    low, high = model.guidance_range
-    scales = sorted({float(low), float(model.guidance_scale), float(high)})
-    image = torch.from_numpy(load_image(layout.heldout / f"{name}.png", 128)).permute(2, 0, 1)[None]
-    prompt = (layout.heldout / f"{name}.txt").read_text(encoding="utf-8").strip()
-    columns: dict[str, list] = {"source": [image[0]] * len(CONTROL_MODES)}
-    for mode in CONTROL_MODES:
-        teacher = Translator(load_teacher(layout.teacher(mode), mode).eval())
-        for w in scales:
-            for label, translator, steps in ((f"student 4, w={w:g}", student, 4),
-                                             (f"teacher {teacher_steps}, w={w:g}", teacher, teacher_steps)):
-                result = translator(image, [prompt], [mode], steps=steps, guidance_scale=w, decode_control=False)
-                columns.setdefault(label, []).append(result[mode].image[0].clamp(-1, 1))
+    sweep = torch.load(layout.sweep, weights_only=True)
+    decode = Translator(load_student(layout.student).eval()).decode  # every model here shares the student's VAE
+    image = torch.from_numpy(load_image(layout.heldout / sweep["image"], 128)).permute(2, 0, 1)
+    columns: dict[str, list] = {"source": [image] * len(CONTROL_MODES)}
+    teacher = f"teacher_{sweep['teacher_steps']}"
+    with torch.no_grad():
+        for mode in CONTROL_MODES:
+            for w in sweep["scales"]:
+                latents = sweep["latents"][f"{mode} w{w:g}"]
+                for label, key in ((f"student 4, w={w:g}", "student_k4"),
+                                   (f"teacher {sweep['teacher_steps']}, w={w:g}", teacher)):
+                    columns.setdefault(label, []).append(decode(latents[key])[0].clamp(-1, 1))
     save_png(labelled_grid({k: torch.stack(v) for k, v in columns.items()},
                            row_labels=[mode.replace("_pass", "") for mode in CONTROL_MODES]),
              layout.out / "guidance.png")
-    return scales
+    return Path(sweep["image"]).stem, sweep["scales"]
 
 
 def autoencoder_figure(layout: Layout, names: Sequence[str]) -> str:
@@ -401,7 +405,7 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
     rows = [f"{name} {mode.replace('_pass', '')}" for name in names for mode in CONTROL_MODES]
     save_png(labelled_grid({k: torch.stack(v) for k, v in columns.items()}, row_labels=rows), layout.out / "grid.png")
     psnr_table = autoencoder_figure(layout, names)
-    scales = guidance_figure(layout, names[0], args.teacher_sample_steps)
+    guidance_photo, scales = guidance_figure(layout)
     runs = {"autoencoder": "autoencoder_tiny", "tiny autoencoder": "tiny_vae_distill_tiny", "UNet": "sd21_tiny",
             **{f"{mode} teacher": f"fcdiffusion_{mode}" for mode in CONTROL_MODES}, "distiller": "fcdiffusion_distill"}
     plot_losses({label: read_losses(layout.logdir / run) for label, run in runs.items()}, layout.out / "losses.png")
@@ -415,7 +419,7 @@ def report(layout: Layout, args: argparse.Namespace) -> None:
         unet_steps=args.unet_steps, teacher_steps=args.teacher_steps, distill_steps=args.distill_steps,
         distill_batch=args.distill_batch, tiny_vae_steps=args.tiny_vae_steps,
         guidance_range=" to ".join(f"{w:g}" for w in args.guidance_range),
-        guidance_photo=names[0], guidance_scales=", ".join(f"{w:g}" for w in scales),
+        guidance_photo=guidance_photo, guidance_scales=", ".join(f"{w:g}" for w in scales),
         sample_steps=args.teacher_sample_steps, tables=tables,
         ablation=" A second student was distilled the same way on the same trajectories without band weights (the "
                  "ablation in the figures)." if args.band_ablation else "",
@@ -449,9 +453,9 @@ training grids: `lightning_logs/*/image_log/`.
 ## The guidance scale acts
 
 [guidance.png](guidance.png): {guidance_photo}, a row per mode: the 4-step student and the teachers'
-{sample_steps}-step guided result at w = {guidance_scales} (same noise). The student takes w as an input and samples
-in 4 network evaluations whatever w; the teacher needs 2 per step. The fidelity table at each w is in the figures
-below; the demo's guidance slider drives the same input.
+{sample_steps}-step guided result at w = {guidance_scales} (same noise): the very latents the fidelity table at each w
+below measures, decoded. The student takes w as an input and samples in 4 network evaluations whatever w; the
+teacher needs 2 per step. The demo's guidance slider drives the same input.
 
 ![guidance](guidance.png)
 

@@ -12,7 +12,8 @@
 Each image `<name>.<ext>` in INPUT_DIR is translated with the prompt in `<name>.txt` (or --prompt for all), in
 every requested control mode, from the same seeded noise per image (seed + its index). Writes
 `<out_dir>/<name>_<mode>.png`, its decoded control signal `<out_dir>/<name>_<mode>_control.png`, and
-`<out_dir>/<name>_grid.png` (source | control | result, per mode). Images sharing a name (x.png, x.jpg) are
+`<out_dir>/<name>_grid.png` (source | control | result, per mode); with --save_latents also each result's latents
+and the settings that made them, `<out_dir>/<name>_<mode>_latents.safetensors`. Images sharing a name (x.png, x.jpg) are
 told apart by their suffix (`x_png_<mode>.png`, `x_jpg_<mode>.png`), so no output overwrites another. An image
 that cannot be read or has no prompt (an empty caption counts as none), and any other file that is not a caption,
 is reported and skipped. Before any model is loaded, an empty --prompt, --steps past the model's schedule (read from
@@ -60,6 +61,7 @@ from fcdiffusion.core.inference import Translator, check_prompt
 from fcdiffusion.core.model import FrequencyControlledLDM
 from fcdiffusion.core.paths import SD_CHECKPOINT, check_not_input, check_writable
 from fcdiffusion.core.precision import PRECISIONS, prepare_for_inference
+from fcdiffusion.core.saved_latents import latents_path, save_latents, translation_settings
 from fcdiffusion.core.student import FCDiffusionStudent
 from fcdiffusion.core.tiny_vae import TINY_VAE_HELP, TINY_VAE_USE_HELP, TINY_VAE_USES, load_tiny_vae
 from fcdiffusion.core.weights import (
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config",
                         help="distillation config, only for weight files that do not describe themselves")
     parser.add_argument("--out_dir", default="outputs/test_distillation", help="where the PNGs go")
+    parser.add_argument("--save_latents", action="store_true",
+                        help="also save each result's latents with the settings that made them "
+                             "(<name>_<mode>_latents.safetensors; the benchmark's --references reads them)")
     parser.add_argument("--evaluate", nargs="+", choices=[m for m in METRICS if m not in NEEDS_REFERENCE],
                         metavar="METRIC", help="after translating, run these evaluation metrics on the results "
                         "(band, clip_score, dino_structure, lpips: default weight files; see evaluate.py) and "
@@ -148,10 +153,12 @@ def check_usage(args: argparse.Namespace, overrides: list[str]) -> None:
 def output_bytes(args: argparse.Namespace) -> int:
     """About what the outputs of INPUT_DIR take, counted before any model is loaded (every mode for a student
     without --mode): per image and mode a result and a control PNG, and a grid of them all with the source, each
-    PNG taken at half its raw pixels (photos compress about that well)."""
+    PNG taken at half its raw pixels (photos compress about that well), and the latents with --save_latents."""
     images = sum(1 for p in Path(args.input_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     modes = 1 if args.teacher or args.mode not in (None, "all") else len(CONTROL_MODES)
-    return images * (4 * modes + 1) * args.resolution**2 * 3 // 2
+    # --save_latents: 4 float32 channels at a quarter of the resolution or less (VAEs here downsample 4x or 8x)
+    latents = images * modes * 16 * (args.resolution // 4) ** 2 if args.save_latents else 0
+    return images * (4 * modes + 1) * args.resolution**2 * 3 // 2 + latents
 
 
 def recorded_step_limit(args: argparse.Namespace, overrides: list[str]) -> int | None:
@@ -236,6 +243,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if evaluator is not None:
         evaluator.prepare()  # a missing weights file fails now, not after the translations
     translator = Translator(model, tiny_vae)
+    vae = tiny_vae.settings() if tiny_vae else "full"
     pairs, problems = prompted_images(args.input_dir, args.prompt)
     names, notes = output_names([path for path, _ in pairs])
     for message in problems + notes:
@@ -247,7 +255,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         os.makedirs(args.out_dir, exist_ok=True)
         atomic_write_text(os.path.join(args.out_dir, "settings.json"), json.dumps({
             "model": args.student or args.teacher, "steps": args.steps, "seed": args.seed,
-            "precision": args.precision, "vae": tiny_vae.settings() if tiny_vae else "full"}, indent=2) + "\n")
+            "precision": args.precision, "vae": vae}, indent=2) + "\n")
     with tqdm(total=len(pairs), desc="translating", unit="img") as progress:
         for start in range(0, len(pairs), args.batch_size):
             batch = []
@@ -269,6 +277,12 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
                     columns = {"source": images[i:i + 1]}
                     for mode, result in results.items():
                         save_image(result.image[i], os.path.join(args.out_dir, f"{names[path]}_{mode}.png"))
+                        if args.save_latents:
+                            save_latents(latents_path(args.out_dir, names[path], mode), result.latents[i],
+                                         translation_settings(
+                                             args.student or args.teacher, batch[i][2], args.resolution,
+                                             args.seed + batch[i][0], args.seed, args.steps, args.guidance_scale,
+                                             args.sampler, args.spacing, args.precision, vae))
                         save_image(result.control[i], os.path.join(args.out_dir,
                                                                    f"{names[path]}_{mode}_control.png"))
                         columns[f"control {mode}"] = result.control[i:i + 1].cpu()

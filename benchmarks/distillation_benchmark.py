@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure the guidance sweep (--guidance_scales) on the first N photos only (default: all)")
     parser.add_argument("--guidance_scales", type=float, nargs="+",
                         help="w at which a guidance-conditioned student is compared with its teachers")
+    parser.add_argument("--references", metavar="DIR",
+                        help="read the teachers' reference results from here instead of solving them: where "
+                             "test_distillation.py --seed 1000 --save_latents --steps <--teacher_steps> wrote them")
+    parser.add_argument("--sweep_latents", metavar="PATH",
+                        help="save the guidance sweep's latents of the first photo here (teacher and student at each "
+                             "w; the quickstart's guidance.png decodes them instead of solving again)")
     parser.add_argument("--ablation_student", metavar="PATH",
                         help="a second student measured like --student (the band-weight ablation: the same "
                              "distillation without band weights); its table compares their errors per band")
@@ -122,7 +128,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
         print("measuring fidelity of the trained tiny student ...", flush=True)
         results["fidelity"], results["fidelity_setup"] = fidelity(
             teachers, args.student, tiny_resolution, args.images, args.teacher_steps, device, args.heldout,
-            args.guidance_scales, args.ablation_student, args.guidance_images)
+            args.guidance_scales, args.ablation_student, args.guidance_images, args.sweep_latents, args.references)
         section_done()
     print("sizing memory at the SD 2.1-base config (meta tensors) ...", flush=True)
     results["memory"] = memory(model_node(args.sd_config), {"trainable": args.trainable, "lora_rank": args.lora_rank})

@@ -171,12 +171,26 @@ def test_script_takes_a_guidance_scale_for_a_guidance_student_only(guided_run, d
     assert "guidance_range" in capsys.readouterr().err
 
 
-def test_benchmark_compares_every_few_step_alternative_on_held_out_photos(guided_run, workdir, monkeypatch):
+def test_benchmark_compares_every_few_step_alternative_on_held_out_photos(guided_run, workdir, monkeypatch,
+                                                                          tmp_path):
     # Two modes and k = 1, 2 against a 2-step reference, to keep the test short.
     monkeypatch.setattr(benchmark, "STUDENT_STEPS", (1, 2))
     monkeypatch.setattr(benchmark, "CONTROL_MODES", ("mid_pass", "high_pass"))
+    with pytest.raises(ValueError, match="guidance_images of at least 1"):
+        benchmark.fidelity(teacher_paths(workdir / "logs"), student_file(guided_run), 128, 1, 2, torch.device("cpu"),
+                           photos=workdir / "photos", guidance_images=0, sweep_latents=tmp_path / "none.pt")
     figures, setup = benchmark.fidelity(teacher_paths(workdir / "logs"), student_file(guided_run), 128, 1, 2,
-                                        torch.device("cpu"), photos=workdir / "photos", guidance_scales=[3])
+                                        torch.device("cpu"), photos=workdir / "photos", guidance_scales=[3],
+                                        sweep_latents=tmp_path / "sweep.pt")
+    # The saved sweep holds the very latents of the w table (one photo: its errors are the table's figures).
+    sweep = torch.load(tmp_path / "sweep.pt", weights_only=True)
+    assert (sweep["image"], sweep["scales"], sweep["teacher_steps"]) == ("astronaut.png", [3.0], 2)
+    assert set(sweep["latents"]) == {"mid_pass w3", "high_pass w3"} and not (tmp_path / "none.pt").exists()
+    for mode, kept in ((mode, sweep["latents"][f"{mode} w3"]) for mode in ("mid_pass", "high_pass")):
+        assert set(kept) == {"teacher_2", "student_k1", "student_k2"}
+        for k in (1, 2):
+            error = torch.mean((kept[f"student_k{k}"] - kept["teacher_2"]) ** 2).item()
+            assert error == pytest.approx(figures[mode][f"w3_student_k{k}_mse"], rel=1e-6)
     assert setup["photos"] == str(workdir / "photos") and setup["images"] == ["astronaut.png"]
     assert setup["guidance_scales"] == [3.0] and set(figures) == {"mid_pass", "high_pass"}
     baselines, guided = benchmark.TEACHER_BASELINES, benchmark.GUIDED_BASELINE
@@ -189,6 +203,25 @@ def test_benchmark_compares_every_few_step_alternative_on_held_out_photos(guided
         # One step of DPM-Solver++ is first order: DDIM on the same (trailing) timesteps; two are not.
         assert f["teacher_dpmpp_2m_trailing_k1_mse"] == pytest.approx(f["teacher_ddim_trailing_k1_mse"], rel=1e-4)
         assert f["teacher_dpmpp_2m_trailing_k2_mse"] != pytest.approx(f["teacher_ddim_trailing_k2_mse"], rel=1e-3)
+    # The teacher's reference read from what test_distillation.py saved with the fidelity's seeds gives the same
+    # figures; saved with another seed, it is refused.
+    spec = importlib.util.spec_from_file_location("test_distillation_script", ROOT / "test_distillation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    teacher = str(teacher_paths(workdir / "logs")["mid_pass"])
+    saved = ["--input_dir", str(workdir / "photos"), "--resolution", "128", "--teacher", teacher, "--steps", "2",
+             "--save_latents"]
+    assert script.main([*saved, "--seed", str(benchmark.SEED), "--out_dir", str(tmp_path / "teacher")]) == 0
+    assert script.main([*saved, "--seed", "7", "--out_dir", str(tmp_path / "other")]) == 0
+    again, again_setup = benchmark.fidelity(teacher_paths(workdir / "logs"), student_file(guided_run), 128, 1, 2,
+                                            torch.device("cpu"), photos=workdir / "photos", guidance_scales=[3],
+                                            references=tmp_path / "teacher")
+    assert again_setup["references"] == {"folder": str(tmp_path / "teacher"), "read": 1}  # mid_pass's; high_pass solved
+    for mode in ("mid_pass", "high_pass"):
+        assert again[mode] == pytest.approx(figures[mode], rel=1e-4, abs=1e-7)
+    with pytest.raises(ValueError, match=r"control_seed: saved 7, wanted 1000; seed: saved 7, wanted 1000"):
+        benchmark.fidelity(teacher_paths(workdir / "logs"), student_file(guided_run), 128, 1, 2, torch.device("cpu"),
+                           photos=workdir / "photos", references=tmp_path / "other")
     tables = benchmark.fidelity_tables(figures, setup, 2)
     rows = [line for line in tables if line.startswith("| mid_pass |")]
     assert len(rows) == 2 + 1  # a row per k, then one per w

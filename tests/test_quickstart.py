@@ -101,6 +101,9 @@ def test_small_quickstart_tables_and_report(small_run):
     assert all(speed[k] > 0 for k in ("teacher_4_cfg_s", "student_1_s", "student_2_s", "student_4_s"))
     assert set(figures["fidelity"]) == set(CONTROL_MODES)
     assert figures["fidelity_setup"]["student_steps"] == [1, 2, 4] and "ablation" in figures["fidelity_setup"]
+    # The teachers' references are their saved inference results (one photo here), not solved a second time.
+    assert figures["fidelity_setup"]["references"]["read"] == len(CONTROL_MODES)
+    assert len(list((out / "inference" / "teacher").glob("*_latents.safetensors"))) == len(HELDOUT) * 4
     assert all(f"ablation_student_k{k}_mse" in f for f in figures["fidelity"].values() for k in (1, 2, 4))
     assert all(f["student_k4_mse"] >= 0 and f["teacher_k4_mse"] >= 0 for f in figures["fidelity"].values())
     assert 0 < figures["memory"]["distiller_params"] < figures["memory"]["five_full_models_params"]

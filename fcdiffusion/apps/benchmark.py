@@ -30,6 +30,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from fcdiffusion.core.frequency import CONTROL_MODES, scale_thresholds
 from fcdiffusion.core.inference import Translation, Translator, encode_images
 from fcdiffusion.core.model import FCDiffusion
 from fcdiffusion.core.precision import prepare_for_inference
+from fcdiffusion.core.saved_latents import latents_path, load_latents, translation_settings
 from fcdiffusion.core.student import FCDiffusionStudent, student_config
 from fcdiffusion.core.tiny_vae import load_tiny_vae, random_tiny_vae
 from fcdiffusion.core.weights import (
@@ -56,9 +58,10 @@ from fcdiffusion.train.demo_data import CAPTIONS, load_photo
 from fcdiffusion.train.distiller import DistillOptions, FrequencyDistiller, band_energies
 from fcdiffusion.train.image_folder import prompted_images
 from ldm.checkpoint import read_metadata
-from ldm.util import instantiate_from_config, without_text_encoder_file
+from ldm.util import atomic_path, instantiate_from_config, without_text_encoder_file
 
 STUDENT_STEPS = (1, 2, 4)
+SEED = 1000  # fidelity: image i's noise seed is SEED + i, the mini_pass shuffle's SEED
 SPEED_MODE = "mid_pass"
 # The teacher's guided few-step baselines: result-key prefix -> (sampler, spacing). `teacher` (DDIM on SD's uniform
 # spacing) keeps the key of the benchmark's first versions.
@@ -285,20 +288,27 @@ def distill_options(student_path: str | os.PathLike) -> DistillOptions:
 def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.PathLike, resolution: int,
              n_images: int, teacher_steps: int, device: torch.device, photos: str | os.PathLike | None = None,
              guidance_scales: Sequence[float] | None = None, ablation: str | os.PathLike | None = None,
-             guidance_images: int | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+             guidance_images: int | None = None, sweep_latents: str | os.PathLike | None = None,
+             references: str | os.PathLike | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Per mode, the latent MSE to the teacher's `teacher_steps`-step guided DDIM result of the student at each step
     count it was trained for (`student_k{k}_mse`, and split over the DCT bands of its distillation,
     `student_k{k}_band_<band>`: the band energies of the difference, which sum to the MSE) and of each guided teacher
     baseline at k steps for k in `STUDENT_STEPS` (`TEACHER_BASELINES`: `<name>_k{k}_mse`); and the settings they were
     measured with. `ablation` is a second student (e.g. distilled without band weights, on the same trajectories),
     measured the same way as `ablation_student_k{k}_...`. `guidance_images` limits the guidance sweep below to the
-    first that many photos (each of its w needs another full teacher solve; default: all).
+    first that many photos (each of its w needs another full teacher solve; default: all). `sweep_latents` saves
+    the sweep's latents of the first photo, so a figure of it needs no teacher solve again: a dict with its `image`
+    name, `prompt`, `teacher_steps`, `scales` and `latents["<mode> w<w:g>"]`, each holding `teacher_<teacher_steps>`
+    and `student_k<k>` for every trained k (the sweep's noise: seed 1000, mini_pass shuffle seed 1000).
 
     `photos` is a folder of held-out images with same-named .txt prompts (its first `n_images`; default: the first
     `n_images` demo photos, which the quickstart also trains on). A guidance-conditioned student is also measured
     at each w of `guidance_scales` (default: the ends of its range and its default w) against the teacher's result
     at the same w, beside the `GUIDED_BASELINE` at that w: `w{w:g}_student_k{k}_mse`, `w{w:g}_<baseline>_k{k}_mse`.
-    Image i uses noise seed 1000 + i and mini_pass shuffle seed i, the same for every model, step count and w.
+    Image i uses noise seed 1000 + i and mini_pass shuffle seed 1000 (what `test_distillation.py --seed 1000`
+    uses), the same for every model, step count and w. `references`: a folder where `test_distillation.py --seed 1000
+    --save_latents` saved the teachers' results at `teacher_steps` with these settings; each reference found there
+    is read instead of solved (one that was made otherwise raises), and `setup["references"]` counts them.
     """
     student_model = load_student(student_path).to(device).eval()
     student = Translator(student_model)
@@ -319,7 +329,21 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
         scales = sorted({float(w) for w in (guidance_scales or (low, student_model.guidance_scale, high))})
         for w in scales:
             student_model.check_sampling(w)
+    if sweep_latents is not None and not (scales and (guidance_images is None or guidance_images > 0)):
+        raise ValueError("sweep_latents needs a guidance-conditioned student and guidance_images of at least 1")
     out: dict[str, dict[str, float]] = {}
+    sweep: dict[str, dict[str, torch.Tensor]] = {}
+    read = 0
+
+    def saved_reference(index: int, mode: str) -> torch.Tensor | None:
+        nonlocal read
+        path = None if references is None else latents_path(references, Path(names[index]).stem, mode)
+        if path is None or not path.is_file():
+            return None
+        read += 1
+        return load_latents(path, translation_settings(
+            teachers[mode], prompts[index], resolution, SEED + index, SEED, teacher_steps))[None].to(device)
+
     for mode in CONTROL_MODES:
         teacher = Translator(load_teacher(teachers[mode], mode).to(device).eval())
         errors: dict[str, list[float]] = {}
@@ -330,9 +354,11 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
         for i, (image, prompt) in enumerate(zip(images, prompts)):
             z, context = teacher.encode(image[None], [prompt])
             run = lambda translator, steps, **options: translator.translate_latents(  # noqa: E731
-                z, context, [mode], seed=1000 + i, control_seed=i, steps=steps, decode_control=False,
+                z, context, [mode], seed=SEED + i, control_seed=SEED, steps=steps, decode_control=False,
                 **options)[mode].latents
-            reference = run(teacher, teacher_steps)
+            reference = saved_reference(i, mode)
+            if reference is None:
+                reference = run(teacher, teacher_steps)
             for name, translator in students.items():
                 for k in translator.model.trained_steps:
                     latents = run(translator, k)
@@ -347,8 +373,11 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
                 # the teacher's own w gives the reference again: reused, not sampled twice
                 guided = reference if w == teacher.model.guidance_scale else run(teacher, teacher_steps,
                                                                                    guidance_scale=w)
+                kept = sweep.setdefault(f"{mode} w{w:g}", {}) if i == 0 else {}
+                kept[f"teacher_{teacher_steps}"] = guided
                 for k in counts:
-                    record(f"w{w:g}_student_k{k}_mse", run(student, k, guidance_scale=w), guided)
+                    kept[f"student_k{k}"] = run(student, k, guidance_scale=w)
+                    record(f"w{w:g}_student_k{k}_mse", kept[f"student_k{k}"], guided)
                     record(f"w{w:g}_{GUIDED_BASELINE}_k{k}_mse",
                            run(teacher, k, guidance_scale=w, sampler=sampler, spacing=spacing), guided)
         out[mode] = {name: float(np.mean(values)) for name, values in errors.items()}
@@ -360,10 +389,16 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
              "nfe": "student: k per image; a guided teacher k-step baseline: 2k (k batched calls of batch 2)",
              "student_steps": counts, "bands": options.bands,
              "guidance_images": names[:guidance_images] if scales else [],
+             "references": {"folder": os.fspath(references), "read": read} if references is not None else None,
              "band_weights": {m: options.band_weights.get(m, {}) for m in CONTROL_MODES}}
     if ablation is not None:
         setup["ablation"] = {"student": os.fspath(ablation),
                              "band_weights": distill_options(ablation).band_weights}
+    if sweep_latents is not None:
+        with atomic_path(sweep_latents) as tmp:
+            torch.save({"image": names[0], "prompt": prompts[0], "teacher_steps": teacher_steps, "scales": scales,
+                        "latents": {key: {name: z.cpu() for name, z in kept.items()} for key, kept in sweep.items()}},
+                       tmp)
     return out, setup
 
 
