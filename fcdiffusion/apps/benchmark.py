@@ -334,16 +334,6 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
     out: dict[str, dict[str, float]] = {}
     sweep: dict[str, dict[str, torch.Tensor]] = {}
     read = 0
-
-    def saved_reference(index: int, mode: str) -> torch.Tensor | None:
-        nonlocal read
-        path = None if references is None else latents_path(references, Path(names[index]).stem, mode)
-        if path is None or not path.is_file():
-            return None
-        read += 1
-        return load_latents(path, translation_settings(
-            teachers[mode], prompts[index], resolution, SEED + index, SEED, teacher_steps))[None].to(device)
-
     for mode in CONTROL_MODES:
         teacher = Translator(load_teacher(teachers[mode], mode).to(device).eval())
         errors: dict[str, list[float]] = {}
@@ -356,8 +346,12 @@ def fidelity(teachers: Mapping[str, str | os.PathLike], student_path: str | os.P
             run = lambda translator, steps, **options: translator.translate_latents(  # noqa: E731
                 z, context, [mode], seed=SEED + i, control_seed=SEED, steps=steps, decode_control=False,
                 **options)[mode].latents
-            reference = saved_reference(i, mode)
-            if reference is None:
+            saved = None if references is None else latents_path(references, Path(names[i]).stem, mode)
+            if saved is not None and saved.is_file():
+                reference = load_latents(saved, translation_settings(
+                    teachers[mode], prompt, resolution, SEED + i, SEED, teacher_steps))[None].to(device)
+                read += 1
+            else:
                 reference = run(teacher, teacher_steps)
             for name, translator in students.items():
                 for k in translator.model.trained_steps:
