@@ -29,6 +29,10 @@ def get_obj_from_str(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+# Every optimizer's `foreach` argument where no fused kernel is used. On a CPU torch would pick the single-tensor
+# loop: a Python round of several ops per parameter tensor, 15-18 ms of a quickstart training step. Its CPU foreach
+# kernels run the same per-tensor ops from C++, so the weights come out bit-identical (tests/test_memory_options.py).
+FOREACH = True
 ANY_VALUE = object()  # an `SD_ONLY_PARAMS` entry whose value does not matter here
 
 # Keys of SD 2.x YAML `params:` (configs/sd21_base.yaml mirrors SD's v2-inference.yaml) for parts of SD's code this

@@ -3,6 +3,7 @@ no graph for the frozen teachers), the frozen encoders in bf16 (exact checkpoint
 clearly without bitsandbytes), and the memory benchmark's composition."""
 from __future__ import annotations
 
+import copy
 import sys
 import types
 
@@ -136,7 +137,8 @@ TRAIN = {"max_steps": 1, "batch_size": 1, "checkpoint_every": 1, "resolution": 6
 
 def test_run_options_are_checked_before_any_model(tmp_path):
     for bad, message in (({"encoder_dtype": "fp16"}, "--encoder_dtype"), ({"optimizer": "lion"}, "--optimizer"),
-                         ({"gradient_checkpointing": "sometimes"}, "--gradient_checkpointing")):
+                         ({"gradient_checkpointing": "sometimes"}, "--gradient_checkpointing"),
+                         ({"cache_images": "yes"}, "train.cache_images")):
         with pytest.raises(ValueError, match=message):
             check_train_section(OmegaConf.create({**TRAIN, **bad}))
     # A run resumes only with the optimizer whose state its checkpoint holds.
@@ -195,3 +197,23 @@ def test_composed_figures_add_exact_static_bytes_to_the_measured_part(model_conf
                    for p in getattr(module, n).parameters())
     half = static_bytes(module, Build("teacher", "control_net", "fp32", "bf16"), "adamw")
     assert static_bytes(module, fp32, "adamw")["weights"] - half["weights"] == 2 * encoders
+
+
+def test_cpu_adamw_runs_foreach_and_ends_bit_identical_to_the_single_tensor_loop():
+    """make_optimizer's AdamW on a CPU takes the multi-tensor form (`ldm.util.FOREACH`), whose weights must be the
+    single-tensor loop's, bit for bit, after steps with moments, bias corrections and weight decay at work."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(4, 8), torch.nn.SiLU(),
+                              torch.nn.Conv2d(8, 3, 1))
+    twin, start = copy.deepcopy(net), copy.deepcopy(net)
+    ours = memory.make_optimizer(list(net.parameters()), 1e-2)
+    loop = torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=False)
+    assert ours.defaults["foreach"] is True and not ours.defaults["fused"]
+    for step in range(5):
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(step))
+        for model, optimizer in ((net, ours), (twin, loop)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), twin.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(net.parameters(), start.parameters()))

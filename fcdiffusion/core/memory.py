@@ -8,8 +8,9 @@ state that `fcdiffusion.apps.train_memory` composes its figures from.
 - The frozen VAE and text encoder (`cast_frozen_encoders`) run only under `no_grad`, so holding them in bf16 costs
   no gradient precision; their outputs are returned in float32, and `state_dict()` still gives the exact float32
   values, kept on the host, so checkpoints written with the option equal those written without it.
-- `make_optimizer` builds AdamW (the fused CUDA kernel on a GPU: no whole-size temporaries in the step) or
-  bitsandbytes' `AdamW8bit` (8-bit blockwise states: a quarter of AdamW's state bytes); `check_optimizer` refuses
+- `make_optimizer` builds AdamW (the fused CUDA kernel on a GPU: no whole-size temporaries in the step; elsewhere
+  the multi-tensor form, `ldm.util.FOREACH`) or bitsandbytes' `AdamW8bit` (8-bit blockwise states: a quarter of
+  AdamW's state bytes); `check_optimizer` refuses
   an unknown name, or `adamw8bit` without bitsandbytes, before any model is built.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from fcdiffusion.core.precision import cast_parameters, follow_weight_dtype
+from ldm.util import FOREACH
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 ENCODER_DTYPES = ("fp32", "bf16")
@@ -53,7 +55,7 @@ def make_optimizer(params: Sequence[nn.Parameter], learning_rate: float, name: s
 
         return bnb.optim.AdamW8bit(params, lr=learning_rate)
     fused = bool(params) and all(p.device.type == "cuda" for p in params)
-    return torch.optim.AdamW(params, lr=learning_rate, fused=fused or None)
+    return torch.optim.AdamW(params, lr=learning_rate, fused=fused or None, foreach=None if fused else FOREACH)
 
 
 def optimizer_state_bytes(params: Iterable[nn.Parameter], name: str = "adamw") -> int:

@@ -39,7 +39,7 @@ from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.diffusion.ddpm import freeze
 from ldm.models.tiny_autoencoder import TinyAutoencoder, TinyAutoencoderConfig, TinyBlock, save_diffusers_folder
 from ldm.modules.losses import psnr
-from ldm.util import instantiate_from_config, load_config
+from ldm.util import FOREACH, instantiate_from_config, load_config
 
 VAE_PREFIX = "vae."
 PIXEL_LOSSES = {"l1": F.l1_loss, "l2": F.mse_loss}
@@ -231,7 +231,7 @@ class TinyVAEDistiller(pl.LightningModule):
                        "val/psnr_roundtrip": psnr(roundtrip, images).mean()}, batch_size=n, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.Adam(self.student.parameters(), lr=self.learning_rate)
+        optimizer = torch.optim.Adam(self.student.parameters(), lr=self.learning_rate, foreach=FOREACH)
         return {"optimizer": optimizer} if self.lr_schedule is None else self.lr_schedule.attach(optimizer)
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ from einops import rearrange
 from ldm.checkpoint import check_state_dict, load_state_dict
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import instantiate_from_config
+from ldm.util import FOREACH, instantiate_from_config
 
 # SD's `ddconfig` is one dict for both halves; these of its keys belong to one half only.
 ENCODER_ONLY, DECODER_ONLY = ("in_channels", "double_z"), ("out_ch", "give_pre_end", "tanh_out")
@@ -112,7 +112,7 @@ class AutoencoderKL(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))
+        return torch.optim.Adam(self.parameters(), lr=self.learning_rate, betas=(0.5, 0.9), foreach=FOREACH)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 4) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from ldm.checkpoint import load_weights
 from ldm.models.diffusion.sampling import sample
 from ldm.models.diffusion.scheduler import Scheduler
 from ldm.modules.diffusionmodules.util import make_beta_schedule
-from ldm.util import count_params, instantiate_from_config
+from ldm.util import FOREACH, count_params, instantiate_from_config
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -191,7 +191,7 @@ class LatentDiffusion(pl.LightningModule):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate, foreach=FOREACH)
 
     # ---- sampling -----------------------------------------------------------------------------------------
     @torch.no_grad()
