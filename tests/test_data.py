@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import training_data_prepare
-from fcdiffusion.train.dataset import FCDiffusionDataset, load_image, prepare_image
+from fcdiffusion.train.dataset import Augment, FCDiffusionDataset, load_image, prepare_image
 from fcdiffusion.train.demo_data import CAPTIONS, export_demo_dataset
 
 
@@ -108,6 +108,34 @@ def test_dataset_returns_centre_cropped_rgb_in_range(index: Path, monkeypatch) -
     assert batch["jpg"].shape == (2, 64, 64, 3) and batch["txt"] == ["an astronaut", "a tabby cat"]
     with pytest.raises(IndexError):
         dataset[len(dataset)]
+
+
+def test_cached_images_are_the_decoded_ones_and_outlive_their_files(index: Path) -> None:
+    """`cache_images` changes no pixel (centre crops, and augmented crops drawn from the same seed) and decodes each
+    file once: after the files are gone, the cached dataset still serves them, the uncached one skips them."""
+    augment = Augment(crop_scale=(0.5, 1.0), hflip=True)
+    for kind in (None, augment):
+        plain = FCDiffusionDataset(index, resolution=32, augment=kind)
+        cached = FCDiffusionDataset(index, resolution=32, augment=kind, cache_images=True)
+        for epoch in range(2):
+            for i in range(len(plain)):
+                torch.manual_seed(10 * epoch + i)
+                expected = plain[i]["jpg"]
+                torch.manual_seed(10 * epoch + i)
+                got = cached[i]
+                assert np.array_equal(got["jpg"], expected) and got["path"] == plain[i]["path"]
+    centre = FCDiffusionDataset(index, resolution=32, cache_images=True)
+    centre[0]["jpg"][:] = 0  # an item is the caller's own array: changing it leaves the cache as it was
+    assert np.array_equal(centre[0]["jpg"], FCDiffusionDataset(index, resolution=32)[0]["jpg"])
+    for i in range(len(centre)):
+        centre[i]
+    for record in cached.records:
+        Path(record["img_path"]).unlink()
+    for dataset in (cached, centre):
+        assert [dataset[i]["path"] for i in range(len(dataset))] == [r["img_path"] for r in dataset.records]
+        assert dataset.skipped == 0
+    with pytest.raises(RuntimeError, match="consecutive images failed"):
+        plain[0]
 
 
 def write_index(path: Path, names: list[str]) -> Path:

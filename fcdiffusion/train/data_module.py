@@ -21,11 +21,12 @@ from fcdiffusion.train.dataset import Augment, FCDiffusionDataset
 from fcdiffusion.train.shards import ShardStream, is_shard_spec
 
 
-def open_index(path: str, what: str, resolution: int, augment: Augment | None = None) -> FCDiffusionDataset:
+def open_index(path: str, what: str, resolution: int, augment: Augment | None = None,
+               cache_images: bool = False) -> FCDiffusionDataset:
     """The JSON index at `path`; a FileNotFoundError says how to write it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} index not found: {path} (write it with training_data_prepare.py)")
-    return FCDiffusionDataset(path, resolution=resolution, augment=augment)
+    return FCDiffusionDataset(path, resolution=resolution, augment=augment, cache_images=cache_images)
 
 
 def planned_world_size(train: Mapping[str, Any]) -> int:
@@ -42,6 +43,13 @@ def planned_world_size(train: Mapping[str, Any]) -> int:
     return max(1, count) * max(1, int(train.get("num_nodes", 1)))
 
 
+def check_cache_images(value: Any) -> bool:
+    """A `train.cache_images` entry (true: keep each decoded training image in memory, for small datasets)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"train.cache_images must be true or false, got {value!r}")
+    return value
+
+
 class RunData(pl.LightningDataModule):
     """`train_set` (an index dataset or a `ShardStream`) and `val_set` (an index dataset, or None: no validation)."""
 
@@ -52,13 +60,15 @@ class RunData(pl.LightningDataModule):
 
     @classmethod
     def from_train(cls, train: Mapping[str, Any]) -> RunData:
-        """The data a `train:` section names (`data`, `val_data`, `resolution`, `augment`, `seed`, ...)."""
+        """The data a `train:` section names (`data`, `val_data`, `resolution`, `augment`, `cache_images`, `seed`,
+        ...)."""
         augment = Augment.from_config(train.get("augment"))
         if is_shard_spec(train["data"]):
             train_set: Dataset = ShardStream(train["data"], train["resolution"], augment, seed=int(train["seed"]))
             train_set.check_readers(planned_world_size(train), int(train["num_workers"]))
         else:
-            train_set = open_index(train["data"], "training data", train["resolution"], augment)
+            train_set = open_index(train["data"], "training data", train["resolution"], augment,
+                                   check_cache_images(train.get("cache_images", False)))
         val_set = None
         if train.get("val_data"):
             if is_shard_spec(train["val_data"]):

@@ -107,10 +107,15 @@ def prepare_image(image: Image.Image, resolution: int, augment: Augment | None =
     return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
 
 
+def decode_image(path: str | os.PathLike | BinaryIO) -> Image.Image:
+    """The picture in the file at `path` (or an open binary file) as RGB (`to_rgb`), its EXIF orientation applied."""
+    with Image.open(path) as image:
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
 def load_image(path: str | os.PathLike | BinaryIO, resolution: int, augment: Augment | None = None) -> np.ndarray:
     """`prepare_image` of the file at `path` (or an open binary file), after applying its EXIF orientation."""
-    with Image.open(path) as image:
-        return prepare_image(ImageOps.exif_transpose(image), resolution, augment)
+    return prepare_image(decode_image(path), resolution, augment)
 
 
 def read_index(json_path: str | os.PathLike) -> list[dict[str, str]]:
@@ -154,10 +159,13 @@ class FCDiffusionDataset(SkipsUnreadable, Dataset):
     consecutive failures from one index a RuntimeError says the data is broken rather than looping.
     `failures` counts failed loads per path and `skipped` is their total (per process, see module doc).
     `augment` (random crops and flips) is for small datasets; SD and FCDiffusion train on centre crops.
+    `cache_images` is for small datasets too: each image is decoded once and kept (the prepared array without
+    `augment`, the decoded picture with it), which saves the decoding at every step and changes no pixel; each
+    data-loader worker keeps its own cache.
     """
 
     def __init__(self, json_path: str | os.PathLike, resolution: int = 512, max_retries: int = 32,
-                 augment: Augment | None = None) -> None:
+                 augment: Augment | None = None, cache_images: bool = False) -> None:
         super().__init__()
         self.records = read_index(json_path)
         if not self.records:
@@ -166,6 +174,7 @@ class FCDiffusionDataset(SkipsUnreadable, Dataset):
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         self.resolution, self.augment = resolution, augment
         self.max_retries = max_retries
+        self.cache: dict[str, Image.Image | np.ndarray] | None = {} if cache_images else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -177,7 +186,7 @@ class FCDiffusionDataset(SkipsUnreadable, Dataset):
             record = self.records[(idx + offset) % len(self.records)]
             path = record["img_path"]
             try:
-                image = load_image(path, self.resolution, self.augment)
+                image = self.load(path)
             except Exception as error:  # any decode failure (OSError, SyntaxError, DecompressionBombError, ...)
                 self.skip(path, error)
                 continue
@@ -187,3 +196,13 @@ class FCDiffusionDataset(SkipsUnreadable, Dataset):
             f"({self.records[idx]['img_path']}); check the dataset and the paths in the index, "
             "which are relative to the index file's directory"
         )
+
+    def load(self, path: str) -> np.ndarray:
+        """The training array of the image at `path` (`load_image`), from `cache` when it is kept."""
+        if self.cache is None:
+            return load_image(path, self.resolution, self.augment)
+        if path not in self.cache:
+            decoded = decode_image(path)
+            self.cache[path] = decoded if self.augment is not None else prepare_image(decoded, self.resolution)
+        kept = self.cache[path]
+        return prepare_image(kept, self.resolution, self.augment) if self.augment is not None else kept.copy()

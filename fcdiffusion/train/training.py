@@ -43,7 +43,7 @@ from fcdiffusion.core.errors import RunError
 from fcdiffusion.core.memory import ENCODER_DTYPES, cast_frozen_encoders, check_optimizer, set_gradient_checkpointing
 from fcdiffusion.core.paths import LAST_CHECKPOINT
 from fcdiffusion.core.precision import lightning_precision, precision_dtype
-from fcdiffusion.train.data_module import RunData
+from fcdiffusion.train.data_module import RunData, check_cache_images
 from fcdiffusion.train.dataset import LATENT_GRID, Augment
 from fcdiffusion.train.ema import EMACallback, shards_parameters
 from fcdiffusion.train.image_logger import ImageLogger
@@ -148,6 +148,7 @@ def check_train_section(train: DictConfig) -> None:
     check_optimizer(train.optimizer)
     LRSchedule.from_train(train)
     Augment.from_config(train.get("augment"))
+    check_cache_images(train.get("cache_images", False))
 
 
 class RunFolderError(RunError):
