@@ -4,13 +4,13 @@ The student of `objective: trajectory` learns to walk the teacher's own `teacher
 inference compares it with) in k steps, for every k it is trained for (Luhman & Luhman 2021, "Knowledge
 Distillation in Iterative Generative Models", distil the whole solve; TRACT, Berthelot et al. 2023, split it into
 segments, one per student step; the guided teacher as in Meng et al. 2023). `teacher_trajectory` runs the solve
-once from a noise x_T and keeps its state at each boundary of the student's trailing schedules: the start x_T
-(the student's t = T-1), the states at the inner boundaries, and the solve's final latents. A boundary between two
-grid points of the solve is read off DDIM's own path from the grid point before it (one extra guided evaluation of
-the same input; the solve itself goes on unchanged), so every state lies on the solve whose result the student is
-measured against. `TrajectoryPool` keeps the solved trajectories (with the conditioning they were solved under) so
-that each is computed once and trained on for many steps; `save`/`load` carry a pool to another run (the band-weight
-ablation trains on exactly the trajectories of the run it is compared with).
+once from a noise x_T and keeps its state at each boundary of the student's trailing schedules: the start x_T (the
+student's t = T-1), the states at the inner boundaries, and the solve's final latents. A boundary between two grid
+points of the solve is read off DDIM's own path from the grid point before it (the DDIM update to its alpha on that
+grid point's guided evaluation, which the solve's own step reuses), so every state lies on the solve whose result
+the student is measured against. `TrajectoryPool` keeps the solved trajectories (with the conditioning they were
+solved under) so that each is computed once and trained on for many steps; `save`/`load` carry a pool to another run
+(the band-weight ablation trains on exactly the trajectories of the run it is compared with).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ldm.models.diffusion.sampling import Cond, EpsModel, sample
+from ldm.models.diffusion.ddim import ddim_step
+from ldm.models.diffusion.sampling import Cond, EpsModel, guided_eps
 from ldm.models.diffusion.scheduler import Scheduler, spaced_timesteps
 from ldm.util import atomic_path
 
@@ -35,6 +36,7 @@ def boundary_timesteps(step_counts: Sequence[int], spacing: str, num_timesteps: 
     return sorted(inner, reverse=True)
 
 
+@torch.no_grad()
 @torch.no_grad()
 def teacher_trajectory(apply_model: EpsModel, alphas_cumprod: torch.Tensor, x_T: torch.Tensor, cond: Cond,
                        uncond: Cond, guidance_scale: torch.Tensor, boundaries: Sequence[int], teacher_steps: int,
@@ -55,11 +57,13 @@ def teacher_trajectory(apply_model: EpsModel, alphas_cumprod: torch.Tensor, x_T:
     x = x_T
     for index, (t, a_t, a_next) in enumerate(steps):
         next_t = steps[index + 1][0] if index + 1 < len(steps) else -1
+        # `sample`'s DDIM step, the evaluation kept for a boundary's update: the same numbers, one evaluation less
+        eps = guided_eps(apply_model, x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), cond,
+                         uncond, guidance_scale)
         while pending and pending[0] > next_t:
             b = pending.pop(0)
-            states[b] = x if b >= t else sample(apply_model, x, [(t, a_t, alphas[b])], cond, uncond,
-                                                guidance_scale, sampler="ddim")
-        x = sample(apply_model, x, [(t, a_t, a_next)], cond, uncond, guidance_scale, sampler="ddim")
+            states[b] = x if b >= t else ddim_step(x, eps, a_t, alphas[b])[0]
+        x = ddim_step(x, eps, a_t, a_next)[0]
     states[FINAL] = x
     return states
 
