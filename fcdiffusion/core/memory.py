@@ -10,8 +10,8 @@ state that `fcdiffusion.apps.train_memory` composes its figures from.
   values, kept on the host, so checkpoints written with the option equal those written without it.
 - `make_optimizer` builds AdamW (the fused CUDA kernel on a GPU: no whole-size temporaries in the step; elsewhere
   the multi-tensor form, `ldm.util.FOREACH`) or bitsandbytes' `AdamW8bit` (8-bit blockwise states: a quarter of
-  AdamW's state bytes); `check_optimizer` refuses
-  an unknown name, or `adamw8bit` without bitsandbytes, before any model is built.
+  AdamW's state bytes); `check_optimizer` refuses an unknown name, or `adamw8bit` without bitsandbytes, before any
+  model is built.
 """
 from __future__ import annotations
 
