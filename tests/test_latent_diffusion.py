@@ -93,6 +93,34 @@ def test_training_step_lowers_loss_on_a_fixed_batch_and_keeps_frozen_parts(tiny)
     assert all(torch.equal(v, tiny.first_stage_model.state_dict()[k]) for k, v in vae_before.items())
 
 
+def test_latent_cache_encodes_each_image_once_for_the_same_latents(tiny, monkeypatch):
+    """With `latent_cache`, a batch of images seen before is served from the cache (in any order and company) and
+    one with a new image is encoded; the latents, posterior samples included, are those of encoding every batch."""
+    torch.manual_seed(0)
+    images = torch.rand(3, 128, 128, 3) * 2 - 1
+    batches = [[0, 1], [1, 0], [2, 1], [2, 0]]
+
+    def batch(rows):
+        return {"jpg": images[rows], "txt": ["a cat"] * len(rows), "path": [f"photo{i}.png" for i in rows]}
+
+    def latents():
+        torch.manual_seed(5)
+        return [tiny.get_input(batch(rows))[0] for rows in batches]
+
+    plain = latents()
+    encoded = []
+    encode = tiny.first_stage_model.encode
+    monkeypatch.setattr(tiny.first_stage_model, "encode", lambda x: encoded.append(len(x)) or encode(x))
+    tiny.latent_cache = {}
+    try:
+        cached = latents()
+    finally:
+        tiny.latent_cache = None
+    assert encoded == [2, 2]  # [0, 1] and [2, 1] (photo2 is new); [1, 0] and [2, 0] come from the cache
+    assert all(torch.equal(a, b) for a, b in zip(cached, plain))
+    assert not torch.equal(plain[0], plain[1])  # the posterior samples differ from draw to draw
+
+
 def test_text_to_image_samples_are_guided_ddim_from_seeded_noise(tiny):
     """log_images' samples: the shared loop with guided DDIM on SD's uniform Scheduler, from noise seeded by `seed`."""
     tiny.eval()

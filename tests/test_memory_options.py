@@ -8,6 +8,7 @@ import sys
 import types
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
@@ -15,7 +16,13 @@ import fcdiffusion_train
 from fcdiffusion.apps.train_memory import Build, Step, compose, fit_line, fits, project, static_bytes
 from fcdiffusion.core import memory
 from fcdiffusion.core.frequency import CONTROL_MODES
-from fcdiffusion.train.training import OPTIMIZER_KEY, apply_memory_options, check_train_section, resume_checkpoint
+from fcdiffusion.train.training import (
+    OPTIMIZER_KEY,
+    apply_latent_cache,
+    apply_memory_options,
+    check_train_section,
+    resume_checkpoint,
+)
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from tests.helpers import tiny_model, train_args
 from tests.test_distiller import fixed_inputs, make_distiller
@@ -138,9 +145,12 @@ TRAIN = {"max_steps": 1, "batch_size": 1, "checkpoint_every": 1, "resolution": 6
 def test_run_options_are_checked_before_any_model(tmp_path):
     for bad, message in (({"encoder_dtype": "fp16"}, "--encoder_dtype"), ({"optimizer": "lion"}, "--optimizer"),
                          ({"gradient_checkpointing": "sometimes"}, "--gradient_checkpointing"),
-                         ({"cache_images": "yes"}, "train.cache_images")):
+                         ({"cache_images": "yes"}, "train.cache_images"), ({"cache_latents": 1}, "train.cache_latents"),
+                         ({"cache_latents": True, "augment": {"hflip": True}}, "leave out train.augment")):
         with pytest.raises(ValueError, match=message):
             check_train_section(OmegaConf.create({**TRAIN, **bad}))
+    with pytest.raises(ValueError, match="no frozen VAE"):
+        apply_latent_cache(pl.LightningModule(), OmegaConf.create({"cache_latents": True}))
     # A run resumes only with the optimizer whose state its checkpoint holds.
     folder = tmp_path / "run"
     folder.mkdir()

@@ -48,6 +48,7 @@ from fcdiffusion.train.dataset import LATENT_GRID, Augment
 from fcdiffusion.train.ema import EMACallback, shards_parameters
 from fcdiffusion.train.image_logger import ImageLogger
 from fcdiffusion.train.lr_schedule import LRSchedule
+from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import atomic_path
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,11 @@ def check_train_section(train: DictConfig) -> None:
     LRSchedule.from_train(train)
     Augment.from_config(train.get("augment"))
     check_cache_images(train.get("cache_images", False))
+    if not isinstance(train.get("cache_latents", False), bool):
+        raise ValueError(f"train.cache_latents must be true or false, got {train.cache_latents!r}")
+    if train.get("cache_latents") and train.get("augment"):
+        raise ValueError("train.cache_latents keeps one latent per image, so it needs the same image at every step: "
+                         "leave out train.augment (its random crops change the image) or train.cache_latents")
 
 
 class RunFolderError(RunError):
@@ -401,6 +407,19 @@ def apply_memory_options(module: pl.LightningModule, train: DictConfig) -> None:
         raise ValueError(f"{type(module).__name__} takes no --optimizer")
 
 
+def apply_latent_cache(module: pl.LightningModule, train: DictConfig) -> None:
+    """`train.cache_latents`: every latent-diffusion model of `module` keeps its training images' VAE posteriors
+    (`LatentDiffusion.first_stage_posterior`: the frozen encoder runs once per image); a ValueError for a module
+    without one (an autoencoder trains its encoder)."""
+    if not train.get("cache_latents", False):
+        return
+    models = [m for m in (module.models() if hasattr(module, "models") else [module]) if isinstance(m, LatentDiffusion)]
+    if not models:
+        raise ValueError(f"{type(module).__name__} encodes with no frozen VAE: leave out train.cache_latents")
+    for model in models:
+        model.latent_cache = {}
+
+
 def fit(module: pl.LightningModule, data: RunData, train: DictConfig, trainer: pl.Trainer,
         resume_from: str | None, last: str | os.PathLike) -> None:
     """Train `module` on `data` up to `max_steps`, resuming from `resume_from` if given, and leave `last` up to date
@@ -415,6 +434,7 @@ def fit(module: pl.LightningModule, data: RunData, train: DictConfig, trainer: p
     elif schedule != LRSchedule(total_steps=schedule.total_steps):
         raise ValueError(f"{type(module).__name__} takes no --lr_schedule or --warmup_steps")
     apply_memory_options(module, train)
+    apply_latent_cache(module, train)
     if train.ema_decay and shards_parameters(trainer.strategy):
         raise ValueError(f"--ema_decay needs whole parameters on every device, which "
                          f"{type(trainer.strategy).__name__} splits; use ddp or deepspeed_stage_2, or leave EMA off")

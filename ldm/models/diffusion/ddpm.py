@@ -20,6 +20,7 @@ from ldm.checkpoint import load_weights
 from ldm.models.diffusion.sampling import sample
 from ldm.models.diffusion.scheduler import Scheduler
 from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import FOREACH, count_params, instantiate_from_config
 
 
@@ -79,6 +80,8 @@ class LatentDiffusion(pl.LightningModule):
         self.learning_rate = learning_rate
 
         self.model = DiffusionWrapper(unet_config, conditioning_key)
+        # image key -> its posterior's parameters, or None: encode every batch (`first_stage_posterior`)
+        self.latent_cache: dict[str, torch.Tensor] | None = None
         self.first_stage_model = freeze(instantiate_from_config(first_stage_config))
         self.cond_stage_model = freeze(instantiate_from_config(cond_stage_config))
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end)
@@ -145,6 +148,21 @@ class LatentDiffusion(pl.LightningModule):
         """Images (B, 3, H, W) in [-1, 1] -> the autoencoder's diagonal Gaussian posterior."""
         return self.first_stage_model.encode(x)
 
+    @torch.no_grad()
+    def first_stage_posterior(self, x: torch.Tensor, keys: Sequence[str] | None = None) -> DiagonalGaussianDistribution:
+        """The posterior of images `x` (`encode_first_stage`). With `latent_cache` a dict and `keys` naming the images
+        (a batch's "path"), a batch whose images were all seen before is served from the cache and any other batch
+        is encoded and cached: the frozen encoder runs once per image instead of at every step, for training on the
+        same fixed images many times (no random crops: the caller checks). The same parameters, so the same
+        latents."""
+        cache = self.latent_cache
+        if cache is not None and keys is not None and all(key in cache for key in keys):
+            return DiagonalGaussianDistribution(torch.stack([cache[key] for key in keys]))
+        posterior = self.encode_first_stage(x)
+        if cache is not None and keys is not None:
+            cache.update(zip(keys, posterior.parameters))
+        return posterior
+
     def get_first_stage_encoding(self, posterior: Any, sample: bool = True,
                                  generator: torch.Generator | None = None) -> torch.Tensor:
         """A scaled latent from the posterior: a sample (training, as SD) or its mean."""
@@ -164,9 +182,10 @@ class LatentDiffusion(pl.LightningModule):
         x = torch.as_tensor(np.asarray(x)) if not torch.is_tensor(x) else x
         x = rearrange(x, "b h w c -> b c h w").to(self.device, memory_format=torch.contiguous_format).float()
         prompts = list(batch[self.cond_stage_key])
+        keys = list(batch["path"]) if "path" in batch else None
         if bs is not None:
-            x, prompts = x[:bs], prompts[:bs]
-        z = self.get_first_stage_encoding(self.encode_first_stage(x), sample=sample_posterior)
+            x, prompts, keys = x[:bs], prompts[:bs], keys and keys[:bs]
+        z = self.get_first_stage_encoding(self.first_stage_posterior(x, keys), sample=sample_posterior)
         return z, self.get_learned_conditioning(prompts)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
