@@ -43,10 +43,12 @@ def planned_world_size(train: Mapping[str, Any]) -> int:
     return max(1, count) * max(1, int(train.get("num_nodes", 1)))
 
 
-def check_cache_images(value: Any) -> bool:
-    """A `train.cache_images` entry (true: keep each decoded training image in memory, for small datasets)."""
+def train_switch(train: Mapping[str, Any], name: str) -> bool:
+    """The true/false `train:` entry `name` (false when absent), such as `cache_images` (keep each decoded training
+    image in memory, for small datasets); a ValueError for any other value."""
+    value = train.get(name, False)
     if not isinstance(value, bool):
-        raise ValueError(f"train.cache_images must be true or false, got {value!r}")
+        raise ValueError(f"train.{name} must be true or false, got {value!r}")
     return value
 
 
@@ -68,7 +70,7 @@ class RunData(pl.LightningDataModule):
             train_set.check_readers(planned_world_size(train), int(train["num_workers"]))
         else:
             train_set = open_index(train["data"], "training data", train["resolution"], augment,
-                                   check_cache_images(train.get("cache_images", False)))
+                                   train_switch(train, "cache_images"))
         val_set = None
         if train.get("val_data"):
             if is_shard_spec(train["val_data"]):

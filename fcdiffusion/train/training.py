@@ -43,7 +43,7 @@ from fcdiffusion.core.errors import RunError
 from fcdiffusion.core.memory import ENCODER_DTYPES, cast_frozen_encoders, check_optimizer, set_gradient_checkpointing
 from fcdiffusion.core.paths import LAST_CHECKPOINT
 from fcdiffusion.core.precision import lightning_precision, precision_dtype
-from fcdiffusion.train.data_module import RunData, check_cache_images
+from fcdiffusion.train.data_module import RunData, train_switch
 from fcdiffusion.train.dataset import LATENT_GRID, Augment
 from fcdiffusion.train.ema import EMACallback, shards_parameters
 from fcdiffusion.train.image_logger import ImageLogger
@@ -149,10 +149,8 @@ def check_train_section(train: DictConfig) -> None:
     check_optimizer(train.optimizer)
     LRSchedule.from_train(train)
     Augment.from_config(train.get("augment"))
-    check_cache_images(train.get("cache_images", False))
-    if not isinstance(train.get("cache_latents", False), bool):
-        raise ValueError(f"train.cache_latents must be true or false, got {train.cache_latents!r}")
-    if train.get("cache_latents") and train.get("augment"):
+    train_switch(train, "cache_images")
+    if train_switch(train, "cache_latents") and train.get("augment"):
         raise ValueError("train.cache_latents keeps one latent per image, so it needs the same image at every step: "
                          "leave out train.augment (its random crops change the image) or train.cache_latents")
 
@@ -411,7 +409,7 @@ def apply_latent_cache(module: pl.LightningModule, train: DictConfig) -> None:
     """`train.cache_latents`: every latent-diffusion model of `module` keeps its training images' VAE posteriors
     (`LatentDiffusion.first_stage_posterior`: the frozen encoder runs once per image); a ValueError for a module
     without one (an autoencoder trains its encoder)."""
-    if not train.get("cache_latents", False):
+    if not train_switch(train, "cache_latents"):
         return
     models = [m for m in (module.models() if hasattr(module, "models") else [module]) if isinstance(m, LatentDiffusion)]
     if not models:
