@@ -1,15 +1,20 @@
 """Peak memory of one training step, teacher and distiller, at the SD 2.1-base architecture (random weights), over
 the recipes that matter, and which GPU (16, 24, 40, 80 GB) each fits: `make memory-benchmark`.
 
-    python benchmarks/memory_benchmark.py                            # CUDA: measured at 512 px; CPU: projected
-    python benchmarks/memory_benchmark.py --resolutions 128 192 --guard_gib 9 --out outputs/memory/memory.json
+    python benchmarks/memory_benchmark.py                       # CUDA: the allocator's peak; CPU: counted, 512 px
+    python benchmarks/memory_benchmark.py --measure rss --resolutions 128 192 --guard_gib 9   # CPU cross-check
 
 Each build (teacher or distiller, trained set, teachers' dtype) is measured in its own process, one at a time, killed
-when its resident set passes `--guard_gib` (what it measured until then is kept). On CUDA the figures are the
-allocator's peak over two real optimizer steps (`torch.cuda.max_memory_allocated`), with the step time. On a CPU they
-are composed: the exact bytes of the weights, gradients and optimizer state plus the measured peak above the weights,
-projected to `--target` px from `--resolutions` (how: `fcdiffusion/apps/train_memory.py`). Writes the records
-(`--records`, JSON lines, reused by a later run with `--reuse`), the figures (`--out`) and the table (`--markdown`).
+when its resident set passes `--guard_gib` (what it measured until then is kept), by `--measure`:
+- `cuda` (the default on a GPU): the allocator's peak over two real optimizer steps (`torch.cuda.max_memory_allocated`),
+  with the step time;
+- `count` (the default on a CPU): the same two steps of the same whole module at `--target` px on fake tensors (no
+  memory, no compute; about a minute a build), every tensor counted op by op;
+- `rss`: real steps at the small `--resolutions`, the process's peak resident set above its weights projected to
+  `--target` px and added to the exact bytes of the weights, gradients and optimizer state; each record also counts
+  its step's tensors, the cross-check of `count`.
+How: `fcdiffusion/apps/train_memory.py`. Writes the records (`--records`, JSON lines, reused by a later run with
+`--reuse`), the figures (`--out`) and the table (`--markdown`).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from fcdiffusion.apps.train_memory import (
     CARDS_GIB,
     GIB,
     HEADROOM_GIB,
+    MEASURES,
     TEACHER_SETS,
     TRAINABLE_SETS,
     Build,
@@ -55,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser(__doc__)
     parser.add_argument("--sd_config", default="configs/model_config.yaml")
     cli.add_device_flag(parser)
+    parser.add_argument("--measure", choices=sorted(MEASURES),
+                        help="how: cuda (the allocator's peak), count (tensors counted on fake tensors) or rss (a CPU "
+                             "process's resident set, projected); default: cuda on a GPU, else count")
     parser.add_argument("--resolutions", type=int, nargs="+",
-                        help="image sizes measured (default: 512 on CUDA, 128 192 on a CPU)")
+                        help="image sizes measured (default: --target, and 128 192 for --measure rss)")
     parser.add_argument("--target", type=int, default=512, help="image size of the table")
     parser.add_argument("--samples", type=int, default=4,
                         help="images per step through the trained network (a teacher's batch; the distiller's batch "
@@ -78,19 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(device: torch.device, resolutions: Sequence[int], samples: int) -> tuple[list[Build], list[Step]]:
-    """The builds to measure and the steps each measures. On CUDA the full modules, each frozen-encoder dtype; on a
-    CPU one teacher per distiller and the encoders in bf16 (their weights are composed exactly either way), and the
-    float32-teacher distiller that trains a float32 control net last (it may pass the guard; a proxy stands in).
-    The recipes the README recommends come first, so a run cut short has them."""
+def plan(measure: str, resolutions: Sequence[int], samples: int) -> tuple[list[Build], list[Step]]:
+    """The builds to measure and the steps each measures. Measuring `cuda` or `count`: the full modules, each
+    frozen-encoder dtype; `rss`: one teacher per distiller, the distillers' encoders in bf16 and the teachers' in
+    float32 (their weights are composed exactly either way; a teacher's float32 step is its quickest on a CPU
+    without bf16 instructions, where a bf16 convolution runs tens of times slower), and the float32-teacher
+    distiller that trains a float32 control net last (it may pass the guard; a proxy stands in). The recipes the
+    README recommends come first, so a run cut short has them."""
     steps = [Step(c, p, r, samples) for r in resolutions for c in (True, False) for p in ("fp32", "bf16")]
-    if device.type == "cuda":
+    if measure != "rss":
         builds = [Build("teacher", t, "fp32", e) for t in TEACHER_SETS for e in ("fp32", "bf16")]
         builds += [Build("distiller", t, "fp32", e) for t in TRAINABLE_SETS for e in ("fp32", "bf16")]
         builds += [Build("distiller", t, "bf16", "bf16") for t in TRAINABLE_SETS]
         return builds, steps
     builds = [Build("distiller", t, "bf16", "bf16", 1) for t in TEACHER_SETS]
-    builds += [Build("teacher", t, "fp32", "bf16", 1) for t in reversed(TEACHER_SETS)]
+    builds += [Build("teacher", t, "fp32", "fp32", 1) for t in reversed(TEACHER_SETS)]
     builds += [Build("distiller", "lora", d, "bf16", 1) for d in ("bf16", "fp32")]
     builds += [Build("distiller", t, "fp32", "bf16", 1) for t in TEACHER_SETS]
     return builds, steps
@@ -112,7 +123,8 @@ def measure_in_child(build: Build, steps: Sequence[Step], args: argparse.Namespa
     """Run one build's measurements in a niced child process under the resident-set guard; append its records to
     `records` as they come. Returns (how many records, why it ended)."""
     job = json.dumps({"build": asdict(build), "steps": [asdict(s) for s in steps], "optimizers": list(optimizers)})
-    cmd = [sys.executable, __file__, "--worker", job, "--sd_config", args.sd_config, "--device", args.device]
+    cmd = [sys.executable, __file__, "--worker", job, "--sd_config", args.sd_config, "--device", args.device,
+           "--measure", args.measure]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=worker_environment(args.threads),
                              preexec_fn=lambda: os.nice(10))
     guard = args.guard_gib * GIB
@@ -135,8 +147,9 @@ def measure_in_child(build: Build, steps: Sequence[Step], args: argparse.Namespa
                 out.write(line[len(MARK):])
             count += 1
             record = json.loads(line[len(MARK):])
+            took = "" if record["step_s"] is None else f", {record['step_s']} s"
             print(f"  {record['step']} -> {record['dynamic_bytes'] / GIB:.2f} GiB above the weights "
-                  f"(peak {record['peak_bytes'] / GIB:.2f} GiB, {record['step_s']} s)", flush=True)
+                  f"(peak {record['peak_bytes'] / GIB:.2f} GiB{took})", flush=True)
     status = child.wait()
     if killed.is_set():
         return count, f"killed: resident set above {args.guard_gib} GiB"
@@ -151,7 +164,7 @@ def run_worker(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     optimizers = [name for name in job["optimizers"] if name == "adamw" or _installed(name)]
     measure_build(config, Build(**job["build"]), [Step(**s) for s in job["steps"]], device, optimizers,
-                  emit_json_line)
+                  emit_json_line, args.measure)
 
 
 def _installed(name: str) -> bool:
@@ -168,13 +181,16 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
         run_worker(args)
         return
     device = resolve_device(args.device)
-    resolutions = args.resolutions or ([args.target] if device.type == "cuda" else [128, 192])
+    args.measure = args.measure or ("cuda" if device.type == "cuda" else "count")
+    if args.measure == "cuda" and device.type != "cuda":
+        raise ValueError(f"--measure cuda needs a CUDA device, got {device}: use --measure count or rss")
+    resolutions = args.resolutions or ([128, 192] if args.measure == "rss" else [args.target])
     if any(size < LATENT_GRID or size % LATENT_GRID for size in [args.target, *resolutions]):
         raise ValueError(f"--target and --resolutions must be multiples of {LATENT_GRID} px, got {args.target} and "
                          f"{resolutions}")
     if args.guard_gib <= 0 or args.samples < 1:
         raise ValueError("--guard_gib must be positive and --samples at least 1")
-    builds, steps = plan(device, resolutions, args.samples)
+    builds, steps = plan(args.measure, resolutions, args.samples)
     if args.only:
         builds = [b for b in builds if any(part in b.key() for part in args.only)]
     records_path = Path(args.records)
@@ -197,7 +213,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> None:
     table = table_markdown(rows, args.optimizers)
     print("\n" + table)
     figures: dict[str, Any] = {
-        "hardware": {"device": device_name(device), "torch": torch.__version__},
+        "hardware": {"device": device_name(device), "torch": torch.__version__}, "measure": args.measure,
         "target_resolution": args.target, "measured_resolutions": resolutions, "samples_per_step": args.samples,
         "cards_gib": list(CARDS_GIB), "headroom_gib": HEADROOM_GIB, "runs": runs, "rows": rows, "records": records}
     atomic_write_text(args.out, json.dumps(figures, indent=2) + "\n")

@@ -3,23 +3,26 @@ for the recipes that matter, and which GPU each recipe fits (`benchmarks/memory_
 
 A recipe is a trained set (control net + decoder, control net only, LoRA), the teachers' dtype (the distiller),
 the frozen encoders' dtype, gradient checkpointing on or off, the precision (32 or bf16-mixed) and the optimizer
-(AdamW, or 8-bit AdamW). Each `Build` is measured in its own process (`measure_build`), one `Step` after another:
+(AdamW, or 8-bit AdamW). Each `Build` is measured in its own process (`measure_build`), one `Step` after another,
+in one of three ways (`MEASURES`):
 
-- On CUDA the whole module is built (the distiller with its four teachers), the real optimizer steps twice per
-  `Step`, and the figure is `torch.cuda.max_memory_allocated()`: weights, gradients, optimizer state and
+- `cuda`, on a CUDA GPU: the whole module is built (the distiller with its four teachers), the real optimizer steps
+  twice per `Step`, and the figure is `torch.cuda.max_memory_allocated()`: weights, gradients, optimizer state and
   activations, measured at the resolution asked for (512 px by default).
-- On a CPU the SD-size distiller does not fit a small machine, so the process holds one teacher (its batch of
-  four images standing in for four teachers at one image each, which over- rather than under-counts the teacher
-  solve) and measures the peak resident set above the resident weights (`/proc/self/status` VmHWM after resetting
-  it): activations, the frozen teachers' no-grad solve, autocast's casts. Gradients are dropped as they are made
-  and no optimizer steps. `compose` then adds the exact bytes of the full module's weights, of the gradients and
-  of the optimizer state (`fcdiffusion.core.memory`), all read from shapes and dtypes on the meta device, and
-  projects the measured part to the target resolution by a least-squares line in the pixel count
-  (activations grow with H x W; attention runs as `scaled_dot_product_attention`, without an H·W x H·W matrix).
-  Gradients and activations are added as if held at once, which backward never does: an upper bound.
+- `count`, anywhere (the default on a CPU): the same whole module and the same two optimizer steps on fake tensors
+  (shapes and dtypes, no memory, no compute), with every tensor the step holds counted op by op
+  (`fcdiffusion.apps.tensor_memory`): the bytes the allocator would be asked for at 512 px, less its rounding,
+  fragmentation and the libraries' workspaces, which the cards' headroom (`HEADROOM_GIB`) is for.
+- `rss`, on a CPU, with real compute: the process holds one teacher (its batch of four images standing in for four
+  teachers at one image each) and measures the peak resident set above the resident weights (VmHWM after
+  resetting it), with gradients dropped as they are made and no optimizer step; `compose` adds the exact bytes of
+  the full module's weights, gradients and optimizer state (`fcdiffusion.core.memory`) and projects the measured
+  part to the target size by a least-squares line in the pixel count. It is the cross-check of `count`: each of its
+  records also counts the step's tensors, which the resident set must hold and more.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -28,10 +31,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
 from fcdiffusion.apps.benchmark import resized_config
+from fcdiffusion.apps.tensor_memory import TensorMemory, fake_tensors, real
 from fcdiffusion.core.devices import synchronize
 from fcdiffusion.core.frequency import CONTROL_MODES
 from fcdiffusion.core.memory import (
@@ -50,6 +56,7 @@ from ldm.models.diffusion.ddpm import LatentDiffusion
 GIB = 2 ** 30
 CARDS_GIB = (16, 24, 40, 80)
 HEADROOM_GIB = 2.0  # kept free on a card: the CUDA context, the allocator's fragmentation
+TRAJECTORY_POOL = 1024  # configs/distill_config.yaml's trajectory_pool: the solved examples a distiller keeps
 TRAINABLE_SETS = {"control_net+decoder": ("control_net", "output_blocks"), "control_net": ("control_net",),
                   "lora": ("lora",)}
 TEACHER_SETS = ("control_net+decoder", "control_net")  # teachers train no LoRA
@@ -106,7 +113,10 @@ def build_module(config: Mapping[str, Any], build: Build, resolution: int) -> nn
     """The module a step trains, on the meta device (no memory): `FCDiffusion` or `FrequencyDistiller`. The
     distiller's step is measured with one guided teacher evaluation without graph, then the student's forward and
     backward: the peak of a trajectory-objective step too, whose teacher solve is such evaluations one after
-    another (their activations are freed between them) and whose student pass is the same."""
+    another (their activations are freed between them) and whose student pass is the same. What that objective
+    keeps besides, its pool of solved trajectories, is `trajectory_bytes` per trajectory, from a solve of
+    `teacher_steps` 4: a solve keeps the states at the student's boundaries (those of 4 steps hold those of 1 and
+    2), however many steps it takes."""
     if build.role == "teacher":
         return build_on_meta(model_config(config, build, resolution))
     if build.role != "distiller":
@@ -114,7 +124,7 @@ def build_module(config: Mapping[str, Any], build: Build, resolution: int) -> nn
     return FrequencyDistiller(model_config(config, build, resolution), modes=CONTROL_MODES[:build.teachers],
                               student={"trainable": list(TRAINABLE_SETS[build.trainable])},
                               distill={"teacher_dtype": build.teacher_dtype, "objective": "progressive",
-                                       "student_steps": 4, "teacher_substeps": 1})
+                                       "student_steps": 4, "teacher_substeps": 1, "teacher_steps": 4})
 
 
 def models_of(module: nn.Module) -> list[nn.Module]:
@@ -127,9 +137,10 @@ def trained_parameters(module: nn.Module) -> list[nn.Parameter]:
     return list(module.student.trainable_parameters() if hasattr(module, "student") else module.trainable_parameters())
 
 
-def materialize(module: nn.Module, device: torch.device) -> nn.Module:
+def materialize(module: nn.Module, device: torch.device, fake: bool = False) -> nn.Module:
     """Give every meta tensor of `module`'s models real memory on `device`, small random values (parameters) or the
-    noise schedule (buffers), keeping each tensor shared by several models shared."""
+    noise schedule (buffers), keeping each tensor shared by several models shared. With `fake` (inside
+    `tensor_memory.fake_tensors`) the tensors are fake ones on `device`: no memory, and nothing is moved."""
     replaced: dict[int, torch.Tensor] = {}
     old: list[torch.Tensor] = []  # held so that no id is reused while `replaced` is keyed by ids
     for model in models_of(module):
@@ -148,8 +159,15 @@ def materialize(module: nn.Module, device: torch.device) -> nn.Module:
     for model in models_of(module):
         if isinstance(model, LatentDiffusion):
             params = getattr(model, "build_params", {})
-            model.register_schedule(params.get("beta_schedule", "linear"), model.num_timesteps,
-                                    params.get("linear_start", 0.00085), params.get("linear_end", 0.012))
+            register = real(model.register_schedule) if fake else model.register_schedule  # numpy inside
+            register(params.get("beta_schedule", "linear"), model.num_timesteps, params.get("linear_start", 0.00085),
+                     params.get("linear_end", 0.012))
+    if fake:  # Module.to cannot swap fake tensors; they are on `device` already, which Lightning must know
+        for model in [module, *models_of(module)]:
+            for sub in model.modules():
+                if isinstance(sub, pl.LightningModule):
+                    sub._device = device  # what LightningModule.to records
+        return module
     module.to(device)
     if hasattr(module, "student"):
         module.student.to(device)
@@ -244,49 +262,121 @@ def _drop_gradient(p: torch.Tensor) -> None:
     p.grad = None
 
 
-def measure_build(config: Mapping[str, Any], build: Build, steps: Sequence[Step], device: torch.device,
-                  optimizers: Sequence[str] = ("adamw",), emit: Callable[[dict[str, Any]], None] = print) -> None:
-    """Build `build` at the SD config `config` on `device` and measure each of `steps`, calling `emit` with one
-    record per measurement (so a process killed later keeps what it reported).
+# How a record's figure was taken: the CUDA allocator's peak, tensors counted op by op (fake tensors, any size, on
+# any machine), or the resident set of a CPU process above its weights (real compute, small sizes).
+MEASURES = {"cuda": "cuda_max_memory_allocated", "count": "counted_tensor_peak", "rss": "cpu_peak_rss_above_resident"}
+WHOLE_PEAKS = (MEASURES["cuda"], MEASURES["count"])  # records that hold a whole step's peak, not a part to compose
 
-    On CUDA each optimizer of `optimizers` steps twice per `Step` and the record's `peak_bytes` is the allocator's
-    peak; on a CPU gradients are dropped as they are made, nothing steps, and `dynamic_bytes` is the peak resident
-    set above the one before the step.
+
+def measure_build(config: Mapping[str, Any], build: Build, steps: Sequence[Step], device: torch.device,
+                  optimizers: Sequence[str] = ("adamw",), emit: Callable[[dict[str, Any]], None] = print,
+                  measure: str | None = None) -> None:
+    """Build `build` at the SD config `config` on `device` and measure each of `steps`, calling `emit` with one
+    record per measurement (so a process killed later keeps what it reported). `measure` (`MEASURES`; default
+    `cuda` on a CUDA device, else `count`):
+
+    - `cuda`: each optimizer of `optimizers` steps twice per `Step`; `peak_bytes` is the allocator's peak.
+    - `count`: the module is made of fake tensors on `device` (no memory, no compute), AdamW steps twice per
+      `Step` as its fused CUDA kernel does (no temporaries), and `peak_bytes` is the tensors' peak counted op by op
+      (`tensor_memory.TensorMemory`): weights, gradients, optimizer state and activations of the whole module at
+      any size. An 8-bit optimizer cannot run on fake tensors; `compose` swaps its exact state bytes in.
+    - `rss`: gradients are dropped as they are made, nothing steps, and `dynamic_bytes` is the peak resident set
+      above the one before the step; `counted_dynamic_bytes` counts the same step's new tensors, the part of it
+      that is tensors (the rest: the allocator, the libraries' buffers).
     """
+    measure = measure or ("cuda" if device.type == "cuda" else "count")
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; valid: {', '.join(MEASURES)}")
     torch.manual_seed(0)
     started = time.perf_counter()
-    module = materialize(build_module(config, build, min(s.resolution for s in steps)), device)
+    meta = build_module(config, build, min(s.resolution for s in steps))  # outside fake mode: open_clip moves modules
+    with fake_tensors() if measure == "count" else contextlib.nullcontext():
+        module = prepare_module(meta, build, device, fake=measure == "count")
+        header = {"build": asdict(build), "device": str(device), "build_s": round(time.perf_counter() - started, 1),
+                  "measure": MEASURES[measure]}
+        if measure != "rss" and hasattr(module, "solve_trajectories"):
+            header["trajectory_bytes"] = trajectory_bytes(module, random_batch(steps[0], steps[0].samples // len(
+                module.modes)))
+        if measure == "rss":
+            _measure_rss(module, steps, device, header, emit)
+        else:
+            names = ["adamw"] if measure == "count" else optimizers
+            _measure_steps(module, steps, device, names, header, emit, counted=measure == "count")
+
+
+def prepare_module(meta: nn.Module, build: Build, device: torch.device, fake: bool = False) -> nn.Module:
+    """`build`'s training module (`build_module`) on `device` in train mode: random weights (fake ones with `fake`),
+    the frozen encoders in `build.encoder_dtype`, layers computing in their weights' dtype where the teachers are
+    not float32."""
+    module = materialize(meta, device, fake)
     if build.encoder_dtype != "fp32":
         cast_frozen_encoders(models_of(module), PRECISIONS[build.encoder_dtype])
     if hasattr(module, "student") and build.teacher_dtype != "fp32":
         for model in models_of(module):
             follow_weight_dtype(model)
     module.train()
+    return module
+
+
+def trajectory_bytes(module: nn.Module, batch: Mapping[str, Any]) -> float:
+    """Bytes one solved trajectory holds in a distiller's pool (states, conditioning, guidance scale), from a solve
+    of `batch` for every mode: its distinct tensor storages (a batch's shared context counted once) over the
+    trajectories it gave."""
+    with torch.no_grad():
+        trajectories = module.solve_trajectories(*module.student.get_input(batch), module.modes)
+    held = TensorMemory(tree_leaves([(t.cond, t.guidance_scale, t.states) for t in trajectories]))
+    return held.current / len(trajectories)
+
+
+def _tensors_of(module: nn.Module) -> Iterable[torch.Tensor]:
+    for model in [module, *models_of(module)]:
+        yield from model.parameters()
+        yield from model.buffers()
+
+
+def _measure_steps(module: nn.Module, steps: Sequence[Step], device: torch.device, optimizers: Sequence[str],
+                   header: Mapping[str, Any], emit: Callable[[dict[str, Any]], None], counted: bool) -> None:
+    """Two real optimizer steps per `Step` and optimizer; the peak from the CUDA allocator or counted."""
     trained = trained_parameters(module)
-    cuda = device.type == "cuda"
-    if not cuda:
-        for p in trained:
-            p.register_post_accumulate_grad_hook(_drop_gradient)
+    meter = TensorMemory(_tensors_of(module)) if counted else PeakMeter(device)
+    for optimizer_name in optimizers:
+        with meter if counted else contextlib.nullcontext():
+            optimizer = (torch.optim.AdamW(trained, lr=1e-5, fused=True) if counted
+                         else make_optimizer(trained, 1e-5, optimizer_name))
+            for step in steps:
+                set_gradient_checkpointing(models_of(module), step.checkpointing)
+                batch = random_batch(step, step.samples // (len(module.modes) if hasattr(module, "modes") else 1))
+                base = meter.reset_peak() if counted else meter.reset()
+                started = time.perf_counter()
+                for _ in range(2):
+                    run_step(module, batch, step, device, optimizer)
+                synchronize(device)
+                peak = meter.peak if counted else meter.peak()
+                emit({**header, "step": asdict(step), "optimizer": optimizer_name, "base_bytes": base,
+                      "peak_bytes": peak, "dynamic_bytes": peak - base,
+                      "step_s": None if counted else round((time.perf_counter() - started) / 2, 2)})
+            del optimizer, batch
+            gc.collect()
+
+
+def _measure_rss(module: nn.Module, steps: Sequence[Step], device: torch.device, header: Mapping[str, Any],
+                 emit: Callable[[dict[str, Any]], None]) -> None:
+    """One step per `Step`, gradients dropped as they are made: the resident set's peak above the weights, and the
+    new tensors' peak counted in the same step."""
+    for p in trained_parameters(module):
+        p.register_post_accumulate_grad_hook(_drop_gradient)
     meter = PeakMeter(device)
-    header = {"build": asdict(build), "device": str(device), "build_s": round(time.perf_counter() - started, 1)}
-    for optimizer_name in optimizers if cuda else [None]:
-        optimizer = make_optimizer(trained, 1e-5, optimizer_name) if optimizer_name else None
-        for step in steps:
-            set_gradient_checkpointing(models_of(module), step.checkpointing)
-            images = step.samples // (len(module.modes) if hasattr(module, "modes") else 1)
-            batch = random_batch(step, images)
-            base = meter.reset()
-            started = time.perf_counter()
-            for _ in range(2 if cuda else 1):
-                run_step(module, batch, step, device, optimizer)
-            synchronize(device)
-            seconds = (time.perf_counter() - started) / (2 if cuda else 1)
-            peak = meter.peak()
-            emit({**header, "step": asdict(step), "optimizer": optimizer_name, "base_bytes": base,
-                  "peak_bytes": peak, "dynamic_bytes": peak - base, "step_s": round(seconds, 2),
-                  "measure": "cuda_max_memory_allocated" if cuda else "cpu_peak_rss_above_resident"})
-        del optimizer
-        gc.collect()
+    for step in steps:
+        set_gradient_checkpointing(models_of(module), step.checkpointing)
+        batch = random_batch(step, step.samples // (len(module.modes) if hasattr(module, "modes") else 1))
+        base = meter.reset()
+        started = time.perf_counter()
+        with TensorMemory() as counter:
+            run_step(module, batch, step, device, None)
+        seconds = time.perf_counter() - started
+        peak = meter.peak()
+        emit({**header, "step": asdict(step), "optimizer": None, "base_bytes": base, "peak_bytes": peak,
+              "dynamic_bytes": peak - base, "counted_dynamic_bytes": counter.peak, "step_s": round(seconds, 2)})
 
 
 def emit_json_line(record: Mapping[str, Any]) -> None:
@@ -355,16 +445,16 @@ def recipes(optimizers: Sequence[str] = OPTIMIZERS) -> list[Recipe]:
 def measured_for(recipe: Recipe, records: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], str]:
     """The records whose measured part stands for `recipe`'s, and where they come from.
 
-    The same build, checkpointing and precision; on CUDA also the same optimizer and encoder dtype (the records are
-    whole peaks there). A distiller with float32 teachers whose student trains a float32 control net does not fit
-    a small CPU machine: its student step is the teacher-training step of the same trained set (the same float32
-    network on the same images), its teacher solve that of the float32 LoRA distiller, and the larger of the two
-    stands for it (`proxy`).
-    """
+    The same build, checkpointing and precision; for whole peaks (`WHOLE_PEAKS`) also the same encoder dtype, and
+    on CUDA the same optimizer (counted records are AdamW's, which `compose` turns into the others). A distiller
+    with float32 teachers whose student trains a float32 control net does not fit a small CPU machine's `rss`
+    process: its student step is the teacher-training step of the same trained set (the same float32 network on
+    the same images), its teacher solve that of the float32 LoRA distiller, and the larger of the two stands for it
+    (`proxy`)."""
     def same(r: Mapping[str, Any], role: str, trainable: str, teacher_dtype: str) -> bool:
         b, s = r["build"], r["step"]
-        exact = r["measure"] != "cuda_max_memory_allocated" or (
-            r["optimizer"] == recipe.optimizer and b["encoder_dtype"] == recipe.encoder_dtype)
+        exact = r["measure"] not in WHOLE_PEAKS or (b["encoder_dtype"] == recipe.encoder_dtype and (
+            r["measure"] == MEASURES["count"] or r["optimizer"] == recipe.optimizer))
         return (b["role"] == role and b["trainable"] == trainable and b["teacher_dtype"] == teacher_dtype
                 and s["checkpointing"] == recipe.checkpointing and s["precision"] == recipe.precision and exact)
 
@@ -387,17 +477,23 @@ def measured_for(recipe: Recipe, records: Sequence[Mapping[str, Any]]) -> tuple[
 
 def compose(config: Mapping[str, Any], records: Sequence[Mapping[str, Any]], resolution: int,
             optimizers: Sequence[str] = OPTIMIZERS) -> list[dict[str, Any]]:
-    """One figure per recipe (`recipes`) at `resolution` px: the measured peak (CUDA records), or the exact static
-    bytes of the full module plus the measured part projected to `resolution` (CPU records); with what fits."""
-    statics: dict[tuple[Build, str, str], dict[str, int]] = {}
+    """One figure per recipe (`recipes`) at `resolution` px, with what fits: the allocator's peak (CUDA records);
+    the counted peak (counted records: AdamW's, the other optimizers' with their exact state bytes in place of
+    AdamW's, which is resident through the step); or the exact static bytes of the full module plus the resident
+    set's part projected to `resolution` (`rss` records). A distiller's figure adds a full trajectory pool
+    (`TRAJECTORY_POOL` trajectories of the records' `trajectory_bytes`) where the records measured one."""
+    statics: dict[tuple[Build, str], dict[str, int]] = {}
+    modules: dict[Build, nn.Module] = {}
     rows = []
     for recipe in recipes(optimizers):
         b = recipe.build
         build = Build(b.role, b.trainable, b.teacher_dtype, recipe.encoder_dtype)
-        key = (build, recipe.optimizer, recipe.encoder_dtype)
-        if key not in statics:
-            statics[key] = static_bytes(build_module(config, build, resolution), build, recipe.optimizer)
-        static = statics[key]
+        if build not in modules:
+            modules[build] = build_module(config, build, resolution)
+        for name in {recipe.optimizer, "adamw"}:
+            if (build, name) not in statics:
+                statics[(build, name)] = static_bytes(modules[build], build, name)
+        static = statics[(build, recipe.optimizer)]
         chosen, source = measured_for(recipe, records)
         row: dict[str, Any] = {"role": b.role, "trainable": b.trainable, "teacher_dtype": b.teacher_dtype,
                                "encoder_dtype": recipe.encoder_dtype, "gradient_checkpointing": recipe.checkpointing,
@@ -405,17 +501,26 @@ def compose(config: Mapping[str, Any], records: Sequence[Mapping[str, Any]], res
                                "optimizer": recipe.optimizer, "resolution": resolution, "static": static}
         if not chosen:
             row.update(peak_bytes=None, how="not measured")
-        elif chosen[0]["measure"] == "cuda_max_memory_allocated":
+        elif chosen[0]["measure"] == MEASURES["cuda"]:
             at = [r for r in chosen if r["step"]["resolution"] == resolution]
             row.update(peak_bytes=max(r["peak_bytes"] for r in at) if at else None,
                        how="measured" if at else "not measured",
                        step_s=min(r["step_s"] for r in at) if at else None)
+        elif chosen[0]["measure"] == MEASURES["count"]:
+            at = [r for r in chosen if r["step"]["resolution"] == resolution]
+            adamw = statics[(build, "adamw")]["optimizer_state"]
+            row.update(peak_bytes=max(r["peak_bytes"] for r in at) - adamw + static["optimizer_state"] if at else None,
+                       how="counted" if at else "not measured")
         else:
             dynamic = project(chosen, resolution)
             how = f"composed, {dynamic['how']}" + (", lower bound" if dynamic["lower_bound"] else "")
             row.update(dynamic=dynamic, how=how + (", proxy" if source == "proxy" else ""),
                        lower_bound=dynamic["lower_bound"],
                        peak_bytes=None if dynamic["bytes"] is None else sum(static.values()) + dynamic["bytes"])
+        pool = [r["trajectory_bytes"] for r in chosen if "trajectory_bytes" in r]
+        if pool and row["peak_bytes"] is not None:  # the trajectory objective's pool, full: resident at every step
+            row["trajectory_pool_bytes"] = round(TRAJECTORY_POOL * max(pool))
+            row["peak_bytes"] += row["trajectory_pool_bytes"]
         if row["peak_bytes"] is not None:
             row["fits"] = fits(row["peak_bytes"])
         rows.append(row)

@@ -74,6 +74,13 @@ def dct_matrix(n: int, device: torch.device | str | None = None, dtype: torch.dt
     return _dct_matrix_cached(int(n), torch.device(device or "cpu"), dtype)
 
 
+def clear_caches() -> None:
+    """Forget every cached basis, mask and ordering: they are tensors of the mode they were made in, so work on
+    fake tensors (`fcdiffusion.apps.tensor_memory.fake_tensors`) must neither use nor leave real or fake ones."""
+    for cached in (_dct_matrix_cached, _index_sum_cached, _band_mask_cached, _level_order_cached):
+        cached.cache_clear()
+
+
 def _check_float(x: torch.Tensor) -> None:
     if x.dim() < 2 or not x.is_floating_point():
         raise TypeError(f"expected a floating tensor with >= 2 dims, got {x.dtype} of shape {tuple(x.shape)}")
