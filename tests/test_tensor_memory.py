@@ -23,11 +23,15 @@ from fcdiffusion.apps.train_memory import (
     build_module,
     compose,
     measure_build,
+    models_of,
     prepare_module,
+    random_batch,
+    run_step,
     static_bytes,
+    trained_parameters,
     trajectory_bytes,
 )
-from fcdiffusion.core.memory import optimizer_state_bytes
+from fcdiffusion.core.memory import optimizer_state_bytes, set_gradient_checkpointing
 from ldm.util import load_config
 from tests.helpers import ROOT
 
@@ -167,8 +171,6 @@ def test_a_distillers_figure_holds_its_full_trajectory_pool(model_config):
     counted = records[0]["trajectory_bytes"]
     torch.manual_seed(0)
     module = prepare_module(build_module(model_config, build, 64), build, torch.device("cpu"))
-    from fcdiffusion.apps.train_memory import random_batch
-
     batch = random_batch(step, 1)
     assert trajectory_bytes(module, batch) == counted
     with torch.no_grad():
@@ -193,3 +195,25 @@ def test_a_distillers_figure_holds_its_full_trajectory_pool(model_config):
     assert row["peak_bytes"] - eight["peak_bytes"] == saved > 0
     # A counted figure stands only for its own build: nothing for the float32 teachers' or the teachers' recipes.
     assert all(r["peak_bytes"] is None for r in rows if r["teacher_dtype"] == "fp32" or r["role"] == "teacher")
+
+
+def test_rss_records_count_their_steps_new_tensors_not_views_of_the_weights(model_config):
+    """The `rss` cross-check's records count the step's new tensors beside the resident set: views of the weights
+    (a linear layer keeps its transposed weight for backward) are not new, and checkpointing keeps fewer."""
+    build = Build("teacher", "control_net", "fp32", "fp32", 1)
+    records: list[dict] = []
+    measure_build(model_config, build, [Step(True, "fp32", 64, 4), Step(False, "fp32", 64, 4)], torch.device("cpu"),
+                  emit=records.append, measure="rss")
+    on, off = (r["counted_dynamic_bytes"] for r in records)
+    assert all(r["measure"] == MEASURES["rss"] and r["dynamic_bytes"] == r["peak_bytes"] - r["base_bytes"]
+               for r in records)
+    assert 0 < on < off
+    # Counted from nothing, the same step's views of the weights would count as new (3.5 GiB at SD size, 128 px).
+    module = prepare_module(build_module(model_config, build, 64), build, torch.device("cpu"))
+    set_gradient_checkpointing(models_of(module), False)
+    for p in trained_parameters(module):
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))  # as the rss step drops them
+    with TensorMemory() as unseeded:
+        run_step(module, random_batch(Step(False, "fp32", 64, 4), 4), Step(False, "fp32", 64, 4),
+                 torch.device("cpu"), None)
+    assert unseeded.peak > off
