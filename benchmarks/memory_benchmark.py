@@ -9,7 +9,7 @@ when its resident set passes `--guard_gib` (what it measured until then is kept)
 - `cuda` (the default on a GPU): the allocator's peak over two real optimizer steps (`torch.cuda.max_memory_allocated`),
   with the step time;
 - `count` (the default on a CPU): the same two steps of the same whole module at `--target` px on fake tensors (no
-  memory, no compute; about a minute a build), every tensor counted op by op;
+  memory, no compute; one to two minutes a build), every tensor counted op by op;
 - `rss`: real steps at the small `--resolutions`, the process's peak resident set above its weights projected to
   `--target` px and added to the exact bytes of the weights, gradients and optimizer state; each record also counts
   its step's tensors, the cross-check of `count`.

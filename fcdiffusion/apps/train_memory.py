@@ -276,7 +276,7 @@ def measure_build(config: Mapping[str, Any], build: Build, steps: Sequence[Step]
     `cuda` on a CUDA device, else `count`):
 
     - `cuda`: each optimizer of `optimizers` steps twice per `Step`; `peak_bytes` is the allocator's peak.
-    - `count`: the module is made of fake tensors on `device` (no memory, no compute), AdamW steps twice per
+    - `count`: the module is made of fake tensors on the CPU (no memory, no compute), AdamW steps twice per
       `Step` as its fused CUDA kernel does (no temporaries), and `peak_bytes` is the tensors' peak counted op by op
       (`tensor_memory.TensorMemory`): weights, gradients, optimizer state and activations of the whole module at
       any size. An 8-bit optimizer cannot run on fake tensors; `compose` swaps its exact state bytes in.
@@ -287,6 +287,8 @@ def measure_build(config: Mapping[str, Any], build: Build, steps: Sequence[Step]
     measure = measure or ("cuda" if device.type == "cuda" else "count")
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; valid: {', '.join(MEASURES)}")
+    if measure == "count":
+        device = torch.device("cpu")  # fake CPU tensors, as tested; fake CUDA ones would need a CUDA context
     torch.manual_seed(0)
     started = time.perf_counter()
     meta = build_module(config, build, min(s.resolution for s in steps))  # outside fake mode: open_clip moves modules
