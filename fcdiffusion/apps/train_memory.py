@@ -204,7 +204,7 @@ def _proc_status_kb(name: str) -> int:
 
 class PeakMeter:
     """The peak memory of a block of work: CUDA's allocator peak, or on a CPU the process's peak resident set
-    (VmHWM, reset through `/proc/self/clear_refs`)."""
+    (VmHWM, reset through `/proc/self/clear_refs`); read as `TensorMemory`'s count is (`reset_peak`, `peak`)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -214,7 +214,7 @@ class PeakMeter:
             return torch.cuda.memory_allocated(self.device)
         return _proc_status_kb("VmRSS") * 1024
 
-    def reset(self) -> int:
+    def reset_peak(self) -> int:
         """Forget the peak; returns the memory in use now."""
         gc.collect()
         if self.device.type == "cuda":
@@ -225,10 +225,16 @@ class PeakMeter:
                 refs.write("5")
         return self.current()
 
+    @property
     def peak(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         return _proc_status_kb("VmHWM") * 1024
+
+
+def step_batch(module: nn.Module, step: Step) -> dict[str, Any]:
+    """The random batch of `step` for `module`: `step.samples` images, or that many over the distiller's modes."""
+    return random_batch(step, step.samples // (len(module.modes) if hasattr(module, "modes") else 1))
 
 
 def random_batch(step: Step, images: int) -> dict[str, Any]:
@@ -297,8 +303,7 @@ def measure_build(config: Mapping[str, Any], build: Build, steps: Sequence[Step]
         header = {"build": asdict(build), "device": str(device), "build_s": round(time.perf_counter() - started, 1),
                   "measure": MEASURES[measure]}
         if measure != "rss" and hasattr(module, "solve_trajectories"):
-            header["trajectory_bytes"] = trajectory_bytes(module, random_batch(steps[0], steps[0].samples // len(
-                module.modes)))
+            header["trajectory_bytes"] = trajectory_bytes(module, step_batch(module, steps[0]))
         if measure == "rss":
             _measure_rss(module, steps, device, header, emit)
         else:
@@ -347,13 +352,13 @@ def _measure_steps(module: nn.Module, steps: Sequence[Step], device: torch.devic
                          else make_optimizer(trained, 1e-5, optimizer_name))
             for step in steps:
                 set_gradient_checkpointing(models_of(module), step.checkpointing)
-                batch = random_batch(step, step.samples // (len(module.modes) if hasattr(module, "modes") else 1))
-                base = meter.reset_peak() if counted else meter.reset()
+                batch = step_batch(module, step)
+                base = meter.reset_peak()
                 started = time.perf_counter()
                 for _ in range(2):
                     run_step(module, batch, step, device, optimizer)
                 synchronize(device)
-                peak = meter.peak if counted else meter.peak()
+                peak = meter.peak
                 emit({**header, "step": asdict(step), "optimizer": optimizer_name, "base_bytes": base,
                       "peak_bytes": peak, "dynamic_bytes": peak - base,
                       "step_s": None if counted else round((time.perf_counter() - started) / 2, 2)})
@@ -370,15 +375,15 @@ def _measure_rss(module: nn.Module, steps: Sequence[Step], device: torch.device,
     meter = PeakMeter(device)
     for step in steps:
         set_gradient_checkpointing(models_of(module), step.checkpointing)
-        batch = random_batch(step, step.samples // (len(module.modes) if hasattr(module, "modes") else 1))
+        batch = step_batch(module, step)
         counter = TensorMemory(_tensors_of(module))  # the weights: views of them are not new memory
         held = counter.current
-        base = meter.reset()
+        base = meter.reset_peak()
         started = time.perf_counter()
         with counter:
             run_step(module, batch, step, device, None)
         seconds = time.perf_counter() - started
-        peak = meter.peak()
+        peak = meter.peak
         emit({**header, "step": asdict(step), "optimizer": None, "base_bytes": base, "peak_bytes": peak,
               "dynamic_bytes": peak - base, "counted_dynamic_bytes": counter.peak - held,
               "step_s": round(seconds, 2)})
